@@ -1,0 +1,162 @@
+//! Deciding why netfilter dropped a packet, on the tracepoint tier.
+//!
+//! The tracepoint only says "NETFILTER_DROP". Three facts narrow it down:
+//! - whether conntrack had attached an entry: conntrack's own drops on the
+//!   new-flow path (table full, allocation failure) happen before it can;
+//! - which function freed the packet: a verdict returned by a hook is freed
+//!   by the netfilter core (`nf_hook_slow`), while the rule engines
+//!   (`nft_do_chain`, `ipt_do_table`, ...) show up themselves on some kernels;
+//! - whether the namespace's table was at `nf_conntrack_max`.
+use std::{collections::HashMap, fs};
+
+use crate::model::Reason;
+
+/// Who freed a dropped packet, from its `location`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FreedBy {
+    /// The netfilter core, after a hook returned NF_DROP.
+    NetfilterCore,
+    /// A rule engine (nftables, x_tables).
+    RuleEngine,
+    /// Anything else, or the location could not be resolved.
+    Unknown,
+}
+
+impl FreedBy {
+    pub fn from_symbol(symbol: &str) -> Self {
+        if symbol == "nf_hook_slow" || symbol == "nf_hook_slow_list" {
+            FreedBy::NetfilterCore
+        } else if symbol.starts_with("nft_") || symbol.ends_with("_do_table") {
+            FreedBy::RuleEngine
+        } else {
+            FreedBy::Unknown
+        }
+    }
+}
+
+/// The reason for one drop.
+///
+/// `table_at_max`: the namespace's entry count was at `nf_conntrack_max`
+/// (None: unknown). An entry attached, or a rule engine freeing the packet,
+/// means a rule dropped it; otherwise conntrack did, and a full table says
+/// why.
+pub fn classify(ct_attached: bool, freed_by: FreedBy, table_at_max: Option<bool>) -> Reason {
+    if ct_attached || freed_by == FreedBy::RuleEngine {
+        return Reason::Ruleset;
+    }
+    match table_at_max {
+        Some(true) => Reason::TableFull,
+        _ => Reason::ConntrackOther,
+    }
+}
+
+/// Kernel text symbols, for naming drop locations.
+pub struct Symbols {
+    /// Sorted by address.
+    text: Vec<(u64, String)>,
+    cache: HashMap<u64, FreedBy>,
+}
+
+impl Symbols {
+    /// Reads `/proc/kallsyms`. Without root the addresses read as zero and
+    /// nothing resolves; classification then relies on the other facts.
+    pub fn load() -> Self {
+        let text = fs::read_to_string("/proc/kallsyms").unwrap_or_default();
+        Self::parse(&text)
+    }
+
+    pub fn parse(kallsyms: &str) -> Self {
+        let mut text: Vec<(u64, String)> = kallsyms
+            .lines()
+            .filter_map(|line| {
+                let mut fields = line.split_whitespace();
+                let addr = u64::from_str_radix(fields.next()?, 16).ok()?;
+                let kind = fields.next()?;
+                let name = fields.next()?;
+                (addr != 0 && matches!(kind, "t" | "T")).then(|| (addr, name.to_string()))
+            })
+            .collect();
+        text.sort_unstable();
+        Symbols {
+            text,
+            cache: HashMap::new(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.text.is_empty()
+    }
+
+    /// The function containing `addr` (the nearest symbol at or below it).
+    pub fn symbol(&self, addr: u64) -> Option<&str> {
+        let i = self.text.partition_point(|(a, _)| *a <= addr);
+        i.checked_sub(1).map(|i| self.text[i].1.as_str())
+    }
+
+    /// Who freed a packet dropped at `addr`; cached per address, since a storm
+    /// has only a handful of distinct locations.
+    pub fn freed_by(&mut self, addr: u64) -> FreedBy {
+        if let Some(known) = self.cache.get(&addr) {
+            return *known;
+        }
+        let freed_by = self
+            .symbol(addr)
+            .map_or(FreedBy::Unknown, FreedBy::from_symbol);
+        self.cache.insert(addr, freed_by);
+        freed_by
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conntrack_drops_need_no_entry_and_the_core_freeing_them() {
+        use FreedBy::*;
+        assert_eq!(
+            classify(false, NetfilterCore, Some(true)),
+            Reason::TableFull
+        );
+        assert_eq!(
+            classify(false, NetfilterCore, Some(false)),
+            Reason::ConntrackOther
+        );
+        assert_eq!(classify(false, NetfilterCore, None), Reason::ConntrackOther);
+        assert_eq!(classify(false, Unknown, Some(true)), Reason::TableFull);
+        // `ct state invalid drop` in nftables: no entry, freed by the rule engine.
+        assert_eq!(classify(false, RuleEngine, Some(true)), Reason::Ruleset);
+        assert_eq!(classify(true, NetfilterCore, Some(true)), Reason::Ruleset);
+    }
+
+    #[test]
+    fn resolves_locations_inside_functions() {
+        let mut syms = Symbols::parse(
+            "ffffffff81f2af50 T nf_hook_slow\n\
+             ffffffff81f2b100 T nf_hook_slow_list\n\
+             ffffffff81f653d0 T nft_do_chain\n\
+             ffffffff81f65e00 t nft_other\n\
+             ffffffff82000000 D some_data\n\
+             0000000000000000 T hidden\n",
+        );
+        assert_eq!(syms.symbol(0xffffffff81f2af50 + 0x7d), Some("nf_hook_slow"));
+        assert_eq!(syms.symbol(0xffffffff81f653d0 + 0x10), Some("nft_do_chain"));
+        assert_eq!(syms.symbol(0x1000), None);
+        assert_eq!(
+            syms.freed_by(0xffffffff81f2af50 + 0x7d),
+            FreedBy::NetfilterCore
+        );
+        assert_eq!(
+            syms.freed_by(0xffffffff81f653d0 + 0x10),
+            FreedBy::RuleEngine
+        );
+        assert_eq!(FreedBy::from_symbol("ipt_do_table"), FreedBy::RuleEngine);
+        assert_eq!(FreedBy::from_symbol("ip_rcv"), FreedBy::Unknown);
+    }
+
+    #[test]
+    fn restricted_kallsyms_resolves_nothing() {
+        let syms = Symbols::parse("0000000000000000 T nf_hook_slow\n");
+        assert!(syms.is_empty());
+    }
+}

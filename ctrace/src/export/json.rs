@@ -1,0 +1,195 @@
+//! The `ctrace.drops.v1` record file (documented in docs/record-schema.md).
+use std::net::IpAddr;
+
+use serde::Serialize;
+
+use crate::{
+    aggregate::{Histogram, SourceRow},
+    hooks::{KernelTotals, Tier},
+    model::{ConnState, Protocol, Reason},
+    netns::ConntrackStats,
+};
+
+pub const SCHEMA: &str = "ctrace.drops.v1";
+
+#[derive(Debug, Serialize)]
+pub struct RecordFile {
+    pub schema: &'static str,
+    pub tier: Tier,
+    /// `uname -r` of the traced kernel.
+    pub kernel: String,
+    pub hostname: String,
+    /// RFC 3339, UTC.
+    pub started_at: String,
+    pub duration_s: f64,
+    pub totals: Totals,
+    pub kernel_counters: Vec<NetnsCounters>,
+    pub sources: Vec<Source>,
+    /// Things the reader should know to trust the figures (lost events,
+    /// unresolvable locations, namespaces whose counters could not be read).
+    pub notes: Vec<String>,
+}
+
+/// Drops by reason, from the decoded events, next to the exact kernel-side
+/// counts. `table_full + conntrack_other + ruleset + undecodable + lost_events`
+/// equals `kernel.netfilter_drops`.
+#[derive(Debug, Default, Serialize)]
+pub struct Totals {
+    pub table_full: u64,
+    pub conntrack_other: u64,
+    pub ruleset: u64,
+    pub lost_events: u64,
+    pub undecodable: u64,
+    pub kernel: KernelTotals,
+}
+
+/// One namespace's counters over the recording, from its own
+/// `/proc/net/stat/nf_conntrack`.
+#[derive(Debug, PartialEq, Eq, Serialize)]
+pub struct NetnsCounters {
+    pub netns: u32,
+    pub name: Option<String>,
+    /// Changes during the recording.
+    pub drop: u64,
+    pub insert_failed: u64,
+    pub early_drop: u64,
+    pub invalid: u64,
+    /// Entries at the end, and the (global) maximum.
+    pub entries: u64,
+    pub max: Option<u64>,
+}
+
+impl NetnsCounters {
+    pub fn new(netns: u32, name: Option<String>, delta: &ConntrackStats, max: Option<u64>) -> Self {
+        NetnsCounters {
+            netns,
+            name,
+            drop: delta.drop,
+            insert_failed: delta.insert_failed,
+            early_drop: delta.early_drop,
+            invalid: delta.invalid,
+            entries: delta.entries,
+            max,
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq, Serialize)]
+pub struct Source {
+    pub netns: u32,
+    pub src: IpAddr,
+    pub dport: u16,
+    pub proto: Protocol,
+    pub state: ConnState,
+    pub reason: Reason,
+    pub drops: u64,
+    pub histogram: Histogram,
+}
+
+impl From<SourceRow> for Source {
+    fn from(row: SourceRow) -> Self {
+        let k = row.key;
+        Source {
+            netns: k.netns,
+            src: k.src,
+            dport: k.dport,
+            proto: k.proto,
+            state: k.state,
+            reason: k.reason,
+            drops: row.drops,
+            histogram: row.histogram,
+        }
+    }
+}
+
+/// Formats a time as RFC 3339 in UTC, to the second.
+pub fn rfc3339_utc(unix_secs: u64) -> String {
+    let days = (unix_secs / 86_400) as i64;
+    let secs = unix_secs % 86_400;
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aggregate::SourceKey;
+
+    #[test]
+    fn dates() {
+        assert_eq!(rfc3339_utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339_utc(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339_utc(1_795_627_384), "2026-11-25T17:23:04Z");
+    }
+
+    #[test]
+    fn file_has_the_documented_fields() {
+        let row = SourceRow {
+            key: SourceKey {
+                netns: 4026532290,
+                src: "198.18.0.3".parse().unwrap(),
+                dport: 8080,
+                proto: Protocol::Tcp,
+                state: ConnState::SynSent,
+                reason: Reason::TableFull,
+            },
+            drops: 3,
+            histogram: Histogram {
+                bucket_ms: 1000,
+                counts: vec![1, 2],
+            },
+        };
+        let file = RecordFile {
+            schema: SCHEMA,
+            tier: Tier::Tracepoint,
+            kernel: "6.18.0".into(),
+            hostname: "h".into(),
+            started_at: rfc3339_utc(0),
+            duration_s: 2.0,
+            totals: Totals {
+                table_full: 3,
+                ..Default::default()
+            },
+            kernel_counters: vec![NetnsCounters::new(
+                4026532290,
+                Some("srv".into()),
+                &ConntrackStats {
+                    drop: 3,
+                    entries: 64,
+                    ..Default::default()
+                },
+                Some(64),
+            )],
+            sources: vec![row.into()],
+            notes: vec![],
+        };
+        let json = serde_json::to_value(&file).unwrap();
+        assert_eq!(json["schema"], "ctrace.drops.v1");
+        assert_eq!(json["tier"], "tracepoint");
+        assert_eq!(json["totals"]["table_full"], 3);
+        assert_eq!(json["totals"]["kernel"]["lost_events"], 0);
+        assert_eq!(json["kernel_counters"][0]["drop"], 3);
+        assert_eq!(json["kernel_counters"][0]["max"], 64);
+        let source = &json["sources"][0];
+        assert_eq!(source["src"], "198.18.0.3");
+        assert_eq!(source["proto"], "tcp");
+        assert_eq!(source["state"], "SYN_SENT");
+        assert_eq!(source["reason"], "table_full");
+        assert_eq!(source["histogram"]["bucket_ms"], 1000);
+        assert_eq!(source["histogram"]["counts"], serde_json::json!([1, 2]));
+    }
+}

@@ -1,0 +1,189 @@
+//! The event model: what ctrace knows about an event once decoded.
+//!
+//! Aggregation, views and exports see only these types, never the raw kernel
+//! records, so a change of record layout stops at `decode`.
+use std::{fmt, net::IpAddr};
+
+use serde::Serialize;
+
+/// A packet netfilter dropped, decoded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DropEvent {
+    /// CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    /// Network namespace inode (0: unknown).
+    pub netns: u32,
+    pub cpu: u32,
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: Protocol,
+    pub tcp_flags: u8,
+    pub state: ConnState,
+    /// Conntrack had attached an entry to the packet.
+    pub ct_attached: bool,
+    /// The kernel program could read the packet's headers.
+    pub header_read: bool,
+    /// Kernel address of the code that freed the packet.
+    pub location: u64,
+}
+
+/// IP protocol, named where conntrack has a tracker for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    Icmp,
+    Tcp,
+    Udp,
+    Icmpv6,
+    Sctp,
+    Udplite,
+    Other(u8),
+}
+
+impl Protocol {
+    pub fn from_number(n: u8) -> Self {
+        match n {
+            1 => Protocol::Icmp,
+            6 => Protocol::Tcp,
+            17 => Protocol::Udp,
+            58 => Protocol::Icmpv6,
+            132 => Protocol::Sctp,
+            136 => Protocol::Udplite,
+            other => Protocol::Other(other),
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Protocol::Icmp => f.write_str("icmp"),
+            Protocol::Tcp => f.write_str("tcp"),
+            Protocol::Udp => f.write_str("udp"),
+            Protocol::Icmpv6 => f.write_str("icmpv6"),
+            Protocol::Sctp => f.write_str("sctp"),
+            Protocol::Udplite => f.write_str("udplite"),
+            Protocol::Other(n) => write!(f, "ip-proto-{n}"),
+        }
+    }
+}
+
+impl Serialize for Protocol {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// A connection's TCP state, spelled as `conntrack -L` spells it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ConnState {
+    /// Not TCP, or a TCP packet that would open no entry.
+    None,
+    SynSent,
+    SynRecv,
+    Established,
+    FinWait,
+    CloseWait,
+    LastAck,
+    TimeWait,
+    Close,
+    SynSent2,
+    /// The packet had an entry whose state this tier cannot read.
+    Unknown,
+}
+
+impl ConnState {
+    /// The state a packet is in or would open.
+    ///
+    /// A dropped packet without an entry never got one: its state is the one
+    /// conntrack would have given the new entry. A SYN opens `SYN_SENT`; a
+    /// bare ACK is picked up mid-stream as `ESTABLISHED` (with the default
+    /// `nf_conntrack_tcp_loose=1`); anything else opens nothing (`NONE`).
+    pub fn implied(proto: Protocol, tcp_flags: u8, ct_attached: bool) -> Self {
+        const SYN: u8 = 0x02;
+        const RST: u8 = 0x04;
+        const ACK: u8 = 0x10;
+        if proto != Protocol::Tcp {
+            return ConnState::None;
+        }
+        if ct_attached {
+            return ConnState::Unknown;
+        }
+        match tcp_flags & (SYN | RST | ACK) {
+            SYN => ConnState::SynSent,
+            ACK => ConnState::Established,
+            _ => ConnState::None,
+        }
+    }
+}
+
+impl fmt::Display for ConnState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let text = serde_json::to_value(self).expect("unit variant");
+        f.write_str(text.as_str().unwrap_or("?"))
+    }
+}
+
+/// Why a packet was dropped, as far as ctrace can tell.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// Conntrack could not create an entry while its namespace's table was
+    /// at `nf_conntrack_max`.
+    TableFull,
+    /// Conntrack dropped the packet for another reason (allocation failure,
+    /// a tracker's verdict), or the table's occupancy was unknown.
+    ConntrackOther,
+    /// A rule (nftables/iptables) dropped the packet.
+    Ruleset,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 3] = [Reason::TableFull, Reason::ConntrackOther, Reason::Ruleset];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::TableFull => "table_full",
+            Reason::ConntrackOther => "conntrack_other",
+            Reason::Ruleset => "ruleset",
+        }
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn implied_states() {
+        let tcp = Protocol::Tcp;
+        assert_eq!(ConnState::implied(tcp, 0x02, false), ConnState::SynSent);
+        assert_eq!(ConnState::implied(tcp, 0x10, false), ConnState::Established);
+        assert_eq!(ConnState::implied(tcp, 0x18, false), ConnState::Established); // PSH|ACK
+        assert_eq!(ConnState::implied(tcp, 0x12, false), ConnState::None); // SYN|ACK
+        assert_eq!(ConnState::implied(tcp, 0x04, false), ConnState::None); // RST
+        assert_eq!(ConnState::implied(tcp, 0x02, true), ConnState::Unknown);
+        assert_eq!(ConnState::implied(Protocol::Udp, 0, false), ConnState::None);
+    }
+
+    #[test]
+    fn names_match_conntrack() {
+        assert_eq!(ConnState::SynSent.to_string(), "SYN_SENT");
+        assert_eq!(ConnState::TimeWait.to_string(), "TIME_WAIT");
+        assert_eq!(ConnState::SynSent2.to_string(), "SYN_SENT2");
+        assert_eq!(Protocol::from_number(6).to_string(), "tcp");
+        assert_eq!(Protocol::from_number(47).to_string(), "ip-proto-47");
+        assert_eq!(
+            serde_json::to_string(&Reason::TableFull).unwrap(),
+            "\"table_full\""
+        );
+    }
+}

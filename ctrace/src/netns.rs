@@ -1,0 +1,326 @@
+//! Network namespaces and the kernel's own conntrack counters in each.
+//!
+//! `/proc/net/stat/nf_conntrack` is per namespace. A namespace is found by the
+//! inode the kernel programs report, through `/run/netns/*` (named, possibly
+//! without any process) or `/proc/<pid>/ns/net`. Its stat file is opened by a
+//! short-lived thread that enters the namespace; the open file stays bound to
+//! that namespace, so later reads need no further `setns`.
+use std::{
+    collections::HashMap,
+    fs::{self, File},
+    io::{self, Read, Seek},
+    os::{fd::AsRawFd, unix::fs::MetadataExt},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use serde::Serialize;
+
+/// Counters of one namespace, summed over CPUs (`entries` is not per CPU).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ConntrackStats {
+    pub entries: u64,
+    pub invalid: u64,
+    pub insert_failed: u64,
+    pub drop: u64,
+    pub early_drop: u64,
+    pub clash_resolve: u64,
+}
+
+impl ConntrackStats {
+    /// Parses the stat file: a header of column names, then one row of hex
+    /// numbers per CPU. Columns are found by name, since kernels differ.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut lines = text.lines();
+        let header: Vec<&str> = lines
+            .next()
+            .ok_or("empty nf_conntrack stat file")?
+            .split_whitespace()
+            .collect();
+        let mut sums = vec![0u64; header.len()];
+        let mut rows = 0;
+        for line in lines.filter(|l| !l.trim().is_empty()) {
+            let values: Vec<&str> = line.split_whitespace().collect();
+            if values.len() != header.len() {
+                return Err(format!(
+                    "stat row has {} columns, header {}",
+                    values.len(),
+                    header.len()
+                ));
+            }
+            for (sum, value) in sums.iter_mut().zip(&values) {
+                *sum += u64::from_str_radix(value, 16)
+                    .map_err(|e| format!("bad stat value {value:?}: {e}"))?;
+            }
+            rows += 1;
+        }
+        let column = |name: &str| {
+            header
+                .iter()
+                .position(|h| *h == name)
+                .map_or(0, |i| sums[i])
+        };
+        Ok(ConntrackStats {
+            // Every row repeats the namespace-wide entry count.
+            entries: column("entries") / rows.max(1),
+            invalid: column("invalid"),
+            insert_failed: column("insert_failed"),
+            drop: column("drop"),
+            early_drop: column("early_drop"),
+            clash_resolve: column("clashres"),
+        })
+    }
+
+    /// Counter changes from `start` to `self`; entries are a level, not a
+    /// counter, so the end value is kept.
+    pub fn delta_since(&self, start: &ConntrackStats) -> ConntrackStats {
+        ConntrackStats {
+            entries: self.entries,
+            invalid: self.invalid.wrapping_sub(start.invalid),
+            insert_failed: self.insert_failed.wrapping_sub(start.insert_failed),
+            drop: self.drop.wrapping_sub(start.drop),
+            early_drop: self.early_drop.wrapping_sub(start.early_drop),
+            clash_resolve: self.clash_resolve.wrapping_sub(start.clash_resolve),
+        }
+    }
+
+    pub fn is_idle(&self) -> bool {
+        *self == ConntrackStats::default()
+    }
+}
+
+/// A namespace found on the system.
+#[derive(Clone, Debug)]
+pub struct Netns {
+    pub inum: u32,
+    /// `ip netns` name, or `pid N` of a process inside.
+    pub name: String,
+    path: PathBuf,
+}
+
+/// Lists namespaces: named ones first (their names are what people type),
+/// then those only reachable through a process.
+pub fn discover() -> HashMap<u32, Netns> {
+    let mut found = HashMap::new();
+    let mut add = |path: PathBuf, name: String| {
+        if let Ok(meta) = fs::metadata(&path) {
+            let inum = meta.ino() as u32;
+            found.entry(inum).or_insert(Netns { inum, name, path });
+        }
+    };
+    for dir in ["/run/netns", "/var/run/netns"] {
+        if let Ok(entries) = fs::read_dir(dir) {
+            for entry in entries.flatten() {
+                add(
+                    entry.path(),
+                    entry.file_name().to_string_lossy().into_owned(),
+                );
+            }
+        }
+    }
+    if let Ok(entries) = fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let pid = entry.file_name().to_string_lossy().into_owned();
+            if pid.bytes().all(|b| b.is_ascii_digit()) {
+                add(entry.path().join("ns/net"), format!("pid {pid}"));
+            }
+        }
+    }
+    if let Ok(own) = fs::metadata("/proc/self/ns/net") {
+        if let Some(ns) = found.get_mut(&(own.ino() as u32)) {
+            if ns.name.starts_with("pid ") {
+                ns.name = "host".into(); // ctrace's own, normally the initial namespace
+            }
+        }
+    }
+    found
+}
+
+/// An open `/proc/net/stat/nf_conntrack` of one namespace.
+pub struct StatReader {
+    file: File,
+}
+
+impl StatReader {
+    /// Opens the stat file of the namespace at `ns_path`, from a thread that
+    /// enters it (setns affects only the calling thread).
+    pub fn open(ns_path: &Path) -> io::Result<Self> {
+        let ns = File::open(ns_path)?;
+        let file = std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    // SAFETY: setns on a valid namespace fd; only this
+                    // short-lived thread moves.
+                    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    File::open("/proc/thread-self/net/stat/nf_conntrack")
+                })
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("namespace thread panicked")))
+        })?;
+        Ok(StatReader { file })
+    }
+
+    pub fn read(&mut self) -> io::Result<ConntrackStats> {
+        let mut text = String::new();
+        self.file.rewind()?;
+        self.file.read_to_string(&mut text)?;
+        ConntrackStats::parse(&text).map_err(io::Error::other)
+    }
+}
+
+/// `nf_conntrack_max`: one value for all namespaces.
+pub fn conntrack_max() -> Option<u64> {
+    fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_max")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+}
+
+/// The namespaces ctrace has seen, their stat files, and recent samples of
+/// their occupancy.
+pub struct Namespaces {
+    known: HashMap<u32, Netns>,
+    readers: HashMap<u32, StatReader>,
+    last_scan: Option<Instant>,
+    occupancy: HashMap<u32, (Instant, bool)>,
+}
+
+/// How long an occupancy sample stands for the namespace's state.
+const OCCUPANCY_TTL: Duration = Duration::from_millis(100);
+/// How often an unknown inode may trigger a rescan of /proc.
+const RESCAN_EVERY: Duration = Duration::from_millis(500);
+
+impl Default for Namespaces {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Namespaces {
+    pub fn new() -> Self {
+        Namespaces {
+            known: HashMap::new(),
+            readers: HashMap::new(),
+            last_scan: None,
+            occupancy: HashMap::new(),
+        }
+    }
+
+    fn rescan(&mut self) {
+        for (inum, ns) in discover() {
+            self.known.entry(inum).or_insert(ns);
+        }
+        self.last_scan = Some(Instant::now());
+    }
+
+    pub fn name(&self, inum: u32) -> Option<&str> {
+        self.known.get(&inum).map(|ns| ns.name.as_str())
+    }
+
+    /// Current counters of one namespace, if it can be found.
+    pub fn stats(&mut self, inum: u32) -> Option<ConntrackStats> {
+        if !self.known.contains_key(&inum)
+            && self.last_scan.is_none_or(|t| t.elapsed() >= RESCAN_EVERY)
+        {
+            self.rescan();
+        }
+        if !self.readers.contains_key(&inum) {
+            let reader = StatReader::open(&self.known.get(&inum)?.path).ok()?;
+            self.readers.insert(inum, reader);
+        }
+        self.readers.get_mut(&inum)?.read().ok()
+    }
+
+    /// Counters of every namespace on the system (rescanning first).
+    pub fn snapshot_all(&mut self) -> HashMap<u32, ConntrackStats> {
+        self.rescan();
+        let inums: Vec<u32> = self.known.keys().copied().collect();
+        inums
+            .into_iter()
+            .filter_map(|inum| Some((inum, self.stats(inum)?)))
+            .collect()
+    }
+
+    /// Was the namespace's table at `nf_conntrack_max` just now? Sampled at
+    /// most every 100 ms per namespace; None if it cannot be read.
+    pub fn table_at_max(&mut self, inum: u32) -> Option<bool> {
+        if let Some((at, full)) = self.occupancy.get(&inum) {
+            if at.elapsed() < OCCUPANCY_TTL {
+                return Some(*full);
+            }
+        }
+        let entries = self.stats(inum)?.entries;
+        let full = entries >= conntrack_max()?;
+        self.occupancy.insert(inum, (Instant::now(), full));
+        Some(full)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = "\
+entries  clashres found new invalid ignore delete chainlength insert insert_failed drop early_drop icmp_error  expect_new expect_create expect_delete search_restart
+00000040  00000001 00000000 00000000 00000002 00000000 00000000 00000000 00000000 00000000 0000000a 00000000 00000000  00000000 00000000 00000000 00000000
+00000040  00000000 00000000 00000000 00000001 00000000 00000000 00000000 00000000 00000003 00000005 00000002 00000000  00000000 00000000 00000000 00000000
+";
+
+    #[test]
+    fn parses_and_sums_per_cpu_rows() {
+        let stats = ConntrackStats::parse(SAMPLE).unwrap();
+        assert_eq!(
+            stats,
+            ConntrackStats {
+                entries: 64,
+                invalid: 3,
+                insert_failed: 3,
+                drop: 15,
+                early_drop: 2,
+                clash_resolve: 1
+            }
+        );
+    }
+
+    #[test]
+    fn older_kernels_without_some_columns() {
+        let text = "entries searched found new invalid drop early_drop\n00000005 0 0 0 00000001 00000002 0\n";
+        let stats = ConntrackStats::parse(text).unwrap();
+        assert_eq!(
+            (
+                stats.entries,
+                stats.invalid,
+                stats.drop,
+                stats.clash_resolve
+            ),
+            (5, 1, 2, 0)
+        );
+    }
+
+    #[test]
+    fn rejects_garbage() {
+        assert!(ConntrackStats::parse("").is_err());
+        assert!(ConntrackStats::parse("entries drop\nzz 1\n").is_err());
+        assert!(ConntrackStats::parse("entries drop\n1\n").is_err());
+    }
+
+    #[test]
+    fn deltas() {
+        let start = ConntrackStats {
+            entries: 10,
+            drop: 5,
+            invalid: 1,
+            ..Default::default()
+        };
+        let end = ConntrackStats {
+            entries: 64,
+            drop: 25,
+            invalid: 1,
+            early_drop: 3,
+            ..Default::default()
+        };
+        let d = end.delta_since(&start);
+        assert_eq!((d.entries, d.drop, d.invalid, d.early_drop), (64, 20, 0, 3));
+    }
+}

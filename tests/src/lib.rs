@@ -1,0 +1,368 @@
+//! Fixtures for ctrace's privileged end-to-end tests: network namespaces
+//! joined by veth, rules, sysctls and a running `ctrace`, each undone by its
+//! guard's Drop, so the machine is left as it was even when a test fails.
+//!
+//! Test traffic stays inside namespaces the tests create, on 198.18.0.0/15.
+use std::{
+    fs::File,
+    io::{BufRead, BufReader},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    os::{fd::AsRawFd, unix::fs::MetadataExt},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use anyhow::{bail, Context as _};
+use socket2::{Domain, Socket, Type};
+
+/// Privileged tests cannot be faked: without root they fail, saying why.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "this test loads eBPF programs and creates network namespaces: it must run as root \
+         (run `cargo xtask test` as root)"
+    );
+    for tool in ["ip", "nft", "iptables"] {
+        let found = Command::new(tool).arg("--version").output().is_ok();
+        assert!(found, "`{tool}` is not installed: run `cargo xtask setup`");
+    }
+}
+
+/// Runs a command, failing with its stderr when it fails.
+pub fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("cannot run {program}"))?;
+    if !out.status.success() {
+        bail!(
+            "{program} {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs a command inside a named namespace.
+pub fn run_in(ns: &str, program: &str, args: &[&str]) -> anyhow::Result<String> {
+    let mut all = vec!["netns", "exec", ns, program];
+    all.extend_from_slice(args);
+    run("ip", &all)
+}
+
+/// The path of the ctrace binary under test: `CTRACE_BIN`, or the workspace's
+/// debug build.
+pub fn ctrace_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("CTRACE_BIN") {
+        return PathBuf::from(bin);
+    }
+    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/ctrace");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (`cargo build`, or `cargo xtask test`)",
+        bin.display()
+    );
+    bin
+}
+
+/// A named network namespace (`ip netns add`), deleted on drop with
+/// everything in it (veth ends, rules, sockets' routes).
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn create(name: &str) -> anyhow::Result<Self> {
+        let _ = run("ip", &["netns", "delete", name]); // a crashed earlier run's
+        run("ip", &["netns", "add", name])?;
+        let ns = Netns {
+            name: name.to_string(),
+        };
+        ns.exec("ip", &["link", "set", "lo", "up"])?;
+        // No IPv6: neighbour discovery would add traffic the test does not count.
+        ns.exec("sysctl", &["-qw", "net.ipv6.conf.all.disable_ipv6=1"])?;
+        ns.exec("sysctl", &["-qw", "net.ipv6.conf.default.disable_ipv6=1"])?;
+        Ok(ns)
+    }
+
+    pub fn exec(&self, program: &str, args: &[&str]) -> anyhow::Result<String> {
+        run_in(&self.name, program, args)
+    }
+
+    pub fn path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.name)
+    }
+
+    /// The namespace's inode number, as ctrace reports it.
+    pub fn inode(&self) -> u32 {
+        std::fs::metadata(self.path()).expect("netns file").ino() as u32
+    }
+
+    /// Runs `f` on a thread inside this namespace. Sockets made there stay
+    /// in it after the thread ends.
+    pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let ns = File::open(self.path()).expect("open netns");
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                // SAFETY: a valid namespace fd; only this thread moves.
+                let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+                assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+                f()
+            })
+            .join()
+            .expect("thread in namespace panicked")
+        })
+    }
+
+    /// The namespace's `/proc/net/stat/nf_conntrack`, summed over CPUs.
+    pub fn conntrack_stat(&self) -> anyhow::Result<ConntrackStat> {
+        ConntrackStat::parse(&self.exec("cat", &["/proc/net/stat/nf_conntrack"])?)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Err(err) = run("ip", &["netns", "delete", &self.name]) {
+            eprintln!("cleanup: {err:#}");
+        }
+    }
+}
+
+/// Kernel ground truth from a namespace's conntrack stat file.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConntrackStat {
+    pub entries: u64,
+    pub drop: u64,
+    pub insert_failed: u64,
+    pub early_drop: u64,
+    pub invalid: u64,
+}
+
+impl ConntrackStat {
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        let mut lines = text.lines();
+        let header: Vec<&str> = lines
+            .next()
+            .context("empty stat file")?
+            .split_whitespace()
+            .collect();
+        let rows: Vec<Vec<u64>> = lines
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                l.split_whitespace()
+                    .map(|v| u64::from_str_radix(v, 16))
+                    .collect()
+            })
+            .collect::<Result<_, _>>()?;
+        let col = |name: &str| -> u64 {
+            let Some(i) = header.iter().position(|h| *h == name) else {
+                return 0;
+            };
+            rows.iter().map(|r| r[i]).sum()
+        };
+        Ok(ConntrackStat {
+            entries: col("entries") / rows.len().max(1) as u64,
+            drop: col("drop"),
+            insert_failed: col("insert_failed"),
+            early_drop: col("early_drop"),
+            invalid: col("invalid"),
+        })
+    }
+}
+
+/// A sysctl set for the duration of a test and restored on drop.
+pub struct Sysctl {
+    path: PathBuf,
+    old: String,
+}
+
+impl Sysctl {
+    pub fn set(name: &str, value: &str) -> anyhow::Result<Self> {
+        let path = Path::new("/proc/sys").join(name.replace('.', "/"));
+        let old =
+            std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+        std::fs::write(&path, value).with_context(|| format!("write {}", path.display()))?;
+        Ok(Sysctl {
+            path,
+            old: old.trim().to_string(),
+        })
+    }
+}
+
+impl Drop for Sysctl {
+    fn drop(&mut self) {
+        if let Err(err) = std::fs::write(&self.path, &self.old) {
+            eprintln!("cleanup: cannot restore {}: {err}", self.path.display());
+        }
+    }
+}
+
+/// Two namespaces on one veth link: a server at `SERVER` and a client with
+/// several source addresses. Conntrack runs only in the server.
+pub struct Lab {
+    pub server: Netns,
+    pub client: Netns,
+}
+
+pub const SERVER: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+
+impl Lab {
+    pub fn new(tag: &str, client_addrs: &[Ipv4Addr]) -> anyhow::Result<Self> {
+        let pid = std::process::id();
+        let server = Netns::create(&format!("ctrace-{tag}-srv-{pid}"))?;
+        let client = Netns::create(&format!("ctrace-{tag}-cli-{pid}"))?;
+        client.exec(
+            "ip",
+            &[
+                "link", "add", "veth-c", "type", "veth", "peer", "name", "veth-s",
+            ],
+        )?;
+        client.exec("ip", &["link", "set", "veth-s", "netns", &server.name])?;
+        for addr in client_addrs {
+            client.exec(
+                "ip",
+                &["addr", "add", &format!("{addr}/16"), "dev", "veth-c"],
+            )?;
+        }
+        server.exec(
+            "ip",
+            &["addr", "add", &format!("{SERVER}/16"), "dev", "veth-s"],
+        )?;
+        client.exec("ip", &["link", "set", "veth-c", "up"])?;
+        server.exec("ip", &["link", "set", "veth-s", "up"])?;
+        Ok(Lab { server, client })
+    }
+
+    /// Opens a TCP connection from `src` to the server, or gives up after
+    /// `timeout` (a dropped SYN: closing the socket stops retransmissions).
+    pub fn connect(&self, src: Ipv4Addr, port: u16, timeout: Duration) -> std::io::Result<Socket> {
+        self.client.enter(|| {
+            let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+            socket.bind(&SocketAddr::V4(SocketAddrV4::new(src, 0)).into())?;
+            socket.connect_timeout(
+                &SocketAddr::V4(SocketAddrV4::new(SERVER, port)).into(),
+                timeout,
+            )?;
+            Ok(socket)
+        })
+    }
+
+    /// A listening socket in the server namespace. The kernel completes
+    /// handshakes into its backlog without accept().
+    pub fn listen(&self, port: u16) -> anyhow::Result<Socket> {
+        self.server.enter(|| {
+            let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+            socket.set_reuse_address(true)?;
+            socket.bind(&SocketAddr::V4(SocketAddrV4::new(SERVER, port)).into())?;
+            socket.listen(1024)?;
+            Ok(socket)
+        })
+    }
+}
+
+/// A running `ctrace record`, stopped with SIGINT (as Ctrl-C would) or
+/// killed on drop.
+pub struct Recording {
+    child: Option<Child>,
+    pub output: PathBuf,
+    stderr_lines: mpsc::Receiver<String>,
+}
+
+impl Recording {
+    /// Starts `ctrace record` writing to `output` and waits until it has
+    /// attached (its "attached" line on stderr).
+    pub fn start(output: &Path, extra: &[&str]) -> anyhow::Result<Self> {
+        let mut child = Command::new(ctrace_bin())
+            .args(["record", "--output"])
+            .arg(output)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("spawn ctrace")?;
+        let stderr = child.stderr.take().expect("piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[ctrace] {line}");
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut recording = Recording {
+            child: Some(child),
+            output: output.to_path_buf(),
+            stderr_lines: rx,
+        };
+        loop {
+            match recording.stderr_lines.recv_timeout(Duration::from_secs(30)) {
+                Ok(line) if line.contains("attached") => return Ok(recording),
+                Ok(_) => continue,
+                Err(_) => {
+                    let status = recording
+                        .child
+                        .as_mut()
+                        .and_then(|c| c.try_wait().ok().flatten());
+                    bail!("ctrace did not attach (exit status {status:?})");
+                }
+            }
+        }
+    }
+
+    /// Sends SIGINT and waits for a clean exit; returns the record file.
+    pub fn stop(mut self) -> anyhow::Result<serde_json::Value> {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let status = child.wait()?;
+        if !status.success() {
+            bail!("ctrace exited with {status}");
+        }
+        let text = std::fs::read_to_string(&self.output)
+            .with_context(|| format!("read {}", self.output.display()))?;
+        Ok(serde_json::from_str(&text)?)
+    }
+}
+
+impl Drop for Recording {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Packets counted by a named nftables counter.
+pub fn nft_counter(ns: &Netns, family: &str, table: &str, name: &str) -> anyhow::Result<u64> {
+    let json = ns.exec("nft", &["-j", "list", "counter", family, table, name])?;
+    let value: serde_json::Value = serde_json::from_str(&json)?;
+    value["nftables"]
+        .as_array()
+        .and_then(|items| items.iter().find_map(|i| i["counter"]["packets"].as_u64()))
+        .with_context(|| format!("no packets in counter {name}: {json}"))
+}
+
+/// A temporary folder removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("ctrace-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
