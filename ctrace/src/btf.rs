@@ -293,15 +293,6 @@ impl Btf {
         Ok(Type { name_off, kind })
     }
 
-    /// Number of type ids, void included.
-    pub fn len(&self) -> usize {
-        self.types.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.types.len() <= 1
-    }
-
     /// The name at a string offset ("" for anonymous types).
     pub fn name_at(&self, off: u32) -> &str {
         let rest = self.strings.get(off as usize..).unwrap_or_default();
@@ -370,7 +361,7 @@ impl Btf {
             bits += member_bits;
             id = self.resolve(member.ty);
         }
-        if bits % 8 != 0 {
+        if !bits.is_multiple_of(8) {
             return Err(BtfError::Bitfield {
                 owner: owner.to_string(),
                 member: path.to_string(),
@@ -450,11 +441,6 @@ impl Btf {
             }
             Some(_) => self.name(id).to_string(),
         }
-    }
-
-    /// Does a function of this name exist (BTF FUNC)?
-    pub fn has_function(&self, name: &str) -> bool {
-        self.find(name, |k| matches!(k, Kind::Func(_))).is_some()
     }
 }
 
@@ -570,10 +556,6 @@ pub mod build {
             self.push("", 13, params.len() as u32, false, ret, &extra)
         }
 
-        pub fn func(&mut self, name: &str, proto: u32) -> u32 {
-            self.push(name, 12, 0, false, proto, &[])
-        }
-
         pub fn finish(&self) -> Vec<u8> {
             let mut out = Vec::new();
             out.extend_from_slice(&0xeb9fu16.to_le_bytes());
@@ -675,7 +657,7 @@ mod tests {
         let base_bytes = sample();
         let base = Btf::parse(&base_bytes, None).unwrap();
         let base_strings = base.strings.len() as u32;
-        let mut b = Builder::split(base.len() as u32, base_strings);
+        let mut b = Builder::split(base.types.len() as u32, base_strings);
         // struct module_thing { struct inner i; int k; } using the base's `inner` (id 3).
         let int_id = 1;
         b.composite(

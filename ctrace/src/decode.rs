@@ -82,7 +82,8 @@ fn v4(bytes: &[u8; 16]) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
 }
 
-/// The bytes of a record, as the kernel lays them out (for tests and benches).
+/// The bytes of a record, as the kernel lays them out.
+#[cfg(test)]
 pub fn encode(raw: &PacketDrop) -> [u8; PacketDrop::SIZE] {
     // SAFETY: PacketDrop is repr(C) plain old data without implicit padding.
     unsafe { std::mem::transmute_copy(raw) }
@@ -158,7 +159,7 @@ mod tests {
 
     #[test]
     fn decodes_from_unaligned_buffers() {
-        let mut buf = vec![0u8; PacketDrop::SIZE + 1];
+        let mut buf = [0u8; PacketDrop::SIZE + 1];
         buf[1..].copy_from_slice(&encode(&syn_v4()));
         assert_eq!(decode(&buf[1..]).unwrap().dport, 8080);
     }

@@ -75,7 +75,10 @@ impl Serialize for Protocol {
     }
 }
 
-/// A connection's TCP state, spelled as `conntrack -L` spells it.
+/// A connection's TCP state, spelled as `conntrack -L` spells it. The
+/// tracepoint tier only ever implies SYN_SENT or ESTABLISHED; the others are
+/// the states the conntrack hooks read from entries.
+#[allow(dead_code)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum ConnState {
@@ -141,8 +144,6 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 3] = [Reason::TableFull, Reason::ConntrackOther, Reason::Ruleset];
-
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::TableFull => "table_full",

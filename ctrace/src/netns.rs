@@ -92,7 +92,6 @@ impl ConntrackStats {
 /// A namespace found on the system.
 #[derive(Clone, Debug)]
 pub struct Netns {
-    pub inum: u32,
     /// `ip netns` name, or `pid N` of a process inside.
     pub name: String,
     path: PathBuf,
@@ -105,7 +104,7 @@ pub fn discover() -> HashMap<u32, Netns> {
     let mut add = |path: PathBuf, name: String| {
         if let Ok(meta) = fs::metadata(&path) {
             let inum = meta.ino() as u32;
-            found.entry(inum).or_insert(Netns { inum, name, path });
+            found.entry(inum).or_insert(Netns { name, path });
         }
     };
     for dir in ["/run/netns", "/var/run/netns"] {

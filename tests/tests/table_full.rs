@@ -39,7 +39,7 @@ table inet ctrace_e2e {
 ";
 
 /// Sources of one reason in one namespace, keyed by address.
-fn rows<'a>(record: &'a Value, netns: u32, src: Ipv4Addr) -> Vec<&'a Value> {
+fn rows(record: &Value, netns: u32, src: Ipv4Addr) -> Vec<&Value> {
     record["sources"]
         .as_array()
         .expect("sources")

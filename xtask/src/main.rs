@@ -1,1 +1,111 @@
-fn main() {}
+//! Project tasks: `cargo xtask setup`, `cargo xtask test`.
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "ctrace's setup, test and benchmark tasks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Make this machine ready to build and test ctrace: Debian packages the
+    /// tests use, nightly rust-src, and bpf-linker built against the
+    /// nightly's own LLVM. Idempotent; quick when all is present.
+    Setup,
+    /// Run the whole test suite: formatting, clippy, unit tests, and the
+    /// privileged end-to-end tests (root required; they fail, not skip,
+    /// without it).
+    Test {
+        /// Skip `setup` (for a machine known to be ready).
+        #[arg(long)]
+        no_setup: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let result = match Cli::parse().task {
+        Task::Setup => setup::setup(),
+        Task::Test { no_setup } => test(no_setup),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The workspace root (xtask lives one level below it).
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+/// Runs a command in the workspace root, echoing it, and fails if it fails.
+pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    eprintln!("xtask: $ {}", describe(cmd));
+    let status = cmd
+        .current_dir(root())
+        .status()
+        .with_context(|| format!("cannot run {}", describe(cmd)))?;
+    if !status.success() {
+        bail!("`{}` failed ({status})", describe(cmd));
+    }
+    Ok(())
+}
+
+pub fn describe(cmd: &Command) -> String {
+    let mut words = vec![cmd.get_program().to_string_lossy().into_owned()];
+    words.extend(cmd.get_args().map(|a| a.to_string_lossy().into_owned()));
+    words.join(" ")
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+fn test(no_setup: bool) -> anyhow::Result<()> {
+    if !no_setup {
+        setup::setup()?;
+    }
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    // The host crates (default members), then the kernel programs for their
+    // own target with the nightly toolchain.
+    run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+    run(Command::new("rustup")
+        .args([
+            "run",
+            "nightly",
+            "cargo",
+            "clippy",
+            "--package",
+            "ctrace-ebpf",
+        ])
+        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .args(["--target-dir", "target/ebpf-clippy", "--", "-D", "warnings"])
+        .env_remove("RUSTC")
+        .env_remove("CARGO"))?;
+    run(cargo().args(["build", "--bin", "ctrace"]))?;
+    let bin = root().join("target/debug/ctrace");
+    // One test at a time: the end-to-end tests share kernel state
+    // (nf_conntrack_max is global).
+    run(cargo()
+        .args(["test", "--", "--test-threads=1"])
+        .env("CTRACE_BIN", bin))
+}
