@@ -183,6 +183,14 @@ pub struct Namespaces {
     readers: HashMap<u32, StatReader>,
     last_scan: Option<Instant>,
     occupancy: HashMap<u32, (Instant, bool)>,
+    peaks: HashMap<u32, Occupancy>,
+}
+
+/// Entries in a namespace's table and the maximum, sampled together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Occupancy {
+    pub entries: u64,
+    pub max: u64,
 }
 
 /// How long an occupancy sample stands for the namespace's state.
@@ -203,6 +211,7 @@ impl Namespaces {
             readers: HashMap::new(),
             last_scan: None,
             occupancy: HashMap::new(),
+            peaks: HashMap::new(),
         }
     }
 
@@ -241,6 +250,11 @@ impl Namespaces {
             .collect()
     }
 
+    /// The fullest the namespace's table was seen while classifying drops.
+    pub fn peak(&self, inum: u32) -> Option<Occupancy> {
+        self.peaks.get(&inum).copied()
+    }
+
     /// Was the namespace's table at `nf_conntrack_max` just now? Sampled at
     /// most every 100 ms per namespace; None if it cannot be read.
     pub fn table_at_max(&mut self, inum: u32) -> Option<bool> {
@@ -249,9 +263,16 @@ impl Namespaces {
                 return Some(*full);
             }
         }
-        let entries = self.stats(inum)?.entries;
-        let full = entries >= conntrack_max()?;
+        let sample = Occupancy {
+            entries: self.stats(inum)?.entries,
+            max: conntrack_max()?,
+        };
+        let full = sample.entries >= sample.max;
         self.occupancy.insert(inum, (Instant::now(), full));
+        let peak = self.peaks.entry(inum).or_insert(sample);
+        if sample.entries > peak.entries {
+            *peak = sample;
+        }
         Some(full)
     }
 }

@@ -240,6 +240,7 @@ fn counters_report(
                     namespaces.name(*inum).map(str::to_string),
                     &delta,
                     max,
+                    namespaces.peak(*inum),
                 )
             })
         })

@@ -125,6 +125,9 @@ fn table_full_drops_are_attributed_per_source_and_match_the_kernel() {
     drop(max); // restore nf_conntrack_max before anything can fail below
     std::thread::sleep(Duration::from_millis(200));
     let record = recording.stop().expect("ctrace record");
+    if let Some(keep) = std::env::var_os("CTRACE_KEEP_RECORD") {
+        std::fs::copy(out.0.join("drops.json"), keep).expect("keep the record");
+    }
     drop(held);
 
     let syn = |name| nft_counter(&lab.server, "inet", "ctrace_e2e", name).unwrap();

@@ -7,7 +7,7 @@ use crate::{
     aggregate::{Histogram, SourceRow},
     hooks::{KernelTotals, Tier},
     model::{ConnState, Protocol, Reason},
-    netns::ConntrackStats,
+    netns::{ConntrackStats, Occupancy},
 };
 
 pub const SCHEMA: &str = "ctrace.drops.v1";
@@ -54,13 +54,22 @@ pub struct NetnsCounters {
     pub insert_failed: u64,
     pub early_drop: u64,
     pub invalid: u64,
-    /// Entries at the end, and the (global) maximum.
+    /// Entries at the end, and the (global) maximum then.
     pub entries: u64,
     pub max: Option<u64>,
+    /// The fullest the table was seen when ctrace sampled it to classify
+    /// conntrack's drops (absent if it never needed to).
+    pub occupancy_peak: Option<Occupancy>,
 }
 
 impl NetnsCounters {
-    pub fn new(netns: u32, name: Option<String>, delta: &ConntrackStats, max: Option<u64>) -> Self {
+    pub fn new(
+        netns: u32,
+        name: Option<String>,
+        delta: &ConntrackStats,
+        max: Option<u64>,
+        occupancy_peak: Option<Occupancy>,
+    ) -> Self {
         NetnsCounters {
             netns,
             name,
@@ -70,6 +79,7 @@ impl NetnsCounters {
             invalid: delta.invalid,
             entries: delta.entries,
             max,
+            occupancy_peak,
         }
     }
 }
@@ -173,6 +183,10 @@ mod tests {
                     ..Default::default()
                 },
                 Some(64),
+                Some(Occupancy {
+                    entries: 64,
+                    max: 64,
+                }),
             )],
             sources: vec![row.into()],
             notes: vec![],
@@ -184,6 +198,7 @@ mod tests {
         assert_eq!(json["totals"]["kernel"]["lost_events"], 0);
         assert_eq!(json["kernel_counters"][0]["drop"], 3);
         assert_eq!(json["kernel_counters"][0]["max"], 64);
+        assert_eq!(json["kernel_counters"][0]["occupancy_peak"]["entries"], 64);
         let source = &json["sources"][0];
         assert_eq!(source["src"], "198.18.0.3");
         assert_eq!(source["proto"], "tcp");
