@@ -1,4 +1,9 @@
-//! Drops per source, with a per-interval histogram: the maths of `record`.
+//! The maths: drops per source with per-interval histograms (`record`),
+//! bounded heavy hitters, rate windows and occupancy trends (`live`).
+pub mod heavy;
+pub mod occupancy;
+pub mod window;
+
 use std::{collections::HashMap, net::IpAddr};
 
 use serde::Serialize;

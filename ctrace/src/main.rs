@@ -1,23 +1,8 @@
-//! ctrace: who is being dropped by Linux connection tracking, and why.
-//!
-//! Data flows hooks -> records -> decoding -> aggregation -> exports:
-//! `hooks` loads the kernel programs, `decode` turns ring-buffer records into
-//! the `model`, `classify` names the reason, `aggregate` counts per source,
-//! `export` writes files. `netns` reads the kernel's own counters to compare.
-mod aggregate;
-mod btf;
-mod classify;
-mod decode;
-mod export;
-mod hooks;
-mod model;
-mod netns;
-mod privileges;
-mod record;
-
+//! The ctrace command line; the library (lib.rs) does the work.
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
+use ctrace::record;
 
 #[derive(Parser)]
 #[command(

@@ -1,0 +1,369 @@
+//! Bounded heavy hitters: the Space-Saving algorithm (Metwally, Agrawal and
+//! El Abbadi, 2005) on a stream-summary structure.
+//!
+//! At most `capacity` keys are tracked. A new key arriving when all slots are
+//! taken replaces a key with the smallest count and inherits that count as
+//! its possible overestimate (`error`). Guarantees, for N events:
+//! - every tracked count is within `[count - error, count]` of the truth;
+//! - `error <= min_count <= N / capacity`;
+//! - every key with true count above `N / capacity` is tracked;
+//! - the tracked counts sum to exactly N.
+//!
+//! Counts grow by one, so keys with equal counts share a bucket and the
+//! buckets form an ascending list: an increment moves a key to the next
+//! bucket, an eviction takes any key of the first. Both are O(1), which
+//! matters under a spoofed-source flood where every event is a new key.
+use std::{collections::HashMap, hash::Hash};
+
+use rustc_hash::FxBuildHasher;
+
+const NIL: u32 = u32::MAX;
+
+/// A tracked key.
+#[derive(Clone, Debug)]
+pub struct Counter<K> {
+    pub key: K,
+    /// Events counted for this key (may overcount by up to `error`).
+    pub count: u64,
+    /// Count inherited from the evicted key this slot replaced.
+    pub error: u64,
+    /// Timestamp of the key's latest event.
+    pub last_seen_ns: u64,
+    /// `count` at the last [`SpaceSaving::mark`], for rates.
+    pub marked: u64,
+    bucket: u32,
+    prev: u32,
+    next: u32,
+}
+
+#[derive(Clone, Debug)]
+struct Bucket {
+    count: u64,
+    /// First counter in this bucket.
+    head: u32,
+    prev: u32,
+    next: u32,
+}
+
+pub struct SpaceSaving<K> {
+    capacity: usize,
+    index: HashMap<K, u32, FxBuildHasher>,
+    counters: Vec<Counter<K>>,
+    buckets: Vec<Bucket>,
+    free_buckets: Vec<u32>,
+    /// Bucket with the smallest count.
+    min: u32,
+    total: u64,
+    evictions: u64,
+}
+
+impl<K: Hash + Eq + Clone> SpaceSaving<K> {
+    pub fn new(capacity: usize) -> Self {
+        assert!(capacity > 0 && capacity < NIL as usize, "capacity out of range");
+        SpaceSaving {
+            capacity,
+            index: HashMap::with_capacity_and_hasher(capacity, FxBuildHasher),
+            counters: Vec::with_capacity(capacity),
+            buckets: Vec::new(),
+            free_buckets: Vec::new(),
+            min: NIL,
+            total: 0,
+            evictions: 0,
+        }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Events seen.
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    /// Keys replaced so far; zero means every count is exact.
+    pub fn evictions(&self) -> u64 {
+        self.evictions
+    }
+
+    /// The largest possible overcount of any tracked key.
+    pub fn error_bound(&self) -> u64 {
+        if self.evictions == 0 || self.min == NIL {
+            0
+        } else {
+            self.buckets[self.min as usize].count
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.counters.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.counters.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Counter<K>> {
+        self.counters.iter()
+    }
+
+    pub fn get(&self, key: &K) -> Option<&Counter<K>> {
+        self.index.get(key).map(|&i| &self.counters[i as usize])
+    }
+
+    /// Records `count` as every counter's mark, for the next rate.
+    pub fn mark(&mut self) {
+        for c in &mut self.counters {
+            c.marked = c.count;
+        }
+    }
+
+    /// Counts one event of `key`.
+    pub fn add(&mut self, key: &K, ts_ns: u64) {
+        self.total += 1;
+        if let Some(&slot) = self.index.get(key) {
+            self.counters[slot as usize].last_seen_ns = ts_ns;
+            self.increment(slot);
+            return;
+        }
+        if self.counters.len() < self.capacity {
+            let slot = self.counters.len() as u32;
+            self.counters.push(Counter {
+                key: key.clone(),
+                count: 0,
+                error: 0,
+                last_seen_ns: ts_ns,
+                marked: 0,
+                bucket: NIL,
+                prev: NIL,
+                next: NIL,
+            });
+            self.index.insert(key.clone(), slot);
+            self.insert_new(slot);
+            return;
+        }
+        // Replace a key with the smallest count.
+        let min = self.buckets[self.min as usize].count;
+        let slot = self.buckets[self.min as usize].head;
+        let counter = &mut self.counters[slot as usize];
+        let old = std::mem::replace(&mut counter.key, key.clone());
+        counter.error = min;
+        counter.marked = min;
+        counter.last_seen_ns = ts_ns;
+        self.index.remove(&old);
+        self.index.insert(key.clone(), slot);
+        self.evictions += 1;
+        self.increment(slot);
+    }
+
+    /// Places a fresh counter (count 0) into the bucket of count 1.
+    fn insert_new(&mut self, slot: u32) {
+        let target = if self.min != NIL && self.buckets[self.min as usize].count == 1 {
+            self.min
+        } else {
+            let b = self.new_bucket(1, NIL, self.min);
+            if self.min != NIL {
+                self.buckets[self.min as usize].prev = b;
+            }
+            self.min = b;
+            b
+        };
+        self.counters[slot as usize].count = 1;
+        self.push_into(target, slot);
+    }
+
+    /// Moves a counter from its bucket to the one with count + 1.
+    fn increment(&mut self, slot: u32) {
+        let from = self.counters[slot as usize].bucket;
+        let count = self.buckets[from as usize].count + 1;
+        let next = self.buckets[from as usize].next;
+        let target = if next != NIL && self.buckets[next as usize].count == count {
+            next
+        } else {
+            let b = self.new_bucket(count, from, next);
+            self.buckets[from as usize].next = b;
+            if next != NIL {
+                self.buckets[next as usize].prev = b;
+            }
+            b
+        };
+        self.unlink(slot);
+        self.counters[slot as usize].count = count;
+        self.push_into(target, slot);
+    }
+
+    fn new_bucket(&mut self, count: u64, prev: u32, next: u32) -> u32 {
+        let bucket = Bucket { count, head: NIL, prev, next };
+        match self.free_buckets.pop() {
+            Some(b) => {
+                self.buckets[b as usize] = bucket;
+                b
+            }
+            None => {
+                self.buckets.push(bucket);
+                (self.buckets.len() - 1) as u32
+            }
+        }
+    }
+
+    fn push_into(&mut self, bucket: u32, slot: u32) {
+        let head = self.buckets[bucket as usize].head;
+        let c = &mut self.counters[slot as usize];
+        c.bucket = bucket;
+        c.prev = NIL;
+        c.next = head;
+        if head != NIL {
+            self.counters[head as usize].prev = slot;
+        }
+        self.buckets[bucket as usize].head = slot;
+    }
+
+    /// Takes a counter out of its bucket, freeing the bucket if it empties.
+    fn unlink(&mut self, slot: u32) {
+        let (bucket, prev, next) = {
+            let c = &self.counters[slot as usize];
+            (c.bucket, c.prev, c.next)
+        };
+        if prev != NIL {
+            self.counters[prev as usize].next = next;
+        } else {
+            self.buckets[bucket as usize].head = next;
+        }
+        if next != NIL {
+            self.counters[next as usize].prev = prev;
+        }
+        if self.buckets[bucket as usize].head == NIL {
+            let (bprev, bnext) = (self.buckets[bucket as usize].prev, self.buckets[bucket as usize].next);
+            if bprev != NIL {
+                self.buckets[bprev as usize].next = bnext;
+            } else {
+                self.min = bnext;
+            }
+            if bnext != NIL {
+                self.buckets[bnext as usize].prev = bprev;
+            }
+            self.free_buckets.push(bucket);
+        }
+    }
+
+    /// Forgets everything.
+    pub fn clear(&mut self) {
+        *self = SpaceSaving::new(self.capacity);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    /// Structural invariants: buckets ascend, each counter sits in the bucket
+    /// of its count, counts sum to the total.
+    fn check<K: Hash + Eq + Clone + std::fmt::Debug>(s: &SpaceSaving<K>) {
+        let mut seen = 0;
+        let mut b = s.min;
+        let mut last = 0;
+        let mut prev = NIL;
+        while b != NIL {
+            let bucket = &s.buckets[b as usize];
+            assert!(bucket.count > last, "buckets must ascend");
+            assert_eq!(bucket.prev, prev);
+            last = bucket.count;
+            let mut c = bucket.head;
+            assert_ne!(c, NIL, "empty bucket left in the list");
+            while c != NIL {
+                let counter = &s.counters[c as usize];
+                assert_eq!(counter.bucket, b);
+                assert_eq!(counter.count, bucket.count);
+                assert_eq!(s.index[&counter.key], c);
+                seen += 1;
+                c = counter.next;
+            }
+            prev = b;
+            b = bucket.next;
+        }
+        assert_eq!(seen, s.counters.len());
+        assert_eq!(s.counters.iter().map(|c| c.count).sum::<u64>(), s.total);
+    }
+
+    #[test]
+    fn exact_while_keys_fit() {
+        let mut s = SpaceSaving::new(8);
+        let stream = [1, 2, 1, 3, 1, 2, 4, 1, 5, 5];
+        for (t, k) in stream.iter().enumerate() {
+            s.add(k, t as u64);
+            check(&s);
+        }
+        assert_eq!(s.evictions(), 0);
+        assert_eq!(s.error_bound(), 0);
+        assert_eq!(s.get(&1).unwrap().count, 4);
+        assert_eq!(s.get(&2).unwrap().count, 2);
+        assert_eq!(s.get(&5).unwrap().count, 2);
+        assert_eq!(s.get(&5).unwrap().last_seen_ns, 9);
+        assert_eq!(s.total(), 10);
+    }
+
+    #[test]
+    fn bounded_error_when_keys_do_not_fit() {
+        // A skewed stream: a few heavy keys among many one-off keys, as in a
+        // storm mixed with a spoofed flood.
+        let capacity = 32;
+        let mut s = SpaceSaving::new(capacity);
+        let mut truth: HashMap<u64, u64> = HashMap::new();
+        let mut x = 12345u64;
+        for t in 0..20_000u64 {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let key = match (x >> 33) % 10 {
+                0..=2 => 1,
+                3..=4 => 2,
+                5 => 3,
+                _ => 1000 + (x >> 20) % 50_000,
+            };
+            *truth.entry(key).or_default() += 1;
+            s.add(&key, t);
+        }
+        check(&s);
+        let n = s.total();
+        assert!(s.evictions() > 0);
+        assert!(s.error_bound() <= n / capacity as u64);
+        for c in s.iter() {
+            let real = truth[&c.key];
+            assert!(c.count >= real && c.count - c.error <= real, "{:?} vs {real}", c.key);
+            assert!(c.error <= s.error_bound());
+        }
+        // Every key above N/capacity is tracked, with its count bracketing the truth.
+        for (key, real) in &truth {
+            if *real > n / capacity as u64 {
+                assert!(s.get(key).is_some(), "heavy key {key} lost");
+            }
+        }
+        assert!(s.len() <= capacity);
+    }
+
+    #[test]
+    fn every_event_a_new_key() {
+        let mut s = SpaceSaving::new(4);
+        for k in 0..1000u64 {
+            s.add(&k, k);
+        }
+        check(&s);
+        assert_eq!(s.len(), 4);
+        assert_eq!(s.total(), 1000);
+        assert_eq!(s.evictions(), 996);
+    }
+
+    #[test]
+    fn marks_give_rates_and_clear_forgets() {
+        let mut s = SpaceSaving::new(4);
+        s.add(&"a", 1);
+        s.mark();
+        s.add(&"a", 2);
+        s.add(&"a", 3);
+        let a = s.get(&"a").unwrap();
+        assert_eq!(a.count - a.marked, 2);
+        s.clear();
+        assert!(s.is_empty());
+        assert_eq!(s.total(), 0);
+    }
+}

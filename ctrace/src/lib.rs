@@ -1,0 +1,17 @@
+//! ctrace: who is being dropped by Linux connection tracking, and why.
+//!
+//! Data flows hooks -> records -> decoding -> aggregation -> exports:
+//! `hooks` loads the kernel programs, `decode` turns ring-buffer records into
+//! the `model`, `classify` names the reason, `aggregate` counts per source,
+//! `export` writes files. `netns` reads the kernel's own counters to compare.
+pub mod aggregate;
+pub mod btf;
+pub mod classify;
+pub mod decode;
+pub mod export;
+pub mod hooks;
+pub mod model;
+pub mod netns;
+pub mod privileges;
+pub mod record;
+
