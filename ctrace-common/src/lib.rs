@@ -121,10 +121,7 @@ mod tests {
     #[test]
     fn records_have_no_implicit_padding() {
         // Sum of field sizes equals the struct size: no hidden holes.
-        assert_eq!(
-            PacketDrop::SIZE,
-            1 + 1 + 1 + 1 + 4 + 8 + 8 + 4 + 2 + 2 + 16 + 16 + 1 + 7
-        );
+        assert_eq!(PacketDrop::SIZE, 1 + 1 + 1 + 1 + 4 + 8 + 8 + 4 + 2 + 2 + 16 + 16 + 1 + 7);
         assert_eq!(PacketDrop::SIZE % 8, 0);
         assert_eq!(core::mem::size_of::<KfreeSkbLayout>(), 10 * 4);
     }

@@ -60,12 +60,7 @@ pub struct SourceRow {
 impl DropTable {
     pub fn new(start_ns: u64, bucket_ns: u64) -> Self {
         assert!(bucket_ns > 0, "bucket width must be positive");
-        DropTable {
-            start_ns,
-            bucket_ns,
-            sources: HashMap::new(),
-            totals: HashMap::new(),
-        }
+        DropTable { start_ns, bucket_ns, sources: HashMap::new(), totals: HashMap::new() }
     }
 
     pub fn add(&mut self, key: SourceKey, ts_ns: u64) {
@@ -99,10 +94,7 @@ impl DropTable {
                 SourceRow {
                     key: *key,
                     drops: counts.iter().sum(),
-                    histogram: Histogram {
-                        bucket_ms: self.bucket_ns / 1_000_000,
-                        counts,
-                    },
+                    histogram: Histogram { bucket_ms: self.bucket_ns / 1_000_000, counts },
                 }
             })
             .collect();

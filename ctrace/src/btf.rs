@@ -13,10 +13,7 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum BtfError {
     #[error("cannot read {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("malformed BTF: {0}")]
     Malformed(&'static str),
     #[error("the kernel's BTF has no {kind} named `{name}`")]
@@ -35,36 +32,19 @@ pub type TypeId = u32;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Kind {
     Void,
-    Int {
-        size: u32,
-    },
+    Int { size: u32 },
     Ptr(TypeId),
-    Array {
-        elem: TypeId,
-        len: u32,
-    },
-    Struct {
-        size: u32,
-        members: Vec<Member>,
-    },
-    Union {
-        size: u32,
-        members: Vec<Member>,
-    },
-    Enum {
-        size: u32,
-        values: Vec<(u32, i64)>,
-    },
+    Array { elem: TypeId, len: u32 },
+    Struct { size: u32, members: Vec<Member> },
+    Union { size: u32, members: Vec<Member> },
+    Enum { size: u32, values: Vec<(u32, i64)> },
     Fwd,
     Typedef(TypeId),
     Volatile(TypeId),
     Const(TypeId),
     Restrict(TypeId),
     Func(TypeId),
-    FuncProto {
-        ret: TypeId,
-        params: Vec<(u32, TypeId)>,
-    },
+    FuncProto { ret: TypeId, params: Vec<(u32, TypeId)> },
     Var(TypeId),
     Datasec,
     Float,
@@ -123,10 +103,7 @@ struct Cursor<'a> {
 impl Cursor<'_> {
     fn u32(&mut self) -> Result<u32, BtfError> {
         let end = self.pos + 4;
-        let raw = self
-            .bytes
-            .get(self.pos..end)
-            .ok_or(BtfError::Malformed("type section ends inside a type"))?;
+        let raw = self.bytes.get(self.pos..end).ok_or(BtfError::Malformed("type section ends inside a type"))?;
         self.pos = end;
         Ok(u32::from_le_bytes(raw.try_into().expect("4 bytes")))
     }
@@ -136,53 +113,36 @@ impl Btf {
     /// Reads `/sys/kernel/btf/vmlinux` (or another base BTF file).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, BtfError> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|source| BtfError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let bytes =
+            std::fs::read(path).map_err(|source| BtfError::Read { path: path.display().to_string(), source })?;
         Self::parse(&bytes, None)
     }
 
     /// Parses `bytes`; with `base`, as split BTF on top of it.
     pub fn parse(bytes: &[u8], base: Option<&Btf>) -> Result<Self, BtfError> {
         let field = |at: usize| -> Result<u32, BtfError> {
-            let raw = bytes
-                .get(at..at + 4)
-                .ok_or(BtfError::Malformed("short header"))?;
+            let raw = bytes.get(at..at + 4).ok_or(BtfError::Malformed("short header"))?;
             Ok(u32::from_le_bytes(raw.try_into().expect("4 bytes")))
         };
         if bytes.len() < 24 || u16::from_le_bytes([bytes[0], bytes[1]]) != MAGIC {
-            return Err(BtfError::Malformed(
-                "bad magic (big-endian BTF is not supported)",
-            ));
+            return Err(BtfError::Malformed("bad magic (big-endian BTF is not supported)"));
         }
         let hdr_len = field(4)? as usize;
         let (type_off, type_len) = (field(8)? as usize, field(12)? as usize);
         let (str_off, str_len) = (field(16)? as usize, field(20)? as usize);
         let section = |off: usize, len: usize| {
-            bytes
-                .get(hdr_len + off..hdr_len + off + len)
-                .ok_or(BtfError::Malformed("section outside the file"))
+            bytes.get(hdr_len + off..hdr_len + off + len).ok_or(BtfError::Malformed("section outside the file"))
         };
         let type_bytes = section(type_off, type_len)?;
         let own_strings = section(str_off, str_len)?;
 
         let (mut types, mut strings) = match base {
             Some(base) => (base.types.clone(), base.strings.clone()),
-            None => (
-                vec![Type {
-                    name_off: 0,
-                    kind: Kind::Void,
-                }],
-                Vec::new(),
-            ),
+            None => (vec![Type { name_off: 0, kind: Kind::Void }], Vec::new()),
         };
         strings.extend_from_slice(own_strings);
 
-        let mut cur = Cursor {
-            bytes: type_bytes,
-            pos: 0,
-        };
+        let mut cur = Cursor { bytes: type_bytes, pos: 0 };
         while cur.pos < type_bytes.len() {
             types.push(Self::parse_type(&mut cur)?);
         }
@@ -199,17 +159,9 @@ impl Btf {
             (0..vlen)
                 .map(|_| {
                     let (name_off, ty, offset) = (cur.u32()?, cur.u32()?, cur.u32()?);
-                    let (bit_offset, bitfield_size) = if kind_flag {
-                        (offset & 0xff_ffff, offset >> 24)
-                    } else {
-                        (offset, 0)
-                    };
-                    Ok(Member {
-                        name_off,
-                        ty,
-                        bit_offset,
-                        bitfield_size,
-                    })
+                    let (bit_offset, bitfield_size) =
+                        if kind_flag { (offset & 0xff_ffff, offset >> 24) } else { (offset, 0) };
+                    Ok(Member { name_off, ty, bit_offset, bitfield_size })
                 })
                 .collect()
         };
@@ -222,27 +174,14 @@ impl Btf {
             3 => {
                 let elem = cur.u32()?;
                 let _index = cur.u32()?;
-                Kind::Array {
-                    elem,
-                    len: cur.u32()?,
-                }
+                Kind::Array { elem, len: cur.u32()? }
             }
-            4 => Kind::Struct {
-                size: size_or_type,
-                members: members(cur)?,
-            },
-            5 => Kind::Union {
-                size: size_or_type,
-                members: members(cur)?,
-            },
+            4 => Kind::Struct { size: size_or_type, members: members(cur)? },
+            5 => Kind::Union { size: size_or_type, members: members(cur)? },
             6 => {
-                let values = (0..vlen)
-                    .map(|_| Ok((cur.u32()?, cur.u32()? as i32 as i64)))
-                    .collect::<Result<_, BtfError>>()?;
-                Kind::Enum {
-                    size: size_or_type,
-                    values,
-                }
+                let values =
+                    (0..vlen).map(|_| Ok((cur.u32()?, cur.u32()? as i32 as i64))).collect::<Result<_, BtfError>>()?;
+                Kind::Enum { size: size_or_type, values }
             }
             7 => Kind::Fwd,
             8 => Kind::Typedef(size_or_type),
@@ -251,13 +190,8 @@ impl Btf {
             11 => Kind::Restrict(size_or_type),
             12 => Kind::Func(size_or_type),
             13 => {
-                let params = (0..vlen)
-                    .map(|_| Ok((cur.u32()?, cur.u32()?)))
-                    .collect::<Result<_, BtfError>>()?;
-                Kind::FuncProto {
-                    ret: size_or_type,
-                    params,
-                }
+                let params = (0..vlen).map(|_| Ok((cur.u32()?, cur.u32()?))).collect::<Result<_, BtfError>>()?;
+                Kind::FuncProto { ret: size_or_type, params }
             }
             14 => {
                 cur.u32()?;
@@ -283,10 +217,7 @@ impl Btf {
                         Ok((name, (hi << 32 | lo) as i64))
                     })
                     .collect::<Result<_, BtfError>>()?;
-                Kind::Enum {
-                    size: size_or_type,
-                    values,
-                }
+                Kind::Enum { size: size_or_type, values }
             }
             _ => return Err(BtfError::Malformed("unknown type kind")),
         };
@@ -301,9 +232,7 @@ impl Btf {
     }
 
     pub fn name(&self, id: TypeId) -> &str {
-        self.types
-            .get(id as usize)
-            .map_or("", |t| self.name_at(t.name_off))
+        self.types.get(id as usize).map_or("", |t| self.name_at(t.name_off))
     }
 
     pub fn kind(&self, id: TypeId) -> Option<&Kind> {
@@ -312,10 +241,7 @@ impl Btf {
 
     /// Finds a named type of the same kind as `like` (variant only).
     fn find(&self, name: &str, want: fn(&Kind) -> bool) -> Option<TypeId> {
-        self.types
-            .iter()
-            .position(|t| want(&t.kind) && self.name_at(t.name_off) == name)
-            .map(|i| i as TypeId)
+        self.types.iter().position(|t| want(&t.kind) && self.name_at(t.name_off) == name).map(|i| i as TypeId)
     }
 
     /// Skips typedefs and qualifiers.
@@ -340,32 +266,20 @@ impl Btf {
     pub fn member_offset(&self, owner: &str, path: &str) -> Result<u32, BtfError> {
         let mut id = self
             .find(owner, |k| matches!(k, Kind::Struct { .. }))
-            .ok_or_else(|| BtfError::NoType {
-                kind: "struct",
-                name: owner.to_string(),
-            })?;
+            .ok_or_else(|| BtfError::NoType { kind: "struct", name: owner.to_string() })?;
         let mut bits = 0u32;
         for segment in path.split('.') {
-            let (member_bits, member) =
-                self.find_member(id, segment)
-                    .ok_or_else(|| BtfError::NoMember {
-                        owner: owner.to_string(),
-                        member: path.to_string(),
-                    })?;
+            let (member_bits, member) = self
+                .find_member(id, segment)
+                .ok_or_else(|| BtfError::NoMember { owner: owner.to_string(), member: path.to_string() })?;
             if member.bitfield_size != 0 {
-                return Err(BtfError::Bitfield {
-                    owner: owner.to_string(),
-                    member: path.to_string(),
-                });
+                return Err(BtfError::Bitfield { owner: owner.to_string(), member: path.to_string() });
             }
             bits += member_bits;
             id = self.resolve(member.ty);
         }
         if !bits.is_multiple_of(8) {
-            return Err(BtfError::Bitfield {
-                owner: owner.to_string(),
-                member: path.to_string(),
-            });
+            return Err(BtfError::Bitfield { owner: owner.to_string(), member: path.to_string() });
         }
         Ok(bits / 8)
     }
@@ -382,43 +296,30 @@ impl Btf {
                 return Some((member.bit_offset, member));
             }
         }
-        members.iter().filter(|m| m.name_off == 0).find_map(|m| {
-            self.find_member(m.ty, name)
-                .map(|(off, inner)| (m.bit_offset + off, inner))
-        })
+        members
+            .iter()
+            .filter(|m| m.name_off == 0)
+            .find_map(|m| self.find_member(m.ty, name).map(|(off, inner)| (m.bit_offset + off, inner)))
     }
 
     /// Value of `name` in `enum owner` (ENUM or ENUM64).
     pub fn enum_value(&self, owner: &str, name: &str) -> Result<i64, BtfError> {
         let id = self
             .find(owner, |k| matches!(k, Kind::Enum { .. }))
-            .ok_or_else(|| BtfError::NoType {
-                kind: "enum",
-                name: owner.to_string(),
-            })?;
-        let Some(Kind::Enum { values, .. }) = self.kind(id) else {
-            unreachable!("find returned an enum")
-        };
+            .ok_or_else(|| BtfError::NoType { kind: "enum", name: owner.to_string() })?;
+        let Some(Kind::Enum { values, .. }) = self.kind(id) else { unreachable!("find returned an enum") };
         values
             .iter()
             .find(|(off, _)| self.name_at(*off) == name)
             .map(|(_, v)| *v)
-            .ok_or_else(|| BtfError::NoEnumValue {
-                owner: owner.to_string(),
-                name: name.to_string(),
-            })
+            .ok_or_else(|| BtfError::NoEnumValue { owner: owner.to_string(), name: name.to_string() })
     }
 
     /// Parameter types of the function prototype a typedef points to
     /// (tracepoints are described as `typedef void (*btf_trace_X)(void *, ...)`).
     pub fn typedef_fn_params(&self, typedef: &str) -> Result<Vec<TypeId>, BtfError> {
-        let missing = || BtfError::NoType {
-            kind: "typedef",
-            name: typedef.to_string(),
-        };
-        let id = self
-            .find(typedef, |k| matches!(k, Kind::Typedef(_)))
-            .ok_or_else(missing)?;
+        let missing = || BtfError::NoType { kind: "typedef", name: typedef.to_string() };
+        let id = self.find(typedef, |k| matches!(k, Kind::Typedef(_))).ok_or_else(missing)?;
         let mut target = self.resolve(id);
         if let Some(Kind::Ptr(to)) = self.kind(target) {
             target = self.resolve(*to);
@@ -457,21 +358,13 @@ pub mod build {
 
     impl Builder {
         pub fn new() -> Self {
-            Builder {
-                strings: vec![0],
-                next_id: 1,
-                ..Default::default()
-            }
+            Builder { strings: vec![0], next_id: 1, ..Default::default() }
         }
 
         /// A builder for split BTF on top of a base with `base_types` ids
         /// (void included) and `base_strings` bytes of strings.
         pub fn split(base_types: u32, base_strings: u32) -> Self {
-            Builder {
-                next_id: base_types,
-                str_base: base_strings,
-                ..Default::default()
-            }
+            Builder { next_id: base_types, str_base: base_strings, ..Default::default() }
         }
 
         pub fn string(&mut self, s: &str) -> u32 {
@@ -484,15 +377,7 @@ pub mod build {
             off
         }
 
-        fn push(
-            &mut self,
-            name: &str,
-            kind: u32,
-            vlen: u32,
-            kind_flag: bool,
-            size_or_type: u32,
-            extra: &[u32],
-        ) -> u32 {
+        fn push(&mut self, name: &str, kind: u32, vlen: u32, kind_flag: bool, size_or_type: u32, extra: &[u32]) -> u32 {
             let name_off = self.string(name);
             let info = (kind << 24) | vlen | if kind_flag { 1 << 31 } else { 0 };
             for word in [name_off, info, size_or_type].iter().chain(extra) {
@@ -515,32 +400,15 @@ pub mod build {
         }
 
         /// `members`: (name, type, bit offset, bitfield size).
-        pub fn composite(
-            &mut self,
-            union: bool,
-            name: &str,
-            size: u32,
-            members: &[(&str, u32, u32, u32)],
-        ) -> u32 {
+        pub fn composite(&mut self, union: bool, name: &str, size: u32, members: &[(&str, u32, u32, u32)]) -> u32 {
             let kind_flag = members.iter().any(|m| m.3 != 0);
             let mut extra = Vec::new();
             for (member, ty, bits, bitfield) in members {
                 let off = self.string(member);
-                let offset = if kind_flag {
-                    bitfield << 24 | bits
-                } else {
-                    *bits
-                };
+                let offset = if kind_flag { bitfield << 24 | bits } else { *bits };
                 extra.extend([off, *ty, offset]);
             }
-            self.push(
-                name,
-                if union { 5 } else { 4 },
-                members.len() as u32,
-                kind_flag,
-                size,
-                &extra,
-            )
+            self.push(name, if union { 5 } else { 4 }, members.len() as u32, kind_flag, size, &extra)
         }
 
         pub fn enumeration(&mut self, name: &str, values: &[(&str, i32)]) -> u32 {
@@ -560,13 +428,7 @@ pub mod build {
             let mut out = Vec::new();
             out.extend_from_slice(&0xeb9fu16.to_le_bytes());
             out.extend_from_slice(&[1, 0]);
-            for word in [
-                24u32,
-                0,
-                self.types.len() as u32,
-                self.types.len() as u32,
-                self.strings.len() as u32,
-            ] {
+            for word in [24u32, 0, self.types.len() as u32, self.types.len() as u32, self.strings.len() as u32] {
                 out.extend_from_slice(&word.to_le_bytes());
             }
             out.extend_from_slice(&self.types);
@@ -624,23 +486,11 @@ mod tests {
     #[test]
     fn missing_things_are_named_in_the_error() {
         let btf = Btf::parse(&sample(), None).unwrap();
-        let err = btf
-            .member_offset("outer", "in.nope")
-            .unwrap_err()
-            .to_string();
+        let err = btf.member_offset("outer", "in.nope").unwrap_err().to_string();
         assert!(err.contains("in.nope"), "{err}");
-        assert!(matches!(
-            btf.member_offset("nope", "x"),
-            Err(BtfError::NoType { .. })
-        ));
-        assert!(matches!(
-            btf.member_offset("outer", "bits"),
-            Err(BtfError::Bitfield { .. })
-        ));
-        assert!(matches!(
-            btf.enum_value("colour", "BLUE"),
-            Err(BtfError::NoEnumValue { .. })
-        ));
+        assert!(matches!(btf.member_offset("nope", "x"), Err(BtfError::NoType { .. })));
+        assert!(matches!(btf.member_offset("outer", "bits"), Err(BtfError::Bitfield { .. })));
+        assert!(matches!(btf.enum_value("colour", "BLUE"), Err(BtfError::NoEnumValue { .. })));
     }
 
     #[test]
@@ -660,12 +510,7 @@ mod tests {
         let mut b = Builder::split(base.types.len() as u32, base_strings);
         // struct module_thing { struct inner i; int k; } using the base's `inner` (id 3).
         let int_id = 1;
-        b.composite(
-            false,
-            "module_thing",
-            12,
-            &[("i", 3, 0, 0), ("k", int_id, 64, 0)],
-        );
+        b.composite(false, "module_thing", 12, &[("i", 3, 0, 0), ("k", int_id, 64, 0)]);
         let split = Btf::parse(&b.finish(), Some(&base)).unwrap();
         assert_eq!(split.member_offset("module_thing", "i.b").unwrap(), 4);
         assert_eq!(split.member_offset("module_thing", "k").unwrap(), 8);

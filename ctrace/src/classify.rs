@@ -9,7 +9,11 @@
 //! - whether the namespace's table was at `nf_conntrack_max`.
 use std::{collections::HashMap, fs};
 
-use crate::model::Reason;
+use crate::{
+    aggregate::SourceKey,
+    model::{DropEvent, Reason},
+    netns::Namespaces,
+};
 
 /// Who freed a dropped packet, from its `location`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,6 +54,41 @@ pub fn classify(ct_attached: bool, freed_by: FreedBy, table_at_max: Option<bool>
     }
 }
 
+/// Turns decoded drops into aggregation keys, looking up the facts that
+/// [`classify`] needs. Shared by `record` and `live`.
+pub struct Classifier {
+    symbols: Symbols,
+    pub namespaces: Namespaces,
+}
+
+impl Classifier {
+    pub fn new(symbols: Symbols, namespaces: Namespaces) -> Self {
+        Classifier { symbols, namespaces }
+    }
+
+    pub fn symbols_resolved(&self) -> bool {
+        !self.symbols.is_empty()
+    }
+
+    pub fn key(&mut self, event: &DropEvent) -> SourceKey {
+        let freed_by = self.symbols.freed_by(event.location);
+        // Occupancy matters only for conntrack's own drops: read it only then.
+        let table_at_max = if event.ct_attached || freed_by == FreedBy::RuleEngine {
+            None
+        } else {
+            self.namespaces.table_at_max(event.netns)
+        };
+        SourceKey {
+            netns: event.netns,
+            src: event.src,
+            dport: event.dport,
+            proto: event.proto,
+            state: event.state,
+            reason: classify(event.ct_attached, freed_by, table_at_max),
+        }
+    }
+}
+
 /// Kernel text symbols, for naming drop locations.
 pub struct Symbols {
     /// Sorted by address.
@@ -77,10 +116,7 @@ impl Symbols {
             })
             .collect();
         text.sort_unstable();
-        Symbols {
-            text,
-            cache: HashMap::new(),
-        }
+        Symbols { text, cache: HashMap::new() }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -99,9 +135,7 @@ impl Symbols {
         if let Some(known) = self.cache.get(&addr) {
             return *known;
         }
-        let freed_by = self
-            .symbol(addr)
-            .map_or(FreedBy::Unknown, FreedBy::from_symbol);
+        let freed_by = self.symbol(addr).map_or(FreedBy::Unknown, FreedBy::from_symbol);
         self.cache.insert(addr, freed_by);
         freed_by
     }
@@ -114,14 +148,8 @@ mod tests {
     #[test]
     fn conntrack_drops_need_no_entry_and_the_core_freeing_them() {
         use FreedBy::*;
-        assert_eq!(
-            classify(false, NetfilterCore, Some(true)),
-            Reason::TableFull
-        );
-        assert_eq!(
-            classify(false, NetfilterCore, Some(false)),
-            Reason::ConntrackOther
-        );
+        assert_eq!(classify(false, NetfilterCore, Some(true)), Reason::TableFull);
+        assert_eq!(classify(false, NetfilterCore, Some(false)), Reason::ConntrackOther);
         assert_eq!(classify(false, NetfilterCore, None), Reason::ConntrackOther);
         assert_eq!(classify(false, Unknown, Some(true)), Reason::TableFull);
         // `ct state invalid drop` in nftables: no entry, freed by the rule engine.
@@ -142,14 +170,8 @@ mod tests {
         assert_eq!(syms.symbol(0xffffffff81f2af50 + 0x7d), Some("nf_hook_slow"));
         assert_eq!(syms.symbol(0xffffffff81f653d0 + 0x10), Some("nft_do_chain"));
         assert_eq!(syms.symbol(0x1000), None);
-        assert_eq!(
-            syms.freed_by(0xffffffff81f2af50 + 0x7d),
-            FreedBy::NetfilterCore
-        );
-        assert_eq!(
-            syms.freed_by(0xffffffff81f653d0 + 0x10),
-            FreedBy::RuleEngine
-        );
+        assert_eq!(syms.freed_by(0xffffffff81f2af50 + 0x7d), FreedBy::NetfilterCore);
+        assert_eq!(syms.freed_by(0xffffffff81f653d0 + 0x10), FreedBy::RuleEngine);
         assert_eq!(FreedBy::from_symbol("ipt_do_table"), FreedBy::RuleEngine);
         assert_eq!(FreedBy::from_symbol("ip_rcv"), FreedBy::Unknown);
     }

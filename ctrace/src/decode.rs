@@ -17,11 +17,7 @@ pub enum DecodeError {
     #[error("unknown record kind {0}")]
     UnknownKind(u8),
     #[error("record of kind {kind} has {len} bytes, expected {expected}")]
-    BadLength {
-        kind: u8,
-        len: usize,
-        expected: usize,
-    },
+    BadLength { kind: u8, len: usize, expected: usize },
 }
 
 /// Decodes one ring-buffer record.
@@ -30,11 +26,7 @@ pub fn decode(bytes: &[u8]) -> Result<DropEvent, DecodeError> {
     match tag {
         kind::NETFILTER_DROP => {
             if bytes.len() != PacketDrop::SIZE {
-                return Err(DecodeError::BadLength {
-                    kind: tag,
-                    len: bytes.len(),
-                    expected: PacketDrop::SIZE,
-                });
+                return Err(DecodeError::BadLength { kind: tag, len: bytes.len(), expected: PacketDrop::SIZE });
             }
             // SAFETY: the length was checked, PacketDrop is plain old data, and
             // read_unaligned makes no alignment assumption about the buffer.
@@ -49,14 +41,8 @@ impl DropEvent {
     pub fn from_raw(raw: &PacketDrop) -> Self {
         let (src, dst) = match raw.family {
             family::INET => (v4(&raw.src), v4(&raw.dst)),
-            family::INET6 => (
-                IpAddr::V6(Ipv6Addr::from(raw.src)),
-                IpAddr::V6(Ipv6Addr::from(raw.dst)),
-            ),
-            _ => (
-                IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-                IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-            ),
+            family::INET6 => (IpAddr::V6(Ipv6Addr::from(raw.src)), IpAddr::V6(Ipv6Addr::from(raw.dst))),
+            _ => (IpAddr::V4(Ipv4Addr::UNSPECIFIED), IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
         };
         let proto = Protocol::from_number(raw.proto);
         let ct_attached = raw.flags & drop_flags::CT_ATTACHED != 0;
@@ -82,8 +68,7 @@ fn v4(bytes: &[u8; 16]) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
 }
 
-/// The bytes of a record, as the kernel lays them out.
-#[cfg(test)]
+/// The bytes of a record, as the kernel lays them out (tests, benchmarks).
 pub fn encode(raw: &PacketDrop) -> [u8; PacketDrop::SIZE] {
     // SAFETY: PacketDrop is repr(C) plain old data without implicit padding.
     unsafe { std::mem::transmute_copy(raw) }
@@ -117,10 +102,7 @@ mod tests {
         let event = decode(&encode(&syn_v4())).unwrap();
         assert_eq!(event.src, "198.18.0.3".parse::<IpAddr>().unwrap());
         assert_eq!(event.dst, "198.18.1.1".parse::<IpAddr>().unwrap());
-        assert_eq!(
-            (event.sport, event.dport, event.proto),
-            (40000, 8080, Protocol::Tcp)
-        );
+        assert_eq!((event.sport, event.dport, event.proto), (40000, 8080, Protocol::Tcp));
         assert_eq!(event.state, ConnState::SynSent);
         assert!(!event.ct_attached);
         assert!(event.header_read);
@@ -148,10 +130,7 @@ mod tests {
         assert_eq!(decode(&[]), Err(DecodeError::Empty));
         assert_eq!(decode(&[99, 0, 0]), Err(DecodeError::UnknownKind(99)));
         let bytes = encode(&syn_v4());
-        assert!(matches!(
-            decode(&bytes[..10]),
-            Err(DecodeError::BadLength { .. })
-        ));
+        assert!(matches!(decode(&bytes[..10]), Err(DecodeError::BadLength { .. })));
         let mut long = bytes.to_vec();
         long.push(0);
         assert!(matches!(decode(&long), Err(DecodeError::BadLength { .. })));

@@ -10,8 +10,8 @@ pub mod classify;
 pub mod decode;
 pub mod export;
 pub mod hooks;
+pub mod live;
 pub mod model;
 pub mod netns;
 pub mod privileges;
 pub mod record;
-

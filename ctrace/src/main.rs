@@ -2,7 +2,7 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
-use ctrace::record;
+use ctrace::{live, record};
 
 #[derive(Parser)]
 #[command(
@@ -16,6 +16,7 @@ use ctrace::record;
         address, port, protocol, TCP state, reason and network namespace.\n\n\
         Needs root (or CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN) and a kernel with BTF (5.17+).",
     after_help = "Examples:\n  \
+        sudo ctrace live\n  \
         sudo ctrace record --duration 30 --output drops.json\n  \
         sudo ctrace record --output - | jq '.sources[:5]'"
 )]
@@ -26,6 +27,47 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The incident view: is conntrack dropping, why, who is hit, how full
+    /// are the tables. A terminal UI on a terminal; plain text snapshots
+    /// otherwise (or with --plain), JSON lines with --format jsonl.
+    #[command(
+        after_help = "Keys (terminal UI): q quit · s/S sort · / filter · c clear filter · p pause · r reset · ? help\n\n\
+        Filter words (all must match): 198.18.0.0/16 (source prefix), :8080 (port), table_full | conntrack_other | \
+        ruleset, ns=NAME|INODE.\n\n\
+        Examples:\n  sudo ctrace live\n  sudo ctrace live --filter ':443 table_full'\n  \
+        ssh host sudo ctrace live --plain | tee incident.txt\n  sudo ctrace live --format jsonl > snapshots.jsonl"
+    )]
+    Live {
+        /// Seconds between refreshes.
+        #[arg(long, short = 'i', value_name = "SECS", default_value = "1", value_parser = parse_duration)]
+        interval: Duration,
+        /// Plain text snapshots even on a terminal (the default when stdout is not one).
+        #[arg(long)]
+        plain: bool,
+        /// Output when not drawing the terminal UI.
+        #[arg(long, value_enum, default_value = "text")]
+        format: live::Format,
+        /// Show reverse-DNS names of sources (looked up in the background).
+        #[arg(long)]
+        resolve: bool,
+        /// Rows in the top table.
+        #[arg(long, value_name = "N", default_value = "20", value_parser = clap::value_parser!(u16).range(1..))]
+        top: u16,
+        /// Show only matching rows (see below); `/` changes it in the UI.
+        #[arg(long, value_name = "WORDS")]
+        filter: Option<String>,
+        /// Sources tracked at once. Beyond it (a spoofed flood) the least
+        /// dropped are replaced and counts carry a stated error bound;
+        /// memory stays bounded.
+        #[arg(long, value_name = "N", default_value = "16384", value_parser = clap::value_parser!(u32).range(16..=10_000_000))]
+        capacity: u32,
+        /// Benchmark only: feed this many synthetic records instead of attaching.
+        #[arg(long, hide = true, value_name = "N")]
+        synthetic_events: Option<u64>,
+        /// Benchmark only: distinct sources among the synthetic records.
+        #[arg(long, hide = true, value_name = "N", default_value = "1000")]
+        synthetic_sources: u64,
+    },
     /// Record drops for a while and write them per source, with a per-second
     /// histogram, as JSON (schema ctrace.drops.v1).
     #[command(after_help = "Reasons:\n  \
@@ -46,9 +88,7 @@ enum Command {
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
-    let secs: f64 = text
-        .parse()
-        .map_err(|_| format!("`{text}` is not a number of seconds"))?;
+    let secs: f64 = text.parse().map_err(|_| format!("`{text}` is not a number of seconds"))?;
     if !(secs > 0.0 && secs.is_finite() && secs <= 7.0 * 86_400.0) {
         return Err("the duration must be more than 0 and at most a week (604800 s)".into());
     }
@@ -57,10 +97,7 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(err) => {
             eprintln!("ctrace: error: cannot start the runtime: {err}");
@@ -69,8 +106,30 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Record { duration, output } => {
-                record::run(record::Options { duration, output }).await
+            Command::Record { duration, output } => record::run(record::Options { duration, output }).await,
+            Command::Live {
+                interval,
+                plain,
+                format,
+                resolve,
+                top,
+                filter,
+                capacity,
+                synthetic_events,
+                synthetic_sources,
+            } => {
+                live::run(live::Options {
+                    interval,
+                    plain,
+                    format,
+                    resolve,
+                    top: top as usize,
+                    filter,
+                    capacity: capacity as usize,
+                    synthetic: synthetic_events
+                        .map(|events| live::synthetic::Workload { events, sources: synthetic_sources }),
+                })
+                .await
             }
         }
     });
@@ -105,18 +164,11 @@ mod tests {
 
     #[test]
     fn bad_arguments_are_usage_errors() {
-        let err = Cli::try_parse_from(["ctrace", "record", "--bogus"])
-            .err()
-            .unwrap();
+        let err = Cli::try_parse_from(["ctrace", "record", "--bogus"]).err().unwrap();
         assert_eq!(err.kind(), clap::error::ErrorKind::UnknownArgument);
-        let err = Cli::try_parse_from(["ctrace", "record", "--duration", "x"])
-            .err()
-            .unwrap();
+        let err = Cli::try_parse_from(["ctrace", "record", "--duration", "x"]).err().unwrap();
         assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation);
         let err = Cli::try_parse_from(["ctrace"]).err().unwrap();
-        assert_eq!(
-            err.kind(),
-            clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
-        );
+        assert_eq!(err.kind(), clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand);
     }
 }

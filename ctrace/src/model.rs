@@ -182,9 +182,6 @@ mod tests {
         assert_eq!(ConnState::SynSent2.to_string(), "SYN_SENT2");
         assert_eq!(Protocol::from_number(6).to_string(), "tcp");
         assert_eq!(Protocol::from_number(47).to_string(), "ip-proto-47");
-        assert_eq!(
-            serde_json::to_string(&Reason::TableFull).unwrap(),
-            "\"table_full\""
-        );
+        assert_eq!(serde_json::to_string(&Reason::TableFull).unwrap(), "\"table_full\"");
     }
 }

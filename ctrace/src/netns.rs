@@ -32,34 +32,20 @@ impl ConntrackStats {
     /// numbers per CPU. Columns are found by name, since kernels differ.
     pub fn parse(text: &str) -> Result<Self, String> {
         let mut lines = text.lines();
-        let header: Vec<&str> = lines
-            .next()
-            .ok_or("empty nf_conntrack stat file")?
-            .split_whitespace()
-            .collect();
+        let header: Vec<&str> = lines.next().ok_or("empty nf_conntrack stat file")?.split_whitespace().collect();
         let mut sums = vec![0u64; header.len()];
         let mut rows = 0;
         for line in lines.filter(|l| !l.trim().is_empty()) {
             let values: Vec<&str> = line.split_whitespace().collect();
             if values.len() != header.len() {
-                return Err(format!(
-                    "stat row has {} columns, header {}",
-                    values.len(),
-                    header.len()
-                ));
+                return Err(format!("stat row has {} columns, header {}", values.len(), header.len()));
             }
             for (sum, value) in sums.iter_mut().zip(&values) {
-                *sum += u64::from_str_radix(value, 16)
-                    .map_err(|e| format!("bad stat value {value:?}: {e}"))?;
+                *sum += u64::from_str_radix(value, 16).map_err(|e| format!("bad stat value {value:?}: {e}"))?;
             }
             rows += 1;
         }
-        let column = |name: &str| {
-            header
-                .iter()
-                .position(|h| *h == name)
-                .map_or(0, |i| sums[i])
-        };
+        let column = |name: &str| header.iter().position(|h| *h == name).map_or(0, |i| sums[i]);
         Ok(ConntrackStats {
             // Every row repeats the namespace-wide entry count.
             entries: column("entries") / rows.max(1),
@@ -110,10 +96,7 @@ pub fn discover() -> HashMap<u32, Netns> {
     for dir in ["/run/netns", "/var/run/netns"] {
         if let Ok(entries) = fs::read_dir(dir) {
             for entry in entries.flatten() {
-                add(
-                    entry.path(),
-                    entry.file_name().to_string_lossy().into_owned(),
-                );
+                add(entry.path(), entry.file_name().to_string_lossy().into_owned());
             }
         }
     }
@@ -171,9 +154,7 @@ impl StatReader {
 
 /// `nf_conntrack_max`: one value for all namespaces.
 pub fn conntrack_max() -> Option<u64> {
-    fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_max")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
+    fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_max").ok().and_then(|s| s.trim().parse().ok())
 }
 
 /// The namespaces ctrace has seen, their stat files, and recent samples of
@@ -228,9 +209,7 @@ impl Namespaces {
 
     /// Current counters of one namespace, if it can be found.
     pub fn stats(&mut self, inum: u32) -> Option<ConntrackStats> {
-        if !self.known.contains_key(&inum)
-            && self.last_scan.is_none_or(|t| t.elapsed() >= RESCAN_EVERY)
-        {
+        if !self.known.contains_key(&inum) && self.last_scan.is_none_or(|t| t.elapsed() >= RESCAN_EVERY) {
             self.rescan();
         }
         if !self.readers.contains_key(&inum) {
@@ -244,10 +223,7 @@ impl Namespaces {
     pub fn snapshot_all(&mut self) -> HashMap<u32, ConntrackStats> {
         self.rescan();
         let inums: Vec<u32> = self.known.keys().copied().collect();
-        inums
-            .into_iter()
-            .filter_map(|inum| Some((inum, self.stats(inum)?)))
-            .collect()
+        inums.into_iter().filter_map(|inum| Some((inum, self.stats(inum)?))).collect()
     }
 
     /// The fullest the namespace's table was seen while classifying drops.
@@ -263,10 +239,7 @@ impl Namespaces {
                 return Some(*full);
             }
         }
-        let sample = Occupancy {
-            entries: self.stats(inum)?.entries,
-            max: conntrack_max()?,
-        };
+        let sample = Occupancy { entries: self.stats(inum)?.entries, max: conntrack_max()? };
         let full = sample.entries >= sample.max;
         self.occupancy.insert(inum, (Instant::now(), full));
         let peak = self.peaks.entry(inum).or_insert(sample);
@@ -292,14 +265,7 @@ entries  clashres found new invalid ignore delete chainlength insert insert_fail
         let stats = ConntrackStats::parse(SAMPLE).unwrap();
         assert_eq!(
             stats,
-            ConntrackStats {
-                entries: 64,
-                invalid: 3,
-                insert_failed: 3,
-                drop: 15,
-                early_drop: 2,
-                clash_resolve: 1
-            }
+            ConntrackStats { entries: 64, invalid: 3, insert_failed: 3, drop: 15, early_drop: 2, clash_resolve: 1 }
         );
     }
 
@@ -307,15 +273,7 @@ entries  clashres found new invalid ignore delete chainlength insert insert_fail
     fn older_kernels_without_some_columns() {
         let text = "entries searched found new invalid drop early_drop\n00000005 0 0 0 00000001 00000002 0\n";
         let stats = ConntrackStats::parse(text).unwrap();
-        assert_eq!(
-            (
-                stats.entries,
-                stats.invalid,
-                stats.drop,
-                stats.clash_resolve
-            ),
-            (5, 1, 2, 0)
-        );
+        assert_eq!((stats.entries, stats.invalid, stats.drop, stats.clash_resolve), (5, 1, 2, 0));
     }
 
     #[test]
@@ -327,19 +285,8 @@ entries  clashres found new invalid ignore delete chainlength insert insert_fail
 
     #[test]
     fn deltas() {
-        let start = ConntrackStats {
-            entries: 10,
-            drop: 5,
-            invalid: 1,
-            ..Default::default()
-        };
-        let end = ConntrackStats {
-            entries: 64,
-            drop: 25,
-            invalid: 1,
-            early_drop: 3,
-            ..Default::default()
-        };
+        let start = ConntrackStats { entries: 10, drop: 5, invalid: 1, ..Default::default() };
+        let end = ConntrackStats { entries: 64, drop: 25, invalid: 1, early_drop: 3, ..Default::default() };
         let d = end.delta_since(&start);
         assert_eq!((d.entries, d.drop, d.invalid, d.early_drop), (64, 20, 0, 3));
     }

@@ -40,10 +40,7 @@ pub fn missing_for_tracing(caps: u64) -> Vec<&'static str> {
 pub fn require_tracing() -> anyhow::Result<()> {
     let missing = missing_for_tracing(effective());
     if !missing.is_empty() {
-        bail!(
-            "ctrace needs root to load its kernel programs (missing {}); run it with sudo",
-            missing.join(", ")
-        );
+        bail!("ctrace needs root to load its kernel programs (missing {}); run it with sudo", missing.join(", "));
     }
     Ok(())
 }
@@ -67,10 +64,7 @@ mod tests {
     #[test]
     fn names_what_is_missing() {
         assert!(missing_for_tracing(u64::MAX).is_empty());
-        assert_eq!(
-            missing_for_tracing(0),
-            ["CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN"]
-        );
+        assert_eq!(missing_for_tracing(0), ["CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN"]);
         let bpf_perfmon_net = 1 << CAP_BPF | 1 << CAP_PERFMON | 1 << CAP_NET_ADMIN;
         assert!(missing_for_tracing(bpf_perfmon_net).is_empty());
         assert_eq!(missing_for_tracing(1 << CAP_SYS_ADMIN), ["CAP_NET_ADMIN"]);

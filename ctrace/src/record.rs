@@ -13,8 +13,8 @@ use tokio::{
 };
 
 use crate::{
-    aggregate::{DropTable, SourceKey},
-    classify::{classify, Symbols},
+    aggregate::DropTable,
+    classify::{Classifier, Symbols},
     decode::decode,
     export::json::{rfc3339_utc, NetnsCounters, RecordFile, Totals, SCHEMA},
     hooks::{kernel_btf, Attached},
@@ -35,51 +35,28 @@ pub struct Options {
 /// Turns ring-buffer records into per-source counts.
 pub struct Recorder {
     pub table: DropTable,
-    symbols: Symbols,
-    namespaces: Namespaces,
+    pub classifier: Classifier,
     pub undecodable: u64,
 }
 
 impl Recorder {
-    pub fn new(start_ns: u64, symbols: Symbols, namespaces: Namespaces) -> Self {
-        Recorder {
-            table: DropTable::new(start_ns, BUCKET_NS),
-            symbols,
-            namespaces,
-            undecodable: 0,
-        }
+    pub fn new(start_ns: u64, classifier: Classifier) -> Self {
+        Recorder { table: DropTable::new(start_ns, BUCKET_NS), classifier, undecodable: 0 }
     }
 
     pub fn on_record(&mut self, bytes: &[u8]) {
-        let Ok(event) = decode(bytes) else {
-            self.undecodable += 1;
-            return;
-        };
-        let freed_by = self.symbols.freed_by(event.location);
-        // Occupancy matters only for conntrack's own drops: read it only then.
-        let table_at_max = if event.ct_attached {
-            None
-        } else {
-            self.namespaces.table_at_max(event.netns)
-        };
-        let reason = classify(event.ct_attached, freed_by, table_at_max);
-        let key = SourceKey {
-            netns: event.netns,
-            src: event.src,
-            dport: event.dport,
-            proto: event.proto,
-            state: event.state,
-            reason,
-        };
-        self.table.add(key, event.ts_ns);
+        match decode(bytes) {
+            Ok(event) => {
+                let key = self.classifier.key(&event);
+                self.table.add(key, event.ts_ns);
+            }
+            Err(_) => self.undecodable += 1,
+        }
     }
 }
 
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: valid pointer; CLOCK_MONOTONIC is what bpf_ktime_get_ns reads.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -89,42 +66,36 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     // Fail on a bad output path before attaching anything.
     let output = Output::prepare(&options.output)?;
     let btf = kernel_btf()?;
-    let mut attached = Attached::attach(&btf)?;
+    let (mut attached, events) = Attached::attach(&btf)?;
 
     let mut namespaces = Namespaces::new();
     let mut notes = Vec::new();
     if !privileges::can_enter_namespaces() {
-        notes.push(
-            "no CAP_SYS_ADMIN: other namespaces' counters and occupancy could not be read".into(),
-        );
+        notes.push("no CAP_SYS_ADMIN: other namespaces' counters and occupancy could not be read".into());
     }
     let start_stats = namespaces.snapshot_all();
-    let symbols = Symbols::load();
-    if symbols.is_empty() {
-        notes
-            .push("kernel symbols unreadable (kptr_restrict): drop locations were not used".into());
+    let classifier = Classifier::new(Symbols::load(), namespaces);
+    if !classifier.symbols_resolved() {
+        notes.push("kernel symbols unreadable (kptr_restrict): drop locations were not used".into());
     }
     let started_at = SystemTime::now();
     let start_ns = monotonic_ns();
-    let mut recorder = Recorder::new(start_ns, symbols, namespaces);
+    let mut recorder = Recorder::new(start_ns, classifier);
 
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let deadline = options.duration.map(|d| tokio::time::Instant::now() + d);
     match options.duration {
-        Some(d) => eprintln!(
-            "ctrace: {} attached; recording for {} s (Ctrl-C stops early)",
-            attached.tier,
-            d.as_secs_f64()
-        ),
+        Some(d) => {
+            eprintln!("ctrace: {} attached; recording for {} s (Ctrl-C stops early)", attached.tier, d.as_secs_f64())
+        }
         None => eprintln!("ctrace: {} attached; recording until Ctrl-C", attached.tier),
     }
 
     // SAFETY: the ring buffer owns its map fd, which stays open and the same
     // until into_inner() below hands the ring buffer back.
-    let mut events =
-        unsafe { AsyncFd::register_with_interest(attached.events, Interest::READABLE) }
-            .map_err(|e| anyhow::anyhow!("cannot poll the ring buffer: {e}"))?;
+    let mut events = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
+        .map_err(|e| anyhow::anyhow!("cannot poll the ring buffer: {e}"))?;
     loop {
         tokio::select! {
             ready = events.readable_mut() => {
@@ -144,9 +115,9 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
 
     // Detach, then take what is still in the ring: after this, no record
     // the counters know of is missing from the table, except lost ones.
-    attached.events = events.into_inner();
+    let mut events = events.into_inner();
     attached.detach();
-    while let Some(item) = attached.events.next() {
+    while let Some(item) = events.next() {
         recorder.on_record(&item);
     }
     let kernel = attached.totals()?;
@@ -157,26 +128,16 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         ));
     }
 
-    let end_stats = recorder.namespaces.snapshot_all();
-    let seen: Vec<u32> = recorder
-        .table
-        .finish(end_ns)
-        .iter()
-        .map(|r| r.key.netns)
-        .collect();
-    let kernel_counters = counters_report(&start_stats, &end_stats, &seen, &recorder.namespaces);
+    let end_stats = recorder.classifier.namespaces.snapshot_all();
+    let seen: Vec<u32> = recorder.table.finish(end_ns).iter().map(|r| r.key.netns).collect();
+    let kernel_counters = counters_report(&start_stats, &end_stats, &seen, &recorder.classifier.namespaces);
 
     let file = RecordFile {
         schema: SCHEMA,
         tier: attached.tier,
         kernel: read_trimmed("/proc/sys/kernel/osrelease"),
         hostname: read_trimmed("/proc/sys/kernel/hostname"),
-        started_at: rfc3339_utc(
-            started_at
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_secs(),
-        ),
+        started_at: rfc3339_utc(started_at.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()),
         duration_s: (end_ns - start_ns) as f64 / 1e9,
         totals: Totals {
             table_full: recorder.table.total(Reason::TableFull),
@@ -187,12 +148,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             kernel,
         },
         kernel_counters,
-        sources: recorder
-            .table
-            .finish(end_ns)
-            .into_iter()
-            .map(Into::into)
-            .collect(),
+        sources: recorder.table.finish(end_ns).into_iter().map(Into::into).collect(),
         notes,
     };
     let mut json = serde_json::to_vec_pretty(&file)?;
@@ -230,10 +186,7 @@ fn counters_report(
         .filter_map(|(inum, end)| {
             // A namespace born during the recording started from zero.
             let delta = end.delta_since(start.get(inum).unwrap_or(&ConntrackStats::default()));
-            let moved = ConntrackStats {
-                entries: 0,
-                ..delta
-            };
+            let moved = ConntrackStats { entries: 0, ..delta };
             (seen.contains(inum) || !moved.is_idle()).then(|| {
                 NetnsCounters::new(
                     *inum,
@@ -250,9 +203,7 @@ fn counters_report(
 }
 
 fn read_trimmed(path: &str) -> String {
-    std::fs::read_to_string(path)
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+    std::fs::read_to_string(path).map(|s| s.trim().to_string()).unwrap_or_default()
 }
 
 /// Where the file goes. A path is written atomically: a temporary file in
@@ -272,19 +223,12 @@ impl Output {
             _ => PathBuf::from("."),
         };
         if !dir.is_dir() {
-            anyhow::bail!(
-                "cannot write {}: folder {} does not exist",
-                path.display(),
-                dir.display()
-            );
+            anyhow::bail!("cannot write {}: folder {} does not exist", path.display(), dir.display());
         }
         if path.is_dir() {
             anyhow::bail!("cannot write {}: it is a folder", path.display());
         }
-        Ok(Output::File {
-            path: path.to_path_buf(),
-            dir,
-        })
+        Ok(Output::File { path: path.to_path_buf(), dir })
     }
 
     fn write(&self, bytes: &[u8]) -> anyhow::Result<()> {
@@ -295,10 +239,7 @@ impl Output {
                 out.flush()?;
             }
             Output::File { path, dir } => {
-                let name = path
-                    .file_name()
-                    .map(|n| n.to_string_lossy())
-                    .unwrap_or_default();
+                let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
                 let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
                 let result = std::fs::write(&tmp, bytes).and_then(|_| std::fs::rename(&tmp, path));
                 if let Err(err) = result {

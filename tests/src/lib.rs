@@ -34,16 +34,9 @@ pub fn require_root() {
 
 /// Runs a command, failing with its stderr when it fails.
 pub fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("cannot run {program}"))?;
+    let out = Command::new(program).args(args).output().with_context(|| format!("cannot run {program}"))?;
     if !out.status.success() {
-        bail!(
-            "{program} {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("{program} {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -62,11 +55,7 @@ pub fn ctrace_bin() -> PathBuf {
         return PathBuf::from(bin);
     }
     let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/ctrace");
-    assert!(
-        bin.exists(),
-        "{} is missing: build it first (`cargo build`, or `cargo xtask test`)",
-        bin.display()
-    );
+    assert!(bin.exists(), "{} is missing: build it first (`cargo build`, or `cargo xtask test`)", bin.display());
     bin
 }
 
@@ -80,9 +69,7 @@ impl Netns {
     pub fn create(name: &str) -> anyhow::Result<Self> {
         let _ = run("ip", &["netns", "delete", name]); // a crashed earlier run's
         run("ip", &["netns", "add", name])?;
-        let ns = Netns {
-            name: name.to_string(),
-        };
+        let ns = Netns { name: name.to_string() };
         ns.exec("ip", &["link", "set", "lo", "up"])?;
         // No IPv6: neighbour discovery would add traffic the test does not count.
         ns.exec("sysctl", &["-qw", "net.ipv6.conf.all.disable_ipv6=1"])?;
@@ -146,18 +133,10 @@ pub struct ConntrackStat {
 impl ConntrackStat {
     pub fn parse(text: &str) -> anyhow::Result<Self> {
         let mut lines = text.lines();
-        let header: Vec<&str> = lines
-            .next()
-            .context("empty stat file")?
-            .split_whitespace()
-            .collect();
+        let header: Vec<&str> = lines.next().context("empty stat file")?.split_whitespace().collect();
         let rows: Vec<Vec<u64>> = lines
             .filter(|l| !l.trim().is_empty())
-            .map(|l| {
-                l.split_whitespace()
-                    .map(|v| u64::from_str_radix(v, 16))
-                    .collect()
-            })
+            .map(|l| l.split_whitespace().map(|v| u64::from_str_radix(v, 16)).collect())
             .collect::<Result<_, _>>()?;
         let col = |name: &str| -> u64 {
             let Some(i) = header.iter().position(|h| *h == name) else {
@@ -184,13 +163,9 @@ pub struct Sysctl {
 impl Sysctl {
     pub fn set(name: &str, value: &str) -> anyhow::Result<Self> {
         let path = Path::new("/proc/sys").join(name.replace('.', "/"));
-        let old =
-            std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+        let old = std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
         std::fs::write(&path, value).with_context(|| format!("write {}", path.display()))?;
-        Ok(Sysctl {
-            path,
-            old: old.trim().to_string(),
-        })
+        Ok(Sysctl { path, old: old.trim().to_string() })
     }
 }
 
@@ -216,23 +191,12 @@ impl Lab {
         let pid = std::process::id();
         let server = Netns::create(&format!("ctrace-{tag}-srv-{pid}"))?;
         let client = Netns::create(&format!("ctrace-{tag}-cli-{pid}"))?;
-        client.exec(
-            "ip",
-            &[
-                "link", "add", "veth-c", "type", "veth", "peer", "name", "veth-s",
-            ],
-        )?;
+        client.exec("ip", &["link", "add", "veth-c", "type", "veth", "peer", "name", "veth-s"])?;
         client.exec("ip", &["link", "set", "veth-s", "netns", &server.name])?;
         for addr in client_addrs {
-            client.exec(
-                "ip",
-                &["addr", "add", &format!("{addr}/16"), "dev", "veth-c"],
-            )?;
+            client.exec("ip", &["addr", "add", &format!("{addr}/16"), "dev", "veth-c"])?;
         }
-        server.exec(
-            "ip",
-            &["addr", "add", &format!("{SERVER}/16"), "dev", "veth-s"],
-        )?;
+        server.exec("ip", &["addr", "add", &format!("{SERVER}/16"), "dev", "veth-s"])?;
         client.exec("ip", &["link", "set", "veth-c", "up"])?;
         server.exec("ip", &["link", "set", "veth-s", "up"])?;
         Ok(Lab { server, client })
@@ -244,10 +208,7 @@ impl Lab {
         self.client.enter(|| {
             let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
             socket.bind(&SocketAddr::V4(SocketAddrV4::new(src, 0)).into())?;
-            socket.connect_timeout(
-                &SocketAddr::V4(SocketAddrV4::new(SERVER, port)).into(),
-                timeout,
-            )?;
+            socket.connect_timeout(&SocketAddr::V4(SocketAddrV4::new(SERVER, port)).into(), timeout)?;
             Ok(socket)
         })
     }
@@ -295,20 +256,13 @@ impl Recording {
                 }
             }
         });
-        let mut recording = Recording {
-            child: Some(child),
-            output: output.to_path_buf(),
-            stderr_lines: rx,
-        };
+        let mut recording = Recording { child: Some(child), output: output.to_path_buf(), stderr_lines: rx };
         loop {
             match recording.stderr_lines.recv_timeout(Duration::from_secs(30)) {
                 Ok(line) if line.contains("attached") => return Ok(recording),
                 Ok(_) => continue,
                 Err(_) => {
-                    let status = recording
-                        .child
-                        .as_mut()
-                        .and_then(|c| c.try_wait().ok().flatten());
+                    let status = recording.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
                     bail!("ctrace did not attach (exit status {status:?})");
                 }
             }
@@ -324,8 +278,7 @@ impl Recording {
         if !status.success() {
             bail!("ctrace exited with {status}");
         }
-        let text = std::fs::read_to_string(&self.output)
-            .with_context(|| format!("read {}", self.output.display()))?;
+        let text = std::fs::read_to_string(&self.output).with_context(|| format!("read {}", self.output.display()))?;
         Ok(serde_json::from_str(&text)?)
     }
 }

@@ -5,10 +5,7 @@ use std::process::{Command, Output};
 use ctrace_tests::{ctrace_bin, require_root, TempDir};
 
 fn ctrace(args: &[&str]) -> Output {
-    Command::new(ctrace_bin())
-        .args(args)
-        .output()
-        .expect("run ctrace")
+    Command::new(ctrace_bin()).args(args).output().expect("run ctrace")
 }
 
 fn stderr(out: &Output) -> String {
@@ -20,17 +17,8 @@ fn help_teaches_the_reasons_and_the_file() {
     let out = ctrace(&["record", "--help"]);
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
-    for word in [
-        "table_full",
-        "conntrack_other",
-        "ruleset",
-        "--duration",
-        "--output",
-    ] {
-        assert!(
-            help.contains(word),
-            "`record --help` does not mention {word}:\n{help}"
-        );
+    for word in ["table_full", "conntrack_other", "ruleset", "--duration", "--output"] {
+        assert!(help.contains(word), "`record --help` does not mention {word}:\n{help}");
     }
 }
 
@@ -42,11 +30,7 @@ fn unknown_flags_and_bad_values_are_usage_errors() {
 
     let out = ctrace(&["record", "--duration", "soon"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(
-        stderr(&out).contains("not a number of seconds"),
-        "{}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains("not a number of seconds"), "{}", stderr(&out));
 
     let out = ctrace(&["frobnicate"]);
     assert_eq!(out.status.code(), Some(2));
@@ -54,23 +38,11 @@ fn unknown_flags_and_bad_values_are_usage_errors() {
 
 #[test]
 fn an_unwritable_output_fails_before_attaching() {
-    let out = ctrace(&[
-        "record",
-        "--duration",
-        "1",
-        "--output",
-        "/nonexistent-dir/x.json",
-    ]);
+    let out = ctrace(&["record", "--duration", "1", "--output", "/nonexistent-dir/x.json"]);
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
-    assert!(
-        err.contains("/nonexistent-dir") && err.contains("does not exist"),
-        "{err}"
-    );
-    assert!(
-        !err.contains("attached"),
-        "attached before checking the output: {err}"
-    );
+    assert!(err.contains("/nonexistent-dir") && err.contains("does not exist"), "{err}");
+    assert!(!err.contains("attached"), "attached before checking the output: {err}");
 }
 
 /// Run as an unprivileged user (nobody): one clear sentence, non-zero exit.
@@ -85,27 +57,15 @@ fn without_privileges_it_says_what_is_missing() {
     std::fs::set_permissions(&dir.0, std::fs::Permissions::clone(&world)).unwrap();
     std::fs::set_permissions(&bin, world).unwrap();
     let out = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-        ])
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
         .arg(&bin)
         .args(["record", "--duration", "1", "--output", "-"])
         .output()
         .expect("setpriv");
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(
-        err.contains("needs root") && err.contains("CAP_BPF"),
-        "{err}"
-    );
-    assert_eq!(
-        err.lines().count(),
-        1,
-        "one sentence, not a backtrace: {err}"
-    );
+    assert!(err.contains("needs root") && err.contains("CAP_BPF"), "{err}");
+    assert_eq!(err.lines().count(), 1, "one sentence, not a backtrace: {err}");
     assert!(out.stdout.is_empty(), "no half file on stdout");
 }
 
@@ -119,18 +79,8 @@ fn a_short_recording_writes_a_complete_file_to_stdout() {
     assert_eq!(record["tier"], "tracepoint");
     let duration = record["duration_s"].as_f64().unwrap();
     assert!((0.9..5.0).contains(&duration), "duration_s {duration}");
-    for field in [
-        "kernel",
-        "started_at",
-        "totals",
-        "kernel_counters",
-        "sources",
-    ] {
+    for field in ["kernel", "started_at", "totals", "kernel_counters", "sources"] {
         assert!(!record[field].is_null(), "missing {field}");
     }
-    assert!(
-        stderr(&out).contains("attached"),
-        "the tier is reported: {}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains("attached"), "the tier is reported: {}", stderr(&out));
 }

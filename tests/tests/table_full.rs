@@ -49,12 +49,7 @@ fn rows(record: &Value, netns: u32, src: Ipv4Addr) -> Vec<&Value> {
 }
 
 fn histogram_sum(row: &Value) -> u64 {
-    row["histogram"]["counts"]
-        .as_array()
-        .expect("counts")
-        .iter()
-        .map(|c| c.as_u64().unwrap())
-        .sum()
+    row["histogram"]["counts"].as_array().expect("counts").iter().map(|c| c.as_u64().unwrap()).sum()
 }
 
 #[test]
@@ -64,24 +59,11 @@ fn table_full_drops_are_attributed_per_source_and_match_the_kernel() {
     let rules = TempDir::new("rules");
     let rules_file = rules.0.join("rules.nft");
     std::fs::write(&rules_file, RULES).unwrap();
-    lab.server
-        .exec("nft", &["-f", rules_file.to_str().unwrap()])
-        .expect("nft rules");
+    lab.server.exec("nft", &["-f", rules_file.to_str().unwrap()]).expect("nft rules");
     lab.server
         .exec(
             "iptables",
-            &[
-                "-A",
-                "INPUT",
-                "-s",
-                &RULED.to_string(),
-                "-p",
-                "tcp",
-                "--dport",
-                &BLOCKED_PORT.to_string(),
-                "-j",
-                "DROP",
-            ],
+            &["-A", "INPUT", "-s", &RULED.to_string(), "-p", "tcp", "--dport", &BLOCKED_PORT.to_string(), "-j", "DROP"],
         )
         .expect("iptables rule");
     let _listener = lab.listen(SERVICE_PORT).expect("listener");
@@ -98,8 +80,7 @@ fn table_full_drops_are_attributed_per_source_and_match_the_kernel() {
     }
 
     // Fill the table exactly, with connections that stay established.
-    let max =
-        Sysctl::set("net.netfilter.nf_conntrack_max", &TABLE_MAX.to_string()).expect("sysctl");
+    let max = Sysctl::set("net.netfilter.nf_conntrack_max", &TABLE_MAX.to_string()).expect("sysctl");
     let room = TABLE_MAX - lab.server.conntrack_stat().unwrap().entries;
     let held: Vec<_> = (0..room)
         .map(|i| {
@@ -107,11 +88,7 @@ fn table_full_drops_are_attributed_per_source_and_match_the_kernel() {
                 .unwrap_or_else(|e| panic!("filling connection {i} failed: {e}"))
         })
         .collect();
-    assert_eq!(
-        lab.server.conntrack_stat().unwrap().entries,
-        TABLE_MAX,
-        "table not full"
-    );
+    assert_eq!(lab.server.conntrack_stat().unwrap().entries, TABLE_MAX, "table not full");
 
     // The storm: every SYN needs a new entry and none can be evicted.
     let mut attempts = [0u64; 2];
@@ -132,19 +109,15 @@ fn table_full_drops_are_attributed_per_source_and_match_the_kernel() {
 
     let syn = |name| nft_counter(&lab.server, "inet", "ctrace_e2e", name).unwrap();
     let (syn_a, syn_b, syn_ruled) = (syn("syn_storm_a"), syn("syn_storm_b"), syn("syn_ruled"));
-    assert!(
-        syn_a >= attempts[0] && syn_b >= attempts[1],
-        "raw counters saw fewer SYNs than were sent"
-    );
+    assert!(syn_a >= attempts[0] && syn_b >= attempts[1], "raw counters saw fewer SYNs than were sent");
     let kernel_drops = after.drop - before.drop;
-    eprintln!("ground truth: storm A {syn_a} SYNs, storm B {syn_b}, ruled {syn_ruled}, netns drop delta {kernel_drops}");
+    eprintln!(
+        "ground truth: storm A {syn_a} SYNs, storm B {syn_b}, ruled {syn_ruled}, netns drop delta {kernel_drops}"
+    );
 
     assert_eq!(record["schema"], "ctrace.drops.v1");
     assert_eq!(record["tier"], "tracepoint");
-    assert_eq!(
-        record["totals"]["lost_events"], 0,
-        "lost events make counts inexact"
-    );
+    assert_eq!(record["totals"]["lost_events"], 0, "lost events make counts inexact");
     assert_eq!(record["totals"]["undecodable"], 0);
 
     // Each storm source: exactly the SYNs the raw table saw, as table_full.
@@ -156,37 +129,21 @@ fn table_full_drops_are_attributed_per_source_and_match_the_kernel() {
         assert_eq!(row["dport"], SERVICE_PORT, "{row}");
         assert_eq!(row["proto"], "tcp", "{row}");
         assert_eq!(row["state"], "SYN_SENT", "{row}");
-        assert_eq!(
-            row["drops"], expected,
-            "{src}: ctrace vs raw-table SYN counter"
-        );
-        assert_eq!(
-            histogram_sum(row),
-            expected,
-            "{src}: histogram does not sum to drops"
-        );
+        assert_eq!(row["drops"], expected, "{src}: ctrace vs raw-table SYN counter");
+        assert_eq!(histogram_sum(row), expected, "{src}: histogram does not sum to drops");
     }
 
     // The filler got every connection: nothing of it was dropped.
-    assert!(
-        rows(&record, server_ns, FILLER).is_empty(),
-        "filler reported as dropped"
-    );
+    assert!(rows(&record, server_ns, FILLER).is_empty(), "filler reported as dropped");
 
     // The rule's drops are the rule's, not conntrack's.
     let ruled = rows(&record, server_ns, RULED);
     assert_eq!(ruled.len(), 1, "{ruled:#?}");
     assert_eq!(ruled[0]["reason"], "ruleset");
     assert_eq!(ruled[0]["dport"], BLOCKED_PORT);
-    assert_eq!(
-        ruled[0]["drops"], syn_ruled,
-        "ctrace vs raw-table counter of the ruled source"
-    );
+    assert_eq!(ruled[0]["drops"], syn_ruled, "ctrace vs raw-table counter of the ruled source");
     let rule_packets = iptables_drop_packets(&lab);
-    assert_eq!(
-        syn_ruled, rule_packets,
-        "every SYN of the ruled source hit the DROP rule"
-    );
+    assert_eq!(syn_ruled, rule_packets, "every SYN of the ruled source hit the DROP rule");
 
     // Conntrack's drops in the namespace equal the kernel's drop counter...
     let conntrack_drops: u64 = record["sources"]
@@ -196,30 +153,18 @@ fn table_full_drops_are_attributed_per_source_and_match_the_kernel() {
         .filter(|s| s["netns"] == server_ns && s["reason"] != "ruleset")
         .map(|s| s["drops"].as_u64().unwrap())
         .sum();
-    assert_eq!(
-        conntrack_drops, kernel_drops,
-        "ctrace vs the namespace's nf_conntrack drop counter"
-    );
+    assert_eq!(conntrack_drops, kernel_drops, "ctrace vs the namespace's nf_conntrack drop counter");
     assert_eq!(conntrack_drops, syn_a + syn_b);
     // ...and the record carries that counter itself.
     let counters = record["kernel_counters"].as_array().unwrap();
-    let ns = counters
-        .iter()
-        .find(|c| c["netns"] == server_ns)
-        .expect("server namespace counters");
+    let ns = counters.iter().find(|c| c["netns"] == server_ns).expect("server namespace counters");
     assert_eq!(ns["drop"], kernel_drops);
-    assert!(
-        ns["max"].as_u64().is_some(),
-        "nf_conntrack_max missing: {ns}"
-    );
+    assert!(ns["max"].as_u64().is_some(), "nf_conntrack_max missing: {ns}");
     eprintln!("server address {SERVER}, namespace {server_ns}: all counts matched");
 }
 
 fn iptables_drop_packets(lab: &Lab) -> u64 {
-    let listing = lab
-        .server
-        .exec("iptables", &["-L", "INPUT", "-v", "-x", "-n"])
-        .unwrap();
+    let listing = lab.server.exec("iptables", &["-L", "INPUT", "-v", "-x", "-n"]).unwrap();
     listing
         .lines()
         .find(|l| l.contains("DROP") && l.contains(&RULED.to_string()))

@@ -10,10 +10,7 @@ use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(
-    name = "cargo xtask",
-    about = "ctrace's setup, test and benchmark tasks"
-)]
+#[command(name = "cargo xtask", about = "ctrace's setup, test and benchmark tasks")]
 struct Cli {
     #[command(subcommand)]
     task: Task,
@@ -51,19 +48,13 @@ fn main() -> ExitCode {
 
 /// The workspace root (xtask lives one level below it).
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
 }
 
 /// Runs a command in the workspace root, echoing it, and fails if it fails.
 pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
     eprintln!("xtask: $ {}", describe(cmd));
-    let status = cmd
-        .current_dir(root())
-        .status()
-        .with_context(|| format!("cannot run {}", describe(cmd)))?;
+    let status = cmd.current_dir(root()).status().with_context(|| format!("cannot run {}", describe(cmd)))?;
     if !status.success() {
         bail!("`{}` failed ({status})", describe(cmd));
     }
@@ -89,14 +80,7 @@ fn test(no_setup: bool) -> anyhow::Result<()> {
     // own target with the nightly toolchain.
     run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
     run(Command::new("rustup")
-        .args([
-            "run",
-            "nightly",
-            "cargo",
-            "clippy",
-            "--package",
-            "ctrace-ebpf",
-        ])
+        .args(["run", "nightly", "cargo", "clippy", "--package", "ctrace-ebpf"])
         .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
         .args(["--target-dir", "target/ebpf-clippy", "--", "-D", "warnings"])
         .env_remove("RUSTC")
@@ -105,7 +89,5 @@ fn test(no_setup: bool) -> anyhow::Result<()> {
     let bin = root().join("target/debug/ctrace");
     // One test at a time: the end-to-end tests share kernel state
     // (nf_conntrack_max is global).
-    run(cargo()
-        .args(["test", "--", "--test-threads=1"])
-        .env("CTRACE_BIN", bin))
+    run(cargo().args(["test", "--", "--test-threads=1"]).env("CTRACE_BIN", bin))
 }

@@ -10,7 +10,7 @@ use crate::run;
 
 /// Debian packages: the tests' tools (namespaces, rules, sysctls) and
 /// bpftool for looking at loaded programs by hand.
-const PACKAGES: &[&str] = &["iproute2", "nftables", "iptables", "procps", "bpftool"];
+const PACKAGES: &[&str] = &["iproute2", "nftables", "iptables", "procps", "bpftool", "tmux"];
 
 /// The bpf-linker release the build is known to work with.
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -51,15 +51,9 @@ fn apt_packages() -> anyhow::Result<()> {
 }
 
 fn output(cmd: &mut Command) -> anyhow::Result<String> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("cannot run {}", crate::describe(cmd)))?;
+    let out = cmd.output().with_context(|| format!("cannot run {}", crate::describe(cmd)))?;
     if !out.status.success() {
-        bail!(
-            "`{}` failed: {}",
-            crate::describe(cmd),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("`{}` failed: {}", crate::describe(cmd), String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -67,29 +61,12 @@ fn output(cmd: &mut Command) -> anyhow::Result<String> {
 fn nightly_rust_src() -> anyhow::Result<()> {
     let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))?;
     if !toolchains.lines().any(|l| l.starts_with("nightly")) {
-        run(Command::new("rustup").args([
-            "toolchain",
-            "install",
-            "nightly",
-            "--profile",
-            "minimal",
-        ]))?;
+        run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
     }
-    let components = output(Command::new("rustup").args([
-        "component",
-        "list",
-        "--installed",
-        "--toolchain",
-        "nightly",
-    ]))?;
+    let components =
+        output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", "nightly"]))?;
     if !components.lines().any(|l| l.starts_with("rust-src")) {
-        run(Command::new("rustup").args([
-            "component",
-            "add",
-            "rust-src",
-            "--toolchain",
-            "nightly",
-        ]))?;
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
     }
     Ok(())
 }
@@ -106,12 +83,7 @@ fn nightly_llvm() -> anyhow::Result<NightlyLlvm> {
         .lines()
         .find_map(|l| l.strip_prefix("LLVM version: "))
         .context("rustc +nightly -vV names no LLVM version")?;
-    let major: u32 = version
-        .split('.')
-        .next()
-        .unwrap_or("")
-        .parse()
-        .context("LLVM major version")?;
+    let major: u32 = version.split('.').next().unwrap_or("").parse().context("LLVM major version")?;
     let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
     let lib_dir = Path::new(sysroot.trim()).join("lib");
     // e.g. libLLVM.so.22.1-rust-1.97.0-nightly
@@ -131,9 +103,7 @@ fn bpf_linker_works() -> bool {
     Command::new("bpf-linker")
         .arg("--version")
         .output()
-        .is_ok_and(|o| {
-            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)
-        })
+        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
 }
 
 /// bpf-linker's default LLVM is newer than the nightly's, so it is built

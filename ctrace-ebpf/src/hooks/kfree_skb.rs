@@ -68,11 +68,7 @@ fn on_netfilter_drop(layout: &KfreeSkbLayout, skb: u64, location: u64) -> Result
 
     let mut record = PacketDrop {
         kind: kind::NETFILTER_DROP,
-        flags: if nfct != 0 {
-            drop_flags::CT_ATTACHED
-        } else {
-            0
-        },
+        flags: if nfct != 0 { drop_flags::CT_ATTACHED } else { 0 },
         location,
         // SAFETY: plain helpers without arguments.
         ts_ns: unsafe { bpf_ktime_get_ns() },

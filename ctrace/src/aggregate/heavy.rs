@@ -29,8 +29,10 @@ pub struct Counter<K> {
     pub error: u64,
     /// Timestamp of the key's latest event.
     pub last_seen_ns: u64,
-    /// `count` at the last [`SpaceSaving::mark`], for rates.
+    /// `count` at the last [`SpaceSaving::mark`].
     pub marked: u64,
+    /// Events between the last two marks: the latest interval's rate.
+    pub last_interval: u64,
     bucket: u32,
     prev: u32,
     next: u32,
@@ -111,9 +113,11 @@ impl<K: Hash + Eq + Clone> SpaceSaving<K> {
         self.index.get(key).map(|&i| &self.counters[i as usize])
     }
 
-    /// Records `count` as every counter's mark, for the next rate.
+    /// Ends an interval: each counter's events since the previous mark
+    /// become its `last_interval`.
     pub fn mark(&mut self) {
         for c in &mut self.counters {
+            c.last_interval = c.count - c.marked;
             c.marked = c.count;
         }
     }
@@ -134,6 +138,7 @@ impl<K: Hash + Eq + Clone> SpaceSaving<K> {
                 error: 0,
                 last_seen_ns: ts_ns,
                 marked: 0,
+                last_interval: 0,
                 bucket: NIL,
                 prev: NIL,
                 next: NIL,
@@ -149,6 +154,7 @@ impl<K: Hash + Eq + Clone> SpaceSaving<K> {
         let old = std::mem::replace(&mut counter.key, key.clone());
         counter.error = min;
         counter.marked = min;
+        counter.last_interval = 0;
         counter.last_seen_ns = ts_ns;
         self.index.remove(&old);
         self.index.insert(key.clone(), slot);
@@ -360,8 +366,9 @@ mod tests {
         s.mark();
         s.add(&"a", 2);
         s.add(&"a", 3);
+        s.mark();
         let a = s.get(&"a").unwrap();
-        assert_eq!(a.count - a.marked, 2);
+        assert_eq!(a.last_interval, 2);
         s.clear();
         assert!(s.is_empty());
         assert_eq!(s.total(), 0);

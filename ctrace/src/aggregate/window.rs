@@ -75,13 +75,7 @@ pub fn sparkline(values: impl IntoIterator<Item = u64>) -> String {
     let max = values.iter().copied().max().unwrap_or(0);
     values
         .iter()
-        .map(|&v| {
-            if v == 0 || max == 0 {
-                ' '
-            } else {
-                BARS[((v * 8).div_ceil(max) as usize).clamp(1, 8) - 1]
-            }
-        })
+        .map(|&v| if v == 0 || max == 0 { ' ' } else { BARS[((v * 8).div_ceil(max) as usize).clamp(1, 8) - 1] })
         .collect()
 }
 

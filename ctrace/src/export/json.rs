@@ -126,12 +126,7 @@ pub fn rfc3339_utc(unix_secs: u64) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        secs / 3600,
-        secs / 60 % 60,
-        secs % 60
-    )
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", secs / 3600, secs / 60 % 60, secs % 60)
 }
 
 #[cfg(test)]
@@ -158,10 +153,7 @@ mod tests {
                 reason: Reason::TableFull,
             },
             drops: 3,
-            histogram: Histogram {
-                bucket_ms: 1000,
-                counts: vec![1, 2],
-            },
+            histogram: Histogram { bucket_ms: 1000, counts: vec![1, 2] },
         };
         let file = RecordFile {
             schema: SCHEMA,
@@ -170,23 +162,13 @@ mod tests {
             hostname: "h".into(),
             started_at: rfc3339_utc(0),
             duration_s: 2.0,
-            totals: Totals {
-                table_full: 3,
-                ..Default::default()
-            },
+            totals: Totals { table_full: 3, ..Default::default() },
             kernel_counters: vec![NetnsCounters::new(
                 4026532290,
                 Some("srv".into()),
-                &ConntrackStats {
-                    drop: 3,
-                    entries: 64,
-                    ..Default::default()
-                },
+                &ConntrackStats { drop: 3, entries: 64, ..Default::default() },
                 Some(64),
-                Some(Occupancy {
-                    entries: 64,
-                    max: 64,
-                }),
+                Some(Occupancy { entries: 64, max: 64 }),
             )],
             sources: vec![row.into()],
             notes: vec![],

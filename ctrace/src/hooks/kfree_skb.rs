@@ -25,12 +25,7 @@ pub enum LayoutError {
 fn check_signature(btf: &Btf) -> Result<(), LayoutError> {
     let params = btf.typedef_fn_params("btf_trace_kfree_skb")?;
     let described: Vec<String> = params.iter().map(|p| btf.describe(*p)).collect();
-    let expected = [
-        "void *",
-        "struct sk_buff *",
-        "void *",
-        "enum skb_drop_reason",
-    ];
+    let expected = ["void *", "struct sk_buff *", "void *", "enum skb_drop_reason"];
     if described.len() < expected.len() || described[..expected.len()] != expected {
         return Err(LayoutError::NoDropReason(described.join(", ")));
     }
@@ -69,41 +64,16 @@ mod tests {
         let uchar = b.int("unsigned char", 1);
         let head_ptr = b.ptr(uchar);
         let ns_common = b.composite(false, "ns_common", 8, &[("inum", u32_, 32, 0)]);
-        let net = b.composite(
-            false,
-            "net",
-            64,
-            &[("pad", ulong, 0, 0), ("ns", ns_common, 128, 0)],
-        );
+        let net = b.composite(false, "net", 64, &[("pad", ulong, 0, 0), ("ns", ns_common, 128, 0)]);
         let net_ptr = b.ptr(net);
         let possible_net = b.composite(false, "", 8, &[("net", net_ptr, 0, 0)]);
-        let dev = b.composite(
-            false,
-            "net_device",
-            256,
-            &[("nd_net", possible_net, 1024, 0)],
-        );
-        let common = b.composite(
-            false,
-            "sock_common",
-            64,
-            &[("skc_net", possible_net, 384, 0)],
-        );
+        let dev = b.composite(false, "net_device", 256, &[("nd_net", possible_net, 1024, 0)]);
+        let common = b.composite(false, "sock_common", 64, &[("skc_net", possible_net, 384, 0)]);
         let sock = b.composite(false, "sock", 128, &[("__sk_common", common, 0, 0)]);
         let dev_ptr = b.ptr(dev);
         let sock_ptr = b.ptr(sock);
-        let dev_union = b.composite(
-            true,
-            "",
-            8,
-            &[("dev", dev_ptr, 0, 0), ("dev_scratch", ulong, 0, 0)],
-        );
-        let headers = b.composite(
-            false,
-            "",
-            8,
-            &[("protocol", u16_, 0, 0), ("network_header", u16_, 32, 0)],
-        );
+        let dev_union = b.composite(true, "", 8, &[("dev", dev_ptr, 0, 0), ("dev_scratch", ulong, 0, 0)]);
+        let headers = b.composite(false, "", 8, &[("protocol", u16_, 0, 0), ("network_header", u16_, 32, 0)]);
         let mut members = vec![
             ("", dev_union, 128, 0),
             ("sk", sock_ptr, 192, 0),
@@ -117,17 +87,11 @@ mod tests {
         let skb_ptr = b.ptr(skb);
         let reasons = b.enumeration(
             "skb_drop_reason",
-            &[
-                ("SKB_DROP_REASON_NOT_SPECIFIED", 2),
-                ("SKB_DROP_REASON_NETFILTER_DROP", 12),
-            ],
+            &[("SKB_DROP_REASON_NOT_SPECIFIED", 2), ("SKB_DROP_REASON_NETFILTER_DROP", 12)],
         );
         let void_ptr = b.ptr(0);
-        let params: Vec<u32> = if with_reason {
-            vec![void_ptr, skb_ptr, void_ptr, reasons]
-        } else {
-            vec![void_ptr, skb_ptr, void_ptr]
-        };
+        let params: Vec<u32> =
+            if with_reason { vec![void_ptr, skb_ptr, void_ptr, reasons] } else { vec![void_ptr, skb_ptr, void_ptr] };
         let proto = b.func_proto(0, &params);
         let fp = b.ptr(proto);
         b.typedef("btf_trace_kfree_skb", fp);
@@ -140,10 +104,7 @@ mod tests {
         let l = layout(&btf).unwrap();
         assert_eq!(l.netfilter_drop_reason, 12);
         assert_eq!((l.skb_dev, l.skb_sk, l.skb_nfct), (16, 24, 104));
-        assert_eq!(
-            (l.skb_protocol, l.skb_network_header, l.skb_head),
-            (192, 196, 200)
-        );
+        assert_eq!((l.skb_protocol, l.skb_network_header, l.skb_head), (192, 196, 200));
         assert_eq!((l.dev_net, l.sock_net, l.net_inum), (128, 48, 20));
     }
 

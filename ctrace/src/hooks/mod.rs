@@ -50,10 +50,12 @@ pub struct KernelTotals {
     pub lost_events: u64,
 }
 
-/// Attached programs and their maps. Dropping it detaches everything.
+/// The ring buffer of event records.
+pub type Events = RingBuf<MapData>;
+
+/// Attached programs and their counters. Dropping it detaches everything.
 pub struct Attached {
     pub tier: Tier,
-    pub events: RingBuf<MapData>,
     counters: PerCpuArray<MapData, u64>,
     ebpf: Option<Ebpf>,
 }
@@ -71,13 +73,13 @@ pub fn kernel_btf() -> anyhow::Result<Btf> {
 
 impl Attached {
     /// Loads the programs with this kernel's layout and attaches them.
-    pub fn attach(btf: &Btf) -> anyhow::Result<Self> {
+    /// The ring buffer is handed out separately, to be polled on its own.
+    pub fn attach(btf: &Btf) -> anyhow::Result<(Self, Events)> {
         if OBJECT.is_empty() {
             bail!("this ctrace was built without its kernel programs (AYA_BUILD_SKIP was set); rebuild it");
         }
         privileges::require_tracing()?;
-        let layout =
-            kfree_skb::layout(btf).context("the tracepoint tier cannot run on this kernel")?;
+        let layout = kfree_skb::layout(btf).context("the tracepoint tier cannot run on this kernel")?;
         let aya_btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
 
         let mut ebpf = EbpfLoader::new()
@@ -86,26 +88,16 @@ impl Attached {
             .load(OBJECT)
             .map_err(explain_load_error)?;
 
-        let program: &mut BtfTracePoint = ebpf
-            .program_mut(kfree_skb::PROGRAM)
-            .context("the embedded object has no kfree_skb program")?
-            .try_into()?;
+        let program: &mut BtfTracePoint =
+            ebpf.program_mut(kfree_skb::PROGRAM).context("the embedded object has no kfree_skb program")?.try_into()?;
         program
             .load(kfree_skb::TRACEPOINT, &aya_btf)
             .map_err(|e| explain_program_error(e, "loading the kfree_skb program"))?;
-        program
-            .attach()
-            .map_err(|e| explain_program_error(e, "attaching to the skb:kfree_skb tracepoint"))?;
+        program.attach().map_err(|e| explain_program_error(e, "attaching to the skb:kfree_skb tracepoint"))?;
 
         let events = RingBuf::try_from(ebpf.take_map("EVENTS").context("no EVENTS map")?)?;
-        let counters =
-            PerCpuArray::try_from(ebpf.take_map("COUNTERS").context("no COUNTERS map")?)?;
-        Ok(Attached {
-            tier: Tier::Tracepoint,
-            events,
-            counters,
-            ebpf: Some(ebpf),
-        })
+        let counters = PerCpuArray::try_from(ebpf.take_map("COUNTERS").context("no COUNTERS map")?)?;
+        Ok((Attached { tier: Tier::Tracepoint, counters, ebpf: Some(ebpf) }, events))
     }
 
     /// Detaches the programs; the maps stay readable so the ring buffer can
@@ -116,10 +108,7 @@ impl Attached {
 
     pub fn totals(&self) -> anyhow::Result<KernelTotals> {
         let sum = |index: u32| -> anyhow::Result<u64> {
-            let values = self
-                .counters
-                .get(&index, 0)
-                .context("reading the per-CPU counters")?;
+            let values = self.counters.get(&index, 0).context("reading the per-CPU counters")?;
             Ok(values.iter().sum())
         };
         Ok(KernelTotals {
@@ -153,10 +142,9 @@ fn explain_program_error(err: ProgramError, doing: &str) -> anyhow::Error {
             // The verifier log, if any, stays in the chain below.
             Some(format!("the kernel refused to load a tracing program ({io_error}): run ctrace as root, or grant CAP_BPF and CAP_PERFMON"))
         }
-        ProgramError::SyscallError(e) if is_permission_error(&e.io_error) => Some(format!(
-            "the kernel refused {doing} ({}): run ctrace as root",
-            e.io_error
-        )),
+        ProgramError::SyscallError(e) if is_permission_error(&e.io_error) => {
+            Some(format!("the kernel refused {doing} ({}): run ctrace as root", e.io_error))
+        }
         _ => None,
     };
     let err = anyhow::Error::new(err).context(doing.to_string());

@@ -1,0 +1,286 @@
+//! `ctrace live`: the incident view.
+//!
+//! One thread runs everything: ring-buffer records are decoded, classified
+//! and counted as they arrive; once per interval the kernel's counters are
+//! sampled and a snapshot is drawn (terminal), printed (plain text) or
+//! written as a JSON line. Keys come from a small reader thread.
+pub mod plain;
+pub mod query;
+pub mod resolve;
+pub mod state;
+pub mod synthetic;
+pub mod view;
+
+use std::{
+    io::{IsTerminal, Write},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use crossterm::event::{Event, KeyEventKind};
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio::{
+    io::{unix::AsyncFd, Interest},
+    signal::unix::{signal, SignalKind},
+};
+
+use crate::{
+    classify::{Classifier, Symbols},
+    decode::decode,
+    export::json::rfc3339_utc,
+    hooks::{kernel_btf, Attached},
+    live::{
+        query::{Filter, Query},
+        resolve::Resolver,
+        state::{LiveState, NetnsSample, Snapshot, TickInput},
+        view::{Action, ViewState},
+    },
+    netns::{self, Namespaces},
+    record::monotonic_ns,
+};
+
+/// What the header says about the kernel and the hooks.
+#[derive(Clone, Debug, Serialize)]
+pub struct Header {
+    pub host: String,
+    pub kernel: String,
+    pub tier: String,
+    /// One line per hook family: what is attached, what is missing and why.
+    pub hooks: Vec<String>,
+    /// What the "who fills the table" panel can say on this tier.
+    pub fills_note: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Text,
+    Jsonl,
+}
+
+pub struct Options {
+    pub interval: Duration,
+    /// Plain output even on a terminal.
+    pub plain: bool,
+    pub format: Format,
+    pub resolve: bool,
+    pub top: usize,
+    pub filter: Option<String>,
+    pub capacity: usize,
+    /// Feed this many synthetic records instead of attaching (benchmarks).
+    pub synthetic: Option<synthetic::Workload>,
+}
+
+fn read_trimmed(path: &str) -> String {
+    std::fs::read_to_string(path).map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
+fn header(tier: &str) -> Header {
+    Header {
+        host: read_trimmed("/proc/sys/kernel/hostname"),
+        kernel: read_trimmed("/proc/sys/kernel/osrelease"),
+        tier: format!("tier: {tier}"),
+        hooks: vec![
+            "drops: skb:kfree_skb attached; reasons from conntrack entry, freeing function and occupancy".into(),
+            "conntrack hooks (insert, delete, early_drop, insert_failed per source): not on this tier".into(),
+        ],
+        fills_note: "needs the conntrack hooks (kprobe/fentry tier): on the tracepoint tier ctrace sees drops, not \
+                     entries. The namespace counters above are exact."
+            .into(),
+    }
+}
+
+/// Samples the kernel's counters for one tick.
+fn sample(attached: &Attached, namespaces: &mut Namespaces) -> TickInput {
+    let samples = namespaces.snapshot_all();
+    TickInput {
+        now_ns: monotonic_ns(),
+        kernel: attached.totals().unwrap_or_default(),
+        namespaces: samples
+            .into_iter()
+            .map(|(netns, stats)| NetnsSample { netns, name: namespaces.name(netns).map(str::to_string), stats })
+            .collect(),
+        max: netns::conntrack_max(),
+        buckets: std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_buckets")
+            .ok()
+            .and_then(|s| s.trim().parse().ok()),
+    }
+}
+
+pub async fn run(options: Options) -> anyhow::Result<()> {
+    let filter =
+        Filter::parse(options.filter.as_deref().unwrap_or("")).map_err(|e| anyhow::anyhow!("--filter: {e}"))?;
+    let query = Query { filter, limit: options.top, ..Query::default() };
+    if let Some(workload) = options.synthetic {
+        return synthetic::run(workload, options.capacity, &query);
+    }
+    let tui = !options.plain && options.format == Format::Text && std::io::stdout().is_terminal();
+
+    let btf = kernel_btf()?;
+    let (attached, events) = Attached::attach(&btf)?;
+    let header = header(&attached.tier.to_string());
+    let mut classifier = Classifier::new(Symbols::load(), Namespaces::new());
+    let mut state = LiveState::new(monotonic_ns(), options.capacity);
+    let mut resolver = options.resolve.then(Resolver::start);
+    // The first tick sets the counters' baselines.
+    state.tick(sample(&attached, &mut classifier.namespaces));
+
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut ticker = tokio::time::interval(options.interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+
+    let mut terminal = if tui { Some(Screen::enter()?) } else { None };
+    let (keys_tx, mut keys) = mpsc::unbounded_channel();
+    if tui {
+        spawn_key_reader(keys_tx);
+    } else {
+        drop(keys_tx);
+    }
+    let mut view = ViewState::new(query);
+    if !tui {
+        eprintln!("ctrace: {} attached; a snapshot every {:?} (Ctrl-C to stop)", attached.tier, options.interval);
+    }
+
+    // SAFETY: the ring buffer owns its map fd, open and unchanged until the
+    // AsyncFd is dropped at the end of this function.
+    let mut events = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
+        .map_err(|e| anyhow::anyhow!("cannot poll the ring buffer: {e}"))?;
+    let mut keys_open = tui;
+    loop {
+        tokio::select! {
+            ready = events.readable_mut() => {
+                let mut guard = ready?;
+                let ring = guard.get_inner_mut();
+                while let Some(item) = ring.next() {
+                    match decode(item.as_ref()) {
+                        Ok(event) => {
+                            let key = classifier.key(&event);
+                            state.on_drop(&key, event.ts_ns);
+                        }
+                        Err(_) => state.undecodable += 1,
+                    }
+                }
+                guard.clear_ready();
+            }
+            _ = ticker.tick() => {
+                state.tick(sample(&attached, &mut classifier.namespaces));
+                let snap = snapshot(&state, &view, resolver.as_mut());
+                match terminal.as_mut() {
+                    Some(screen) => screen.draw(&header, view.paused.as_ref().unwrap_or(&snap), &view)?,
+                    None => print_plain(options.format, &header, &snap, &view.query)?,
+                }
+            }
+            key = keys.recv(), if keys_open => {
+                let Some(key) = key else { keys_open = false; continue };
+                match view.on_key(key) {
+                    Action::Quit => break,
+                    Action::Reset => state.reset(monotonic_ns()),
+                    Action::TogglePause => {
+                        view.paused = match view.paused {
+                            Some(_) => None,
+                            None => Some(snapshot(&state, &view, resolver.as_mut())),
+                        };
+                    }
+                    Action::Redraw | Action::Nothing => {}
+                }
+                if let Some(screen) = terminal.as_mut() {
+                    // A paused view still follows filter and sort changes on its frozen data.
+                    let snap = snapshot(&state, &view, resolver.as_mut());
+                    screen.draw(&header, view.paused.as_ref().unwrap_or(&snap), &view)?;
+                }
+            }
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+        }
+    }
+    drop(terminal);
+    Ok(())
+}
+
+fn snapshot(state: &LiveState, view: &ViewState, resolver: Option<&mut Resolver>) -> Snapshot {
+    let mut snap = state.snapshot(&view.query, monotonic_ns());
+    if let Some(resolver) = resolver {
+        for row in &mut snap.top {
+            row.src_name = resolver.name(row.src);
+        }
+    }
+    snap
+}
+
+fn print_plain(format: Format, header: &Header, snap: &Snapshot, query: &Query) -> anyhow::Result<()> {
+    let text = match format {
+        Format::Text => format!("{}\n", plain::render(header, snap, query)),
+        Format::Jsonl => {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            plain::render_jsonl(header, snap, rfc3339_utc(now.as_secs()))
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    // A closed pipe (`| head`) ends the view quietly.
+    if out.write_all(text.as_bytes()).and_then(|_| out.flush()).is_err() {
+        std::process::exit(0);
+    }
+    Ok(())
+}
+
+fn spawn_key_reader(tx: mpsc::UnboundedSender<crossterm::event::KeyEvent>) {
+    std::thread::Builder::new()
+        .name("ctrace-keys".into())
+        .spawn(move || loop {
+            // Poll in short steps so the thread notices when the view is gone.
+            match crossterm::event::poll(Duration::from_millis(50)) {
+                Ok(true) => {
+                    if let Ok(Event::Key(key)) = crossterm::event::read() {
+                        if key.kind != KeyEventKind::Release && tx.send(key).is_err() {
+                            return;
+                        }
+                    }
+                }
+                Ok(false) => {
+                    if tx.is_closed() {
+                        return;
+                    }
+                }
+                Err(_) => return,
+            }
+        })
+        .expect("spawn key reader");
+}
+
+/// The terminal in raw mode on the alternate screen, restored when dropped,
+/// and by the panic hook if ctrace panics.
+struct Screen {
+    terminal: ratatui::Terminal<ratatui::backend::CrosstermBackend<std::io::Stdout>>,
+}
+
+fn restore_terminal() {
+    let _ = crossterm::terminal::disable_raw_mode();
+    let _ = crossterm::execute!(std::io::stdout(), crossterm::terminal::LeaveAlternateScreen, crossterm::cursor::Show);
+}
+
+impl Screen {
+    fn enter() -> anyhow::Result<Self> {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            restore_terminal();
+            previous(info);
+        }));
+        crossterm::terminal::enable_raw_mode().context("terminal raw mode")?;
+        crossterm::execute!(std::io::stdout(), crossterm::terminal::EnterAlternateScreen, crossterm::cursor::Hide)?;
+        let terminal = ratatui::Terminal::new(ratatui::backend::CrosstermBackend::new(std::io::stdout()))?;
+        Ok(Screen { terminal })
+    }
+
+    fn draw(&mut self, header: &Header, snap: &Snapshot, view: &ViewState) -> anyhow::Result<()> {
+        self.terminal.draw(|frame| view::draw(frame, header, snap, view))?;
+        Ok(())
+    }
+}
+
+impl Drop for Screen {
+    fn drop(&mut self) {
+        restore_terminal();
+    }
+}

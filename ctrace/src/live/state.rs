@@ -1,0 +1,419 @@
+//! What `ctrace live` knows, updated per event and per tick, and the
+//! snapshot every view (terminal, plain text, JSON lines) renders.
+use std::{collections::BTreeMap, net::IpAddr};
+
+use serde::Serialize;
+
+use crate::{
+    aggregate::{
+        heavy::SpaceSaving,
+        occupancy::{too_few_buckets, TimeToFull, Trend},
+        window::{per_second, Delta, Series},
+        SourceKey,
+    },
+    hooks::KernelTotals,
+    live::query::{Query, SortBy},
+    model::{ConnState, Protocol, Reason},
+    netns::ConntrackStats,
+};
+
+/// One minute of one-second buckets.
+pub const HISTORY: usize = 60;
+const TREND_WINDOW_S: f64 = 10.0;
+
+/// The series shown as rates, in display order.
+pub const SERIES: [&str; 8] =
+    ["table_full", "conntrack_other", "ruleset", "early_drop", "insert_failed", "invalid", "kernel_drop", "lost"];
+
+/// Kernel counters read once per tick for one namespace.
+#[derive(Clone, Debug)]
+pub struct NetnsSample {
+    pub netns: u32,
+    pub name: Option<String>,
+    pub stats: ConntrackStats,
+}
+
+/// Values read once per tick.
+#[derive(Clone, Debug, Default)]
+pub struct TickInput {
+    pub now_ns: u64,
+    pub kernel: KernelTotals,
+    pub namespaces: Vec<NetnsSample>,
+    pub max: Option<u64>,
+    pub buckets: Option<u64>,
+}
+
+struct NetnsState {
+    name: Option<String>,
+    trend: Trend,
+    entries: u64,
+    /// Deltas of early_drop, insert_failed, invalid, drop.
+    deltas: [Delta; 4],
+    /// A counter moved in the latest interval.
+    moved: bool,
+    seen_at_tick: u64,
+}
+
+pub struct LiveState {
+    started_ns: u64,
+    last_tick_ns: u64,
+    interval_ns: u64,
+    ticks: u64,
+    heavy: SpaceSaving<SourceKey>,
+    decoded: [u64; 3],
+    decoded_deltas: [Delta; 3],
+    lost_delta: Delta,
+    series: Vec<Series>,
+    namespaces: BTreeMap<u32, NetnsState>,
+    max: Option<u64>,
+    buckets: Option<u64>,
+    kernel: KernelTotals,
+    pub undecodable: u64,
+}
+
+fn reason_index(reason: Reason) -> usize {
+    match reason {
+        Reason::TableFull => 0,
+        Reason::ConntrackOther => 1,
+        Reason::Ruleset => 2,
+    }
+}
+
+impl LiveState {
+    pub fn new(now_ns: u64, capacity: usize) -> Self {
+        LiveState {
+            started_ns: now_ns,
+            last_tick_ns: now_ns,
+            interval_ns: 0,
+            ticks: 0,
+            heavy: SpaceSaving::new(capacity),
+            decoded: [0; 3],
+            decoded_deltas: [Delta::default(); 3],
+            lost_delta: Delta::default(),
+            series: SERIES.iter().map(|_| Series::new(HISTORY)).collect(),
+            namespaces: BTreeMap::new(),
+            max: None,
+            buckets: None,
+            kernel: KernelTotals::default(),
+            undecodable: 0,
+        }
+    }
+
+    /// Counts one drop. This is the per-event path: keep it lean.
+    #[inline]
+    pub fn on_drop(&mut self, key: &SourceKey, ts_ns: u64) {
+        self.heavy.add(key, ts_ns);
+        self.decoded[reason_index(key.reason)] += 1;
+    }
+
+    /// Ends an interval: rates, sparklines and occupancy move on.
+    pub fn tick(&mut self, input: TickInput) {
+        self.interval_ns = input.now_ns.saturating_sub(self.last_tick_ns);
+        self.last_tick_ns = input.now_ns;
+        self.ticks += 1;
+        self.heavy.mark();
+        for i in 0..3 {
+            let delta = self.decoded_deltas[i].next(self.decoded[i]);
+            self.series[i].push(delta);
+        }
+        let mut kernel_sums = [0u64; 4];
+        let t_s = (input.now_ns - self.started_ns) as f64 / 1e9;
+        for sample in input.namespaces {
+            let ns = self.namespaces.entry(sample.netns).or_insert_with(|| NetnsState {
+                name: sample.name.clone(),
+                trend: Trend::new(TREND_WINDOW_S),
+                entries: 0,
+                deltas: [Delta::default(); 4],
+                moved: false,
+                seen_at_tick: 0,
+            });
+            let s = sample.stats;
+            ns.moved = false;
+            for (i, value) in [s.early_drop, s.insert_failed, s.invalid, s.drop].into_iter().enumerate() {
+                let delta = ns.deltas[i].next(value);
+                ns.moved |= delta > 0;
+                kernel_sums[i] += delta;
+            }
+            ns.entries = s.entries;
+            ns.trend.push(t_s, s.entries);
+            ns.seen_at_tick = self.ticks;
+        }
+        // Namespaces that are gone are forgotten.
+        let ticks = self.ticks;
+        self.namespaces.retain(|_, ns| ns.seen_at_tick == ticks);
+        for (i, sum) in kernel_sums.into_iter().enumerate() {
+            self.series[3 + i].push(sum);
+        }
+        self.series[7].push(self.lost_delta.next(input.kernel.lost_events));
+        self.kernel = input.kernel;
+        self.max = input.max;
+        self.buckets = input.buckets;
+    }
+
+    /// Forgets counts and history (the `r` key); occupancy stays.
+    pub fn reset(&mut self, now_ns: u64) {
+        self.heavy.clear();
+        self.started_ns = now_ns.min(self.last_tick_ns);
+        self.series = SERIES.iter().map(|_| Series::new(HISTORY)).collect();
+        for ns in self.namespaces.values_mut() {
+            ns.trend = Trend::new(TREND_WINDOW_S);
+        }
+        self.decoded = [0; 3];
+        self.decoded_deltas = [Delta::default(); 3];
+        self.undecodable = 0;
+    }
+
+    /// The state as the views show it, with `query`'s filter and order.
+    pub fn snapshot(&self, query: &Query, now_ns: u64) -> Snapshot {
+        let interval_ns = self.interval_ns.max(1);
+        let total_drops = self.heavy.total();
+        let mut top: Vec<TopRow> = self
+            .heavy
+            .iter()
+            .filter(|c| query.filter.matches(&c.key, self.netns_name(c.key.netns)))
+            .map(|c| TopRow {
+                netns: c.key.netns,
+                netns_name: self.netns_name(c.key.netns).map(str::to_string),
+                src: c.key.src,
+                src_name: None,
+                dport: c.key.dport,
+                proto: c.key.proto,
+                state: c.key.state,
+                reason: c.key.reason,
+                per_s: per_second(c.last_interval, interval_ns),
+                total: c.count,
+                error: c.error,
+                share: if total_drops == 0 { 0.0 } else { c.count as f64 / total_drops as f64 },
+                last_seen_s: now_ns.saturating_sub(c.last_seen_ns) as f64 / 1e9,
+            })
+            .collect();
+        sort_rows(&mut top, query.sort, query.descending);
+        let matching = top.len();
+        let matching_drops: u64 = top.iter().map(|r| r.total).sum();
+        top.truncate(query.limit);
+        let shown: u64 = top.iter().map(|r| r.total).sum();
+
+        let series = SERIES
+            .iter()
+            .zip(&self.series)
+            .map(|(name, s)| SeriesView {
+                name,
+                per_s: per_second(s.last(), interval_ns),
+                total: s.total(),
+                history: s.values().collect(),
+            })
+            .collect();
+
+        let mut namespaces: Vec<NetnsView> = self
+            .namespaces
+            .iter()
+            .filter(|(_, ns)| ns.entries > 0 || ns.moved)
+            .map(|(inum, ns)| {
+                let max = self.max.unwrap_or(0);
+                NetnsView {
+                    netns: *inum,
+                    name: ns.name.clone(),
+                    entries: ns.entries,
+                    max,
+                    percent: if max == 0 { 0.0 } else { 100.0 * ns.entries as f64 / max as f64 },
+                    rate_per_s: ns.trend.rate(),
+                    time_to_full: if max == 0 { TimeToFull::Never } else { ns.trend.time_to_full(max) },
+                }
+            })
+            .collect();
+        namespaces.sort_by(|a, b| b.percent.total_cmp(&a.percent).then(a.netns.cmp(&b.netns)));
+
+        Snapshot {
+            uptime_s: now_ns.saturating_sub(self.started_ns) as f64 / 1e9,
+            max: self.max,
+            buckets: self.buckets,
+            buckets_too_few: matches!((self.buckets, self.max), (Some(b), Some(m)) if too_few_buckets(b, m)),
+            namespaces,
+            series,
+            total_drops,
+            kernel: self.kernel,
+            undecodable: self.undecodable,
+            top,
+            matching_rows: matching,
+            others: matching_drops - shown,
+            tracked: self.heavy.len(),
+            capacity: self.heavy.capacity(),
+            evictions: self.heavy.evictions(),
+            error_bound: self.heavy.error_bound(),
+        }
+    }
+
+    fn netns_name(&self, inum: u32) -> Option<&str> {
+        self.namespaces.get(&inum).and_then(|ns| ns.name.as_deref())
+    }
+}
+
+fn sort_rows(rows: &mut [TopRow], by: SortBy, descending: bool) {
+    rows.sort_by(|a, b| {
+        let order = match by {
+            SortBy::Rate => a.per_s.total_cmp(&b.per_s).then(a.total.cmp(&b.total)),
+            SortBy::Total => a.total.cmp(&b.total),
+            SortBy::LastSeen => b.last_seen_s.total_cmp(&a.last_seen_s),
+            SortBy::Source => a.src.cmp(&b.src),
+            SortBy::Port => a.dport.cmp(&b.dport),
+            SortBy::Reason => a.reason.cmp(&b.reason),
+            SortBy::Netns => a.netns.cmp(&b.netns),
+        };
+        let order = if descending { order.reverse() } else { order };
+        // Stable, readable ties: heaviest first, then by address.
+        order.then(b.total.cmp(&a.total)).then(a.src.cmp(&b.src)).then(a.dport.cmp(&b.dport))
+    });
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Snapshot {
+    pub uptime_s: f64,
+    pub max: Option<u64>,
+    pub buckets: Option<u64>,
+    pub buckets_too_few: bool,
+    pub namespaces: Vec<NetnsView>,
+    pub series: Vec<SeriesView>,
+    /// Drops decoded since start (or reset).
+    pub total_drops: u64,
+    /// Exact kernel-side totals since ctrace attached.
+    pub kernel: KernelTotals,
+    pub undecodable: u64,
+    pub top: Vec<TopRow>,
+    /// Rows matching the filter, before the limit.
+    pub matching_rows: usize,
+    /// Drops of matching rows not shown (below the limit).
+    pub others: u64,
+    pub tracked: usize,
+    pub capacity: usize,
+    /// Keys replaced because more sources than `capacity` were seen; when
+    /// non-zero, counts may overcount by up to `error_bound`.
+    pub evictions: u64,
+    pub error_bound: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct NetnsView {
+    pub netns: u32,
+    pub name: Option<String>,
+    pub entries: u64,
+    pub max: u64,
+    pub percent: f64,
+    /// Entries per second over the last 10 s.
+    pub rate_per_s: f64,
+    pub time_to_full: TimeToFull,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct SeriesView {
+    pub name: &'static str,
+    pub per_s: f64,
+    pub total: u64,
+    /// Per-second amounts of the last minute, oldest first.
+    pub history: Vec<u64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TopRow {
+    pub netns: u32,
+    pub netns_name: Option<String>,
+    pub src: IpAddr,
+    /// Reverse-DNS name, with `--resolve`, once known.
+    pub src_name: Option<String>,
+    pub dport: u16,
+    pub proto: Protocol,
+    pub state: ConnState,
+    pub reason: Reason,
+    pub per_s: f64,
+    pub total: u64,
+    /// Possible overcount of `total` (Space-Saving error).
+    pub error: u64,
+    pub share: f64,
+    pub last_seen_s: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::live::query::Filter;
+
+    const SEC: u64 = 1_000_000_000;
+
+    fn key(src: &str, dport: u16, reason: Reason) -> SourceKey {
+        SourceKey {
+            netns: 7,
+            src: src.parse().unwrap(),
+            dport,
+            proto: Protocol::Tcp,
+            state: ConnState::SynSent,
+            reason,
+        }
+    }
+
+    fn sample(entries: u64, drop: u64) -> Vec<NetnsSample> {
+        vec![NetnsSample {
+            netns: 7,
+            name: Some("srv".into()),
+            stats: ConntrackStats { entries, drop, ..Default::default() },
+        }]
+    }
+
+    #[test]
+    fn rates_totals_and_shares() {
+        let mut s = LiveState::new(0, 16);
+        s.tick(TickInput { now_ns: SEC, namespaces: sample(60, 0), max: Some(64), ..Default::default() });
+        for i in 0..30 {
+            s.on_drop(&key("198.18.0.3", 80, Reason::TableFull), SEC + i);
+        }
+        for i in 0..10 {
+            s.on_drop(&key("198.18.0.4", 80, Reason::TableFull), SEC + i);
+        }
+        s.tick(TickInput { now_ns: 2 * SEC, namespaces: sample(64, 40), max: Some(64), ..Default::default() });
+        let snap = s.snapshot(&Query::default(), 2 * SEC);
+        assert_eq!(snap.top.len(), 2);
+        assert_eq!(snap.top[0].src.to_string(), "198.18.0.3");
+        assert_eq!(snap.top[0].per_s, 30.0);
+        assert_eq!(snap.top[0].total, 30);
+        assert_eq!(snap.top[0].share, 0.75);
+        assert_eq!(snap.top[0].netns_name.as_deref(), Some("srv"));
+        let table_full = &snap.series[0];
+        assert_eq!((table_full.name, table_full.per_s, table_full.total), ("table_full", 40.0, 40));
+        let kernel_drop = snap.series.iter().find(|s| s.name == "kernel_drop").unwrap();
+        assert_eq!(kernel_drop.total, 40);
+        assert_eq!(snap.namespaces[0].time_to_full, TimeToFull::Full);
+        assert_eq!(snap.namespaces[0].percent, 100.0);
+        assert_eq!(snap.others, 0);
+    }
+
+    #[test]
+    fn limit_filter_and_others() {
+        let mut s = LiveState::new(0, 16);
+        for (i, src) in ["198.18.0.1", "198.18.0.2", "198.18.0.3"].iter().enumerate() {
+            for _ in 0..=i {
+                s.on_drop(&key(src, 80, Reason::TableFull), 1);
+            }
+        }
+        s.on_drop(&key("198.18.0.9", 22, Reason::Ruleset), 1);
+        s.tick(TickInput { now_ns: SEC, ..Default::default() });
+        let query = Query { limit: 2, sort: SortBy::Total, ..Default::default() };
+        let snap = s.snapshot(&query, SEC);
+        assert_eq!(snap.top.len(), 2);
+        assert_eq!(snap.matching_rows, 4);
+        assert_eq!(snap.others, 2, "the two lightest rows");
+        let query = Query { filter: Filter::parse("ruleset").unwrap(), ..Default::default() };
+        let snap = s.snapshot(&query, SEC);
+        assert_eq!(snap.top.len(), 1);
+        assert_eq!(snap.top[0].dport, 22);
+    }
+
+    #[test]
+    fn reset_forgets_counts() {
+        let mut s = LiveState::new(0, 16);
+        s.on_drop(&key("198.18.0.3", 80, Reason::TableFull), 1);
+        s.tick(TickInput { now_ns: SEC, ..Default::default() });
+        s.reset(SEC);
+        s.tick(TickInput { now_ns: 2 * SEC, ..Default::default() });
+        let snap = s.snapshot(&Query::default(), 2 * SEC);
+        assert!(snap.top.is_empty());
+        assert_eq!(snap.series[0].total, 0);
+    }
+}
