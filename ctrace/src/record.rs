@@ -25,6 +25,10 @@ use crate::{
 
 pub const BUCKET_NS: u64 = 1_000_000_000;
 
+/// The kernel wakes the reader only in batches (see ctrace-ebpf's maps.rs);
+/// whatever is below the wake-up threshold is collected this often.
+pub const DRAIN_EVERY: Duration = Duration::from_millis(50);
+
 pub struct Options {
     /// None: until Ctrl-C or SIGTERM.
     pub duration: Option<Duration>,
@@ -96,6 +100,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     // until into_inner() below hands the ring buffer back.
     let mut events = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
         .map_err(|e| anyhow::anyhow!("cannot poll the ring buffer: {e}"))?;
+    let mut drain = tokio::time::interval(DRAIN_EVERY);
     loop {
         tokio::select! {
             ready = events.readable_mut() => {
@@ -105,6 +110,12 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                     recorder.on_record(&item);
                 }
                 guard.clear_ready();
+            }
+            _ = drain.tick() => {
+                let ring = events.get_mut();
+                while let Some(item) = ring.next() {
+                    recorder.on_record(&item);
+                }
             }
             _ = sleep_until(deadline) => break,
             _ = sigint.recv() => break,

@@ -213,6 +213,28 @@ impl Lab {
         })
     }
 
+    /// Sends `count` SYNs from `src` as fast as sockets can be made: each a
+    /// non-blocking connect whose socket is closed at once (one SYN, no
+    /// retransmission). Returns how many SYNs left.
+    pub fn syn_burst(&self, src: Ipv4Addr, port: u16, count: u64) -> u64 {
+        self.client.enter(|| {
+            let dst: socket2::SockAddr = SocketAddr::V4(SocketAddrV4::new(SERVER, port)).into();
+            let bind: socket2::SockAddr = SocketAddr::V4(SocketAddrV4::new(src, 0)).into();
+            let mut sent = 0;
+            for _ in 0..count {
+                let Ok(socket) = Socket::new(Domain::IPV4, Type::STREAM, None) else { continue };
+                if socket.bind(&bind).is_err() || socket.set_nonblocking(true).is_err() {
+                    continue;
+                }
+                match socket.connect(&dst) {
+                    Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => sent += 1,
+                    _ => {}
+                }
+            }
+            sent
+        })
+    }
+
     /// A listening socket in the server namespace. The kernel completes
     /// handshakes into its backlog without accept().
     pub fn listen(&self, port: u16) -> anyhow::Result<Socket> {

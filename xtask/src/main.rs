@@ -1,4 +1,5 @@
 //! Project tasks: `cargo xtask setup`, `cargo xtask test`.
+mod bench;
 mod setup;
 
 use std::{
@@ -30,12 +31,21 @@ enum Task {
         #[arg(long)]
         no_setup: bool,
     },
+    /// Measure: decode+aggregate throughput, memory under 10 M sources, and
+    /// CPU during a real namespace storm next to bpftrace (root). Prints the
+    /// figures; asserts nothing.
+    Bench {
+        /// Seconds of storm per tool.
+        #[arg(long, default_value = "5")]
+        storm_secs: u64,
+    },
 }
 
 fn main() -> ExitCode {
     let result = match Cli::parse().task {
         Task::Setup => setup::setup(),
         Task::Test { no_setup } => test(no_setup),
+        Task::Bench { storm_secs } => bench::bench(storm_secs),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

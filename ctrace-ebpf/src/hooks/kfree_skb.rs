@@ -14,7 +14,7 @@ use aya_ebpf::{
 use ctrace_common::{counter, drop_flags, family, kind, KfreeSkbLayout, PacketDrop};
 
 use crate::{
-    maps::{count, EVENTS},
+    maps::{count, submit_flags, EVENTS},
     read,
 };
 
@@ -83,7 +83,7 @@ fn on_netfilter_drop(layout: &KfreeSkbLayout, skb: u64, location: u64) -> Result
     match EVENTS.reserve::<PacketDrop>(0) {
         Some(mut entry) => {
             entry.write(record);
-            entry.submit(0);
+            entry.submit(submit_flags());
         }
         None => count(counter::RINGBUF_FULL),
     }

@@ -29,7 +29,7 @@ use crate::{
     classify::{Classifier, Symbols},
     decode::decode,
     export::json::rfc3339_utc,
-    hooks::{kernel_btf, Attached},
+    hooks::{kernel_btf, Attached, Events},
     live::{
         query::{Filter, Query},
         resolve::Resolver,
@@ -37,7 +37,7 @@ use crate::{
         view::{Action, ViewState},
     },
     netns::{self, Namespaces},
-    record::monotonic_ns,
+    record::{monotonic_ns, DRAIN_EVERY},
 };
 
 /// What the header says about the kernel and the hooks.
@@ -148,22 +148,15 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let mut events = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
         .map_err(|e| anyhow::anyhow!("cannot poll the ring buffer: {e}"))?;
     let mut keys_open = tui;
+    let mut drain = tokio::time::interval(DRAIN_EVERY);
     loop {
         tokio::select! {
             ready = events.readable_mut() => {
                 let mut guard = ready?;
-                let ring = guard.get_inner_mut();
-                while let Some(item) = ring.next() {
-                    match decode(item.as_ref()) {
-                        Ok(event) => {
-                            let key = classifier.key(&event);
-                            state.on_drop(&key, event.ts_ns);
-                        }
-                        Err(_) => state.undecodable += 1,
-                    }
-                }
+                consume(guard.get_inner_mut(), &mut classifier, &mut state);
                 guard.clear_ready();
             }
+            _ = drain.tick() => consume(events.get_mut(), &mut classifier, &mut state),
             _ = ticker.tick() => {
                 state.tick(sample(&attached, &mut classifier.namespaces));
                 let snap = snapshot(&state, &view, resolver.as_mut());
@@ -197,6 +190,19 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     }
     drop(terminal);
     Ok(())
+}
+
+/// Decodes, classifies and counts every record waiting in the ring buffer.
+fn consume(ring: &mut Events, classifier: &mut Classifier, state: &mut LiveState) {
+    while let Some(item) = ring.next() {
+        match decode(&item) {
+            Ok(event) => {
+                let key = classifier.key(&event);
+                state.on_drop(&key, event.ts_ns);
+            }
+            Err(_) => state.undecodable += 1,
+        }
+    }
 }
 
 fn snapshot(state: &LiveState, view: &ViewState, resolver: Option<&mut Resolver>) -> Snapshot {

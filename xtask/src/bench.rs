@@ -1,0 +1,252 @@
+//! `cargo xtask bench`: the figures the issues ask for, measured, never
+//! asserted in tests.
+//!
+//! 1. Decode + classify + aggregate throughput on one core, synthetic
+//!    records through the same path as ring-buffer records: a storm from a
+//!    few sources, and a spoofed flood where every record is a new source.
+//! 2. Peak RSS of `ctrace live --plain` fed 10 M distinct sources.
+//! 3. CPU used during a real table-full storm in a namespace: `ctrace live`
+//!    next to a bpftrace script that only counts drops per source. Both the
+//!    process's own CPU time and the kernel programs' run time (bpf_stats)
+//!    count, since per-packet work happens in the kernel.
+use std::{
+    net::Ipv4Addr,
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _};
+use ctrace_tests::{Lab, Sysctl};
+
+use crate::{root, run};
+
+pub fn bench(storm_secs: u64) -> anyhow::Result<()> {
+    run(Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())).args(["build", "--release"]))?;
+    let bin = root().join("target/release/ctrace");
+    let mut report = Vec::new();
+
+    for (label, events, sources) in [
+        ("storm, 100 sources", 20_000_000u64, 100u64),
+        ("spoofed flood, every record a new source", 20_000_000, 20_000_000),
+    ] {
+        let line = synthetic(&bin, events, sources)?;
+        report.push(format!("throughput ({label}): {line}"));
+    }
+    let line = synthetic(&bin, 10_000_000, 10_000_000)?;
+    report.push(format!("memory (10 M distinct sources): {line}"));
+
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        report.extend(storm_cpu(&bin, storm_secs)?);
+    } else {
+        report.push("storm CPU: not measured: needs root (namespaces, BPF)".into());
+    }
+    println!("\nctrace benchmarks ({})", machine());
+    for line in report {
+        println!("  {line}");
+    }
+    Ok(())
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{cpu}, {} CPUs, kernel {}", std::thread::available_parallelism().map_or(0, |n| n.get()), kernel.trim())
+}
+
+/// Runs the synthetic feed and returns its summary line.
+fn synthetic(bin: &Path, events: u64, sources: u64) -> anyhow::Result<String> {
+    let out = Command::new(bin)
+        .args([
+            "live",
+            "--plain",
+            "--synthetic-events",
+            &events.to_string(),
+            "--synthetic-sources",
+            &sources.to_string(),
+        ])
+        .stdout(Stdio::null())
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        bail!("synthetic run failed: {stderr}");
+    }
+    let line = stderr.lines().find(|l| l.starts_with("synthetic:")).context("no summary line")?;
+    Ok(line.trim_start_matches("synthetic: ").to_string())
+}
+
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may contain spaces).
+    let rest = stat.rsplit_once(')').context("stat format")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(ticks / hz)
+}
+
+/// Program ids and their (run_time_ns, run_cnt), from bpftool.
+fn bpf_programs() -> anyhow::Result<Vec<(u64, u64, u64)>> {
+    let out = Command::new("bpftool").args(["-j", "prog", "show"]).output().context("bpftool")?;
+    let progs: serde_json::Value = serde_json::from_slice(&out.stdout).context("bpftool JSON")?;
+    Ok(progs
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|p| {
+                    let n = |k: &str| p[k].as_u64().unwrap_or(0);
+                    (n("id"), n("run_time_ns"), n("run_cnt"))
+                })
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+struct Tool {
+    name: &'static str,
+    child: Child,
+    programs: Vec<u64>,
+}
+
+impl Drop for Tool {
+    fn drop(&mut self) {
+        // SIGINT first: both tools detach cleanly on it.
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(name: &'static str, cmd: &mut Command) -> anyhow::Result<Tool> {
+    let before: Vec<u64> = bpf_programs()?.iter().map(|p| p.0).collect();
+    let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().with_context(|| format!("start {name}"))?;
+    let mut tool = Tool { name, child, programs: Vec::new() };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tool.programs.is_empty() {
+        if Instant::now() > deadline {
+            bail!("{name} loaded no BPF program within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        tool.programs = bpf_programs()?.iter().map(|p| p.0).filter(|id| !before.contains(id)).collect();
+    }
+    std::thread::sleep(Duration::from_secs(1)); // let it finish attaching
+    Ok(tool)
+}
+
+const BPFTRACE: &str = "tracepoint:skb:kfree_skb /args->reason == 12/ { \
+    $skb = (struct sk_buff *)args->skbaddr; \
+    $ip = (struct iphdr *)($skb->head + $skb->network_header); \
+    @drops[ntop($ip->saddr)] = count(); }";
+
+/// Mounts tracefs (bpftrace needs it) for the bench's duration.
+struct Tracefs(bool);
+
+impl Tracefs {
+    fn ensure() -> Self {
+        if Path::new("/sys/kernel/tracing/events").exists() {
+            return Tracefs(false);
+        }
+        let ok = Command::new("mount")
+            .args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"])
+            .status()
+            .is_ok_and(|s| s.success());
+        Tracefs(ok)
+    }
+}
+
+impl Drop for Tracefs {
+    fn drop(&mut self) {
+        if self.0 {
+            let _ = Command::new("umount").arg("/sys/kernel/tracing").status();
+        }
+    }
+}
+
+fn storm_cpu(bin: &Path, secs: u64) -> anyhow::Result<Vec<String>> {
+    const FILLER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+    const PORT: u16 = 8080;
+    let storm: Vec<Ipv4Addr> = (10..18).map(|i| Ipv4Addr::new(198, 18, 0, i)).collect();
+    let mut addrs = vec![FILLER];
+    addrs.extend(&storm);
+    let lab = Lab::new("bench", &addrs)?;
+    lab.server.exec("nft", &["add table inet ctrace_bench"])?;
+    lab.server.exec("nft", &["add chain inet ctrace_bench track { type filter hook input priority filter; }"])?;
+    lab.server.exec("nft", &["add rule inet ctrace_bench track ct state new counter"])?;
+    let _listener = lab.listen(PORT)?;
+    let _stats = Sysctl::set("kernel.bpf_stats_enabled", "1")?;
+    let _tracefs = Tracefs::ensure();
+    let max = 256u64;
+    let _max = Sysctl::set("net.netfilter.nf_conntrack_max", &max.to_string())?;
+    let room = max - lab.server.conntrack_stat()?.entries;
+    let _held: Vec<_> =
+        (0..room).map(|_| lab.connect(FILLER, PORT, Duration::from_secs(2))).collect::<Result<_, _>>()?;
+
+    let mut lines = Vec::new();
+    let bpftrace_found = Command::new("bpftrace").arg("--version").output().is_ok();
+    let mut tools: Vec<(&'static str, Command)> = Vec::new();
+    let mut live = Command::new(bin);
+    live.args(["live", "--plain"]);
+    tools.push(("ctrace live --plain", live));
+    if bpftrace_found {
+        let mut bt = Command::new("bpftrace");
+        bt.args(["-e", BPFTRACE]);
+        tools.push(("bpftrace (count per source)", bt));
+    } else {
+        lines.push("storm CPU, bpftrace: not measured: bpftrace is not installed (apt-get install bpftrace)".into());
+    }
+    for (name, mut cmd) in tools {
+        let tool = start(name, &mut cmd)?;
+        let progs_before = bpf_programs()?;
+        let cpu_before = cpu_seconds(tool.child.id())?;
+        let drops_before = lab.server.conntrack_stat()?.drop;
+        let started = Instant::now();
+        let mut sent = 0;
+        while started.elapsed() < Duration::from_secs(secs) {
+            for src in &storm {
+                sent += lab.syn_burst(*src, PORT, 200);
+            }
+        }
+        let wall = started.elapsed().as_secs_f64();
+        let drops = lab.server.conntrack_stat()?.drop - drops_before;
+        let cpu = cpu_seconds(tool.child.id())? - cpu_before;
+        let progs_after = bpf_programs()?;
+        let (mut run_ns, mut runs) = (0u64, 0u64);
+        for (id, ns, cnt) in &progs_after {
+            if tool.programs.contains(id) {
+                let (_, ns0, cnt0) = progs_before.iter().find(|p| p.0 == *id).copied().unwrap_or((0, 0, 0));
+                run_ns += ns - ns0;
+                runs += cnt - cnt0;
+            }
+        }
+        lines.push(format!(
+            "storm CPU, {}: {drops} table-full drops ({sent} SYNs) in {wall:.1} s ({:.0}/s); process {:.3} s CPU \
+             ({:.1}% of a core); kernel programs {:.3} s over {runs} runs ({:.0} ns/run); total {:.1}% of a core",
+            tool.name,
+            drops as f64 / wall,
+            cpu,
+            100.0 * cpu / wall,
+            run_ns as f64 / 1e9,
+            if runs == 0 { 0.0 } else { run_ns as f64 / runs as f64 },
+            100.0 * (cpu + run_ns as f64 / 1e9) / wall
+        ));
+    }
+    Ok(lines)
+}
