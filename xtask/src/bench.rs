@@ -212,6 +212,7 @@ fn storm_cpu(bin: &Path, secs: u64) -> anyhow::Result<Vec<String>> {
     } else {
         lines.push("storm CPU, bpftrace: not measured: bpftrace is not installed (apt-get install bpftrace)".into());
     }
+    lines.push(quit_latency(bin, &lab, &storm, PORT)?);
     for (name, mut cmd) in tools {
         let tool = start(name, &mut cmd)?;
         let progs_before = bpf_programs()?;
@@ -249,4 +250,45 @@ fn storm_cpu(bin: &Path, secs: u64) -> anyhow::Result<Vec<String>> {
         ));
     }
     Ok(lines)
+}
+
+/// Time from pressing `q` in the terminal UI to the process's exit, measured
+/// while a storm runs (the view must not be starved by events).
+fn quit_latency(bin: &Path, lab: &Lab, storm: &[Ipv4Addr], port: u16) -> anyhow::Result<String> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let socket = format!("ctrace-bench-{}", std::process::id());
+    let tmux = |args: &[&str]| Command::new("tmux").args(["-L", &socket]).args(args).output();
+    let pid_file = std::env::temp_dir().join(format!("ctrace-bench-{}.pid", std::process::id()));
+    let command = format!("echo $$ > {}; exec {} live", pid_file.display(), bin.display());
+    tmux(&["new-session", "-d", "-s", "q", "-x", "150", "-y", "50", "sh", "-c", &command])?;
+    let storming = AtomicBool::new(true);
+    let result = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while storming.load(Ordering::Relaxed) {
+                for src in storm {
+                    lab.syn_burst(*src, port, 100);
+                }
+            }
+        });
+        let measured = (|| {
+            std::thread::sleep(Duration::from_secs(2));
+            let pid: u32 = std::fs::read_to_string(&pid_file)?.trim().parse()?;
+            let pressed = Instant::now();
+            tmux(&["send-keys", "-t", "q", "q"])?;
+            let running = || std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z"));
+            while running() {
+                if pressed.elapsed() > Duration::from_secs(10) {
+                    bail!("ctrace live did not exit within 10 s of q");
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Ok(pressed.elapsed())
+        })();
+        storming.store(false, Ordering::Relaxed);
+        measured
+    });
+    let _ = tmux(&["kill-server"]);
+    let _ = std::fs::remove_file(&pid_file);
+    let elapsed = result?;
+    Ok(format!("quit latency: q to exit of ctrace live during a storm: {:.0} ms", elapsed.as_secs_f64() * 1e3))
 }
