@@ -6,7 +6,7 @@ pub mod window;
 
 use std::{collections::HashMap, net::IpAddr};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::model::{ConnState, Protocol, Reason};
 
@@ -22,7 +22,7 @@ pub struct SourceKey {
 }
 
 /// Drops per bucket of time since the start of a recording.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Histogram {
     pub bucket_ms: u64,
     pub counts: Vec<u64>,
@@ -38,6 +38,37 @@ pub fn bucket_index(start_ns: u64, bucket_ns: u64, ts_ns: u64) -> usize {
 /// is always at least one.
 pub fn bucket_count(elapsed_ns: u64, bucket_ns: u64) -> usize {
     (elapsed_ns.div_ceil(bucket_ns) as usize).max(1)
+}
+
+/// Sources counted by their average drop rate, in power-of-two bins.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RateBin {
+    /// Drops per second, inclusive lower bound (0 for the first bin).
+    pub from: f64,
+    /// Exclusive upper bound.
+    pub to: f64,
+    pub sources: u64,
+}
+
+/// A log2 histogram of per-source rates: bin 0 is [0, 1) drops/s, then
+/// [1, 2), [2, 4), [4, 8) ... up to the fastest source. Empty for no sources.
+pub fn rate_histogram(rates: impl IntoIterator<Item = f64>) -> Vec<RateBin> {
+    let mut counts: Vec<u64> = Vec::new();
+    for rate in rates {
+        let bin = if rate < 1.0 { 0 } else { rate.log2().floor() as usize + 1 };
+        if counts.len() <= bin {
+            counts.resize(bin + 1, 0);
+        }
+        counts[bin] += 1;
+    }
+    counts
+        .into_iter()
+        .enumerate()
+        .map(|(i, sources)| {
+            let (from, to) = if i == 0 { (0.0, 1.0) } else { (2f64.powi(i as i32 - 1), 2f64.powi(i as i32)) };
+            RateBin { from, to, sources }
+        })
+        .collect()
 }
 
 /// Per-source drop series, growing as events arrive.
@@ -155,6 +186,16 @@ mod tests {
         assert_eq!(rows[0].histogram.bucket_ms, 1000);
         assert_eq!(table.total(Reason::TableFull), 6);
         assert_eq!(table.total(Reason::Ruleset), 0);
+    }
+
+    #[test]
+    fn log2_rate_bins() {
+        let bins = rate_histogram([0.2, 0.9, 1.0, 1.5, 3.0, 100.0]);
+        let counts: Vec<u64> = bins.iter().map(|b| b.sources).collect();
+        // [0,1) [1,2) [2,4) [4,8) [8,16) [16,32) [32,64) [64,128)
+        assert_eq!(counts, [2, 2, 1, 0, 0, 0, 0, 1]);
+        assert_eq!((bins[7].from, bins[7].to), (64.0, 128.0));
+        assert!(rate_histogram([]).is_empty());
     }
 
     #[test]

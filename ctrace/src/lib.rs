@@ -15,3 +15,4 @@ pub mod model;
 pub mod netns;
 pub mod privileges;
 pub mod record;
+pub mod serve;

@@ -1,8 +1,11 @@
 //! The ctrace command line; the library (lib.rs) does the work.
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
-use clap::{Parser, Subcommand};
-use ctrace::{live, record};
+use clap::{CommandFactory, Parser, Subcommand};
+use ctrace::{
+    export::{self, json::RecordFile, Format, Output},
+    live, record, serve,
+};
 
 #[derive(Parser)]
 #[command(
@@ -18,7 +21,8 @@ use ctrace::{live, record};
     after_help = "Examples:\n  \
         sudo ctrace live\n  \
         sudo ctrace record --duration 30 --output drops.json\n  \
-        sudo ctrace record --output - | jq '.sources[:5]'"
+        ctrace report drops.json --format svg --output drops.svg\n  \
+        sudo ctrace serve --listen 127.0.0.1:9640"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -69,7 +73,7 @@ enum Command {
         synthetic_sources: u64,
     },
     /// Record drops for a while and write them per source, with a per-second
-    /// histogram, as JSON (schema ctrace.drops.v1).
+    /// histogram: JSON (schema ctrace.drops.v1) or another --format.
     #[command(after_help = "Reasons:\n  \
         table_full       conntrack dropped a new flow while its namespace's table was at nf_conntrack_max\n  \
         conntrack_other  conntrack dropped it for another reason (allocation failure, tracker verdict)\n  \
@@ -81,9 +85,60 @@ enum Command {
         /// Ctrl-C always ends early and still writes a complete file.
         #[arg(long, short = 'd', value_name = "SECS", value_parser = parse_duration)]
         duration: Option<Duration>,
-        /// Where to write the JSON file; `-` for stdout. Written atomically.
+        /// Where to write; `-` for stdout. Files are written atomically.
         #[arg(long, short = 'o', value_name = "PATH", default_value = "-")]
         output: PathBuf,
+        /// json is the full record; the others can also be made from it later
+        /// with `ctrace report`.
+        #[arg(long, short = 'f', value_enum, default_value = "json")]
+        format: Format,
+        /// Sources in the plot, the text report and the per-source metrics.
+        #[arg(long, value_name = "N", default_value = "10", value_parser = clap::value_parser!(u16).range(1..))]
+        top: u16,
+    },
+    /// Turn a saved record (JSON) into a text report, CSV, OpenMetrics or an
+    /// SVG plot. Offline: needs no privileges.
+    #[command(
+        after_help = "Examples:\n  ctrace report drops.json\n  ctrace report drops.json --format svg --output drops.svg\n  \
+        ctrace report drops.json --format csv --output drops.csv"
+    )]
+    Report {
+        /// A file written by `ctrace record` (schema ctrace.drops.v1).
+        file: PathBuf,
+        #[arg(long, short = 'f', value_enum, default_value = "text")]
+        format: Format,
+        /// Sources in the plot, the text report and the per-source metrics.
+        #[arg(long, value_name = "N", default_value = "10", value_parser = clap::value_parser!(u16).range(1..))]
+        top: u16,
+        /// Where to write; `-` for stdout.
+        #[arg(long, short = 'o', value_name = "PATH", default_value = "-")]
+        output: PathBuf,
+    },
+    /// Serve OpenMetrics at /metrics for Prometheus: exact drop counters per
+    /// reason and namespace, the kernel's conntrack counters, table entries,
+    /// lost events, and per-source counters for the top sources only.
+    #[command(after_help = "Every metric is described in docs/metrics.md.\n\nExample scrape config:\n  \
+        - job_name: ctrace\n    static_configs: [{targets: ['127.0.0.1:9640']}]")]
+    Serve {
+        /// Address to listen on. Loopback by default; anything else is
+        /// reachable from the network.
+        #[arg(long, short = 'l', value_name = "ADDR:PORT", default_value = "127.0.0.1:9640")]
+        listen: std::net::SocketAddr,
+        /// Sources with their own series (bounds label cardinality under a
+        /// spoofed flood).
+        #[arg(long, value_name = "N", default_value = "20", value_parser = clap::value_parser!(u16).range(1..))]
+        top: u16,
+        /// Sources tracked at once (see `ctrace live --help`).
+        #[arg(long, value_name = "N", default_value = "16384", value_parser = clap::value_parser!(u32).range(16..=10_000_000))]
+        capacity: u32,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    #[command(after_help = "Example:\n  ctrace completions bash > /etc/bash_completion.d/ctrace")]
+    Completions { shell: clap_complete::Shell },
+    /// Write man pages (ctrace.1 and one per subcommand) into a folder.
+    Manpages {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
     },
 }
 
@@ -93,6 +148,30 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
         return Err("the duration must be more than 0 and at most a week (604800 s)".into());
     }
     Ok(Duration::from_secs_f64(secs))
+}
+
+fn report(file: &std::path::Path, format: Format, top: usize, output: &std::path::Path) -> anyhow::Result<()> {
+    let output = Output::prepare(output)?;
+    let record = RecordFile::load(file)?;
+    output.write(&export::render(&record, format, top)?)
+}
+
+fn manpages(dir: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let top = Cli::command();
+    let mut pages = vec![("ctrace".to_string(), top.clone())];
+    for sub in top.get_subcommands() {
+        pages.push((format!("ctrace-{}", sub.get_name()), sub.clone().name(format!("ctrace-{}", sub.get_name()))));
+    }
+    for (name, cmd) in pages {
+        let path = dir.join(format!("{name}.1"));
+        let mut page = Vec::new();
+        clap_mangen::Man::new(cmd).render(&mut page)?;
+        std::fs::write(&path, page).with_context(|| format!("cannot write {}", path.display()))?;
+        println!("{}", path.display());
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -106,7 +185,18 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Record { duration, output } => record::run(record::Options { duration, output }).await,
+            Command::Record { duration, output, format, top } => {
+                record::run(record::Options { duration, output, format, top: top as usize }).await
+            }
+            Command::Report { file, format, top, output } => report(&file, format, top as usize, &output),
+            Command::Serve { listen, top, capacity } => {
+                serve::run(serve::Options { listen, top: top as usize, capacity: capacity as usize }).await
+            }
+            Command::Completions { shell } => {
+                clap_complete::generate(shell, &mut Cli::command(), "ctrace", &mut std::io::stdout());
+                Ok(())
+            }
+            Command::Manpages { dir } => manpages(&dir),
             Command::Live {
                 interval,
                 plain,

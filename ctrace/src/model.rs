@@ -4,7 +4,7 @@
 //! records, so a change of record layout stops at `decode`.
 use std::{fmt, net::IpAddr};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// A packet netfilter dropped, decoded.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -75,11 +75,32 @@ impl Serialize for Protocol {
     }
 }
 
+impl std::str::FromStr for Protocol {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let named = [Protocol::Icmp, Protocol::Tcp, Protocol::Udp, Protocol::Icmpv6, Protocol::Sctp, Protocol::Udplite];
+        if let Some(p) = named.into_iter().find(|p| p.to_string() == text) {
+            return Ok(p);
+        }
+        text.strip_prefix("ip-proto-")
+            .and_then(|n| n.parse().ok())
+            .map(Protocol::Other)
+            .ok_or_else(|| format!("unknown protocol `{text}`"))
+    }
+}
+
+impl<'de> Deserialize<'de> for Protocol {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// A connection's TCP state, spelled as `conntrack -L` spells it. The
 /// tracepoint tier only ever implies SYN_SENT or ESTABLISHED; the others are
 /// the states the conntrack hooks read from entries.
 #[allow(dead_code)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum ConnState {
     /// Not TCP, or a TCP packet that would open no entry.
@@ -130,7 +151,7 @@ impl fmt::Display for ConnState {
 }
 
 /// Why a packet was dropped, as far as ctrace can tell.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Reason {
     /// Conntrack could not create an entry while its namespace's table was
@@ -183,5 +204,10 @@ mod tests {
         assert_eq!(Protocol::from_number(6).to_string(), "tcp");
         assert_eq!(Protocol::from_number(47).to_string(), "ip-proto-47");
         assert_eq!(serde_json::to_string(&Reason::TableFull).unwrap(), "\"table_full\"");
+        for p in [6, 17, 1, 58, 132, 136, 47] {
+            let proto = Protocol::from_number(p);
+            assert_eq!(proto.to_string().parse::<Protocol>().unwrap(), proto);
+        }
+        assert!("bogus".parse::<Protocol>().is_err());
     }
 }

@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Counters of one namespace, summed over CPUs (`entries` is not per CPU).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -168,7 +168,7 @@ pub struct Namespaces {
 }
 
 /// Entries in a namespace's table and the maximum, sampled together.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Occupancy {
     pub entries: u64,
     pub max: u64,

@@ -1,22 +1,24 @@
 //! `ctrace record`: attach, collect drops for a while, write one file.
 use std::{
     collections::HashMap,
-    io::Write as _,
-    path::{Path, PathBuf},
+    path::PathBuf,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::Context as _;
 use tokio::{
     io::{unix::AsyncFd, Interest},
     signal::unix::{signal, SignalKind},
 };
 
 use crate::{
-    aggregate::DropTable,
+    aggregate::{rate_histogram, DropTable},
     classify::{Classifier, Symbols},
     decode::decode,
-    export::json::{rfc3339_utc, NetnsCounters, RecordFile, Totals, SCHEMA},
+    export::{
+        self,
+        json::{rfc3339_utc, NetnsCounters, RecordFile, Totals, SCHEMA},
+        Format, Output,
+    },
     hooks::{kernel_btf, Attached},
     model::Reason,
     netns::{self, ConntrackStats, Namespaces},
@@ -34,6 +36,9 @@ pub struct Options {
     pub duration: Option<Duration>,
     /// `-` for stdout.
     pub output: PathBuf,
+    pub format: Format,
+    /// Sources shown by formats that show a selection.
+    pub top: usize,
 }
 
 /// Turns ring-buffer records into per-source counts.
@@ -140,16 +145,18 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     }
 
     let end_stats = recorder.classifier.namespaces.snapshot_all();
-    let seen: Vec<u32> = recorder.table.finish(end_ns).iter().map(|r| r.key.netns).collect();
+    let rows = recorder.table.finish(end_ns);
+    let duration_s = (end_ns - start_ns) as f64 / 1e9;
+    let seen: Vec<u32> = rows.iter().map(|r| r.key.netns).collect();
     let kernel_counters = counters_report(&start_stats, &end_stats, &seen, &recorder.classifier.namespaces);
 
     let file = RecordFile {
-        schema: SCHEMA,
+        schema: SCHEMA.into(),
         tier: attached.tier,
         kernel: read_trimmed("/proc/sys/kernel/osrelease"),
         hostname: read_trimmed("/proc/sys/kernel/hostname"),
         started_at: rfc3339_utc(started_at.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()),
-        duration_s: (end_ns - start_ns) as f64 / 1e9,
+        duration_s,
         totals: Totals {
             table_full: recorder.table.total(Reason::TableFull),
             conntrack_other: recorder.table.total(Reason::ConntrackOther),
@@ -159,12 +166,11 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             kernel,
         },
         kernel_counters,
-        sources: recorder.table.finish(end_ns).into_iter().map(Into::into).collect(),
+        rate_histogram: rate_histogram(rows.iter().map(|r| r.drops as f64 / duration_s)),
+        sources: rows.into_iter().map(Into::into).collect(),
         notes,
     };
-    let mut json = serde_json::to_vec_pretty(&file)?;
-    json.push(b'\n');
-    output.write(&json)?;
+    output.write(&export::render(&file, options.format, options.top)?)?;
     eprintln!(
         "ctrace: {} drops ({} table_full, {} conntrack_other, {} ruleset), {} lost; wrote {}",
         kernel.netfilter_drops,
@@ -215,57 +221,4 @@ fn counters_report(
 
 fn read_trimmed(path: &str) -> String {
     std::fs::read_to_string(path).map(|s| s.trim().to_string()).unwrap_or_default()
-}
-
-/// Where the file goes. A path is written atomically: a temporary file in
-/// the same folder, renamed over the target once complete.
-enum Output {
-    Stdout,
-    File { path: PathBuf, dir: PathBuf },
-}
-
-impl Output {
-    fn prepare(path: &Path) -> anyhow::Result<Self> {
-        if path.as_os_str() == "-" {
-            return Ok(Output::Stdout);
-        }
-        let dir = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        if !dir.is_dir() {
-            anyhow::bail!("cannot write {}: folder {} does not exist", path.display(), dir.display());
-        }
-        if path.is_dir() {
-            anyhow::bail!("cannot write {}: it is a folder", path.display());
-        }
-        Ok(Output::File { path: path.to_path_buf(), dir })
-    }
-
-    fn write(&self, bytes: &[u8]) -> anyhow::Result<()> {
-        match self {
-            Output::Stdout => {
-                let mut out = std::io::stdout().lock();
-                out.write_all(bytes)?;
-                out.flush()?;
-            }
-            Output::File { path, dir } => {
-                let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
-                let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-                let result = std::fs::write(&tmp, bytes).and_then(|_| std::fs::rename(&tmp, path));
-                if let Err(err) = result {
-                    let _ = std::fs::remove_file(&tmp);
-                    return Err(err).with_context(|| format!("cannot write {}", path.display()));
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn describe(&self) -> String {
-        match self {
-            Output::Stdout => "stdout".into(),
-            Output::File { path, .. } => path.display().to_string(),
-        }
-    }
 }

@@ -248,6 +248,70 @@ impl Lab {
     }
 }
 
+/// A child process killed (SIGINT, then SIGKILL) on drop.
+pub struct Daemon {
+    pub child: Child,
+    pub name: &'static str,
+}
+
+impl Daemon {
+    pub fn spawn(name: &'static str, cmd: &mut Command) -> anyhow::Result<Self> {
+        let child = cmd.spawn().with_context(|| format!("cannot start {name}"))?;
+        Ok(Daemon { child, name })
+    }
+
+    /// Fails if the process has exited.
+    pub fn check_running(&mut self) -> anyhow::Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!("{} exited early: {status}", self.name);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A free TCP port on loopback (bound and released: a small race is possible).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port()
+}
+
+/// A plain HTTP/1.0 GET on loopback; returns status code and body.
+pub fn http_get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response.split_once("\r\n\r\n").context("no HTTP head")?;
+    let status = head.split_whitespace().nth(1).context("no status")?.parse()?;
+    Ok((status, body.to_string()))
+}
+
+/// Percent-encodes a query-string value.
+pub fn url_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 /// A running `ctrace record`, stopped with SIGINT (as Ctrl-C would) or
 /// killed on drop.
 pub struct Recording {
@@ -293,9 +357,15 @@ impl Recording {
 
     /// Sends SIGINT and waits for a clean exit; returns the record file.
     pub fn stop(mut self) -> anyhow::Result<serde_json::Value> {
-        let mut child = self.child.take().expect("running");
+        let child = self.child.as_ref().expect("running");
         // SAFETY: signalling our own child.
         unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        self.wait()
+    }
+
+    /// Waits for ctrace to finish by itself (`--duration`); returns the record.
+    pub fn wait(mut self) -> anyhow::Result<serde_json::Value> {
+        let mut child = self.child.take().expect("running");
         let status = child.wait()?;
         if !status.success() {
             bail!("ctrace exited with {status}");

@@ -31,6 +31,12 @@ enum Task {
         #[arg(long)]
         no_setup: bool,
     },
+    /// Build the release binary and install it with its man pages and shell
+    /// completions (bash, zsh, fish) under a prefix.
+    Install {
+        #[arg(long, default_value = "/usr/local")]
+        prefix: PathBuf,
+    },
     /// Measure: decode+aggregate throughput, memory under 10 M sources, and
     /// CPU during a real namespace storm next to bpftrace (root). Prints the
     /// figures; asserts nothing.
@@ -46,6 +52,7 @@ fn main() -> ExitCode {
         Task::Setup => setup::setup(),
         Task::Test { no_setup } => test(no_setup),
         Task::Bench { storm_secs } => bench::bench(storm_secs),
+        Task::Install { prefix } => install(&prefix),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -100,4 +107,30 @@ fn test(no_setup: bool) -> anyhow::Result<()> {
     // One test at a time: the end-to-end tests share kernel state
     // (nf_conntrack_max is global).
     run(cargo().args(["test", "--", "--test-threads=1"]).env("CTRACE_BIN", bin))
+}
+
+fn install(prefix: &Path) -> anyhow::Result<()> {
+    run(cargo().args(["build", "--release", "--bin", "ctrace"]))?;
+    let built = root().join("target/release/ctrace");
+    let bin_dir = prefix.join("bin");
+    std::fs::create_dir_all(&bin_dir)?;
+    let bin = bin_dir.join("ctrace");
+    std::fs::copy(&built, &bin).with_context(|| format!("cannot install {}", bin.display()))?;
+    run(Command::new(&bin).arg("manpages").arg(prefix.join("share/man/man1")))?;
+    for (shell, path) in [
+        ("bash", "share/bash-completion/completions/ctrace"),
+        ("zsh", "share/zsh/site-functions/_ctrace"),
+        ("fish", "share/fish/vendor_completions.d/ctrace.fish"),
+    ] {
+        let out = Command::new(&bin).args(["completions", shell]).output()?;
+        if !out.status.success() {
+            bail!("ctrace completions {shell} failed");
+        }
+        let path = prefix.join(path);
+        std::fs::create_dir_all(path.parent().expect("has a folder"))?;
+        std::fs::write(&path, out.stdout).with_context(|| format!("cannot write {}", path.display()))?;
+        eprintln!("xtask: installed {}", path.display());
+    }
+    eprintln!("xtask: installed {}", bin.display());
+    Ok(())
 }

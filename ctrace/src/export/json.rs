@@ -1,10 +1,10 @@
 //! The `ctrace.drops.v1` record file (documented in docs/record-schema.md).
 use std::net::IpAddr;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
-    aggregate::{Histogram, SourceRow},
+    aggregate::{Histogram, RateBin, SourceRow},
     hooks::{KernelTotals, Tier},
     model::{ConnState, Protocol, Reason},
     netns::{ConntrackStats, Occupancy},
@@ -12,9 +12,9 @@ use crate::{
 
 pub const SCHEMA: &str = "ctrace.drops.v1";
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct RecordFile {
-    pub schema: &'static str,
+    pub schema: String,
     pub tier: Tier,
     /// `uname -r` of the traced kernel.
     pub kernel: String,
@@ -25,6 +25,9 @@ pub struct RecordFile {
     pub totals: Totals,
     pub kernel_counters: Vec<NetnsCounters>,
     pub sources: Vec<Source>,
+    /// Sources by average drop rate, in log2 bins.
+    #[serde(default)]
+    pub rate_histogram: Vec<RateBin>,
     /// Things the reader should know to trust the figures (lost events,
     /// unresolvable locations, namespaces whose counters could not be read).
     pub notes: Vec<String>,
@@ -33,7 +36,7 @@ pub struct RecordFile {
 /// Drops by reason, from the decoded events, next to the exact kernel-side
 /// counts. `table_full + conntrack_other + ruleset + undecodable + lost_events`
 /// equals `kernel.netfilter_drops`.
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Totals {
     pub table_full: u64,
     pub conntrack_other: u64,
@@ -45,7 +48,7 @@ pub struct Totals {
 
 /// One namespace's counters over the recording, from its own
 /// `/proc/net/stat/nf_conntrack`.
-#[derive(Debug, PartialEq, Eq, Serialize)]
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetnsCounters {
     pub netns: u32,
     pub name: Option<String>,
@@ -84,7 +87,7 @@ impl NetnsCounters {
     }
 }
 
-#[derive(Debug, PartialEq, Eq, Serialize)]
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Source {
     pub netns: u32,
     pub src: IpAddr,
@@ -112,6 +115,44 @@ impl From<SourceRow> for Source {
     }
 }
 
+impl RecordFile {
+    /// Reads a record file, checking its schema.
+    pub fn load(path: &std::path::Path) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let probe: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+        if probe["schema"] != SCHEMA {
+            anyhow::bail!("{} is not a ctrace record (schema {}, expected {SCHEMA})", path.display(), probe["schema"]);
+        }
+        serde_json::from_value(probe).with_context(|| format!("{} does not match {SCHEMA}", path.display()))
+    }
+
+    /// When the recording started, as seconds since the epoch (0 if unknown).
+    pub fn started_unix(&self) -> u64 {
+        parse_rfc3339_utc(&self.started_at).unwrap_or(0)
+    }
+}
+
+/// Parses what [`rfc3339_utc`] writes.
+pub fn parse_rfc3339_utc(text: &str) -> Option<u64> {
+    let b = text.as_bytes();
+    if b.len() != 20 || b[4] != b'-' || b[10] != b'T' || b[19] != b'Z' {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| text.get(r)?.parse::<i64>().ok();
+    let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hh, mm, ss) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    // Days from civil (H. Hinnant), the inverse of rfc3339_utc's.
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    u64::try_from(days * 86_400 + hh * 3600 + mm * 60 + ss).ok()
+}
+
 /// Formats a time as RFC 3339 in UTC, to the second.
 pub fn rfc3339_utc(unix_secs: u64) -> String {
     let days = (unix_secs / 86_400) as i64;
@@ -136,6 +177,10 @@ mod tests {
 
     #[test]
     fn dates() {
+        for t in [0, 951_782_400, 1_795_627_384, 4_102_444_800] {
+            assert_eq!(parse_rfc3339_utc(&rfc3339_utc(t)), Some(t));
+        }
+        assert_eq!(parse_rfc3339_utc("yesterday"), None);
         assert_eq!(rfc3339_utc(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339_utc(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(rfc3339_utc(1_795_627_384), "2026-11-25T17:23:04Z");
@@ -156,7 +201,7 @@ mod tests {
             histogram: Histogram { bucket_ms: 1000, counts: vec![1, 2] },
         };
         let file = RecordFile {
-            schema: SCHEMA,
+            schema: SCHEMA.into(),
             tier: Tier::Tracepoint,
             kernel: "6.18.0".into(),
             hostname: "h".into(),
@@ -171,6 +216,7 @@ mod tests {
                 Some(Occupancy { entries: 64, max: 64 }),
             )],
             sources: vec![row.into()],
+            rate_histogram: vec![],
             notes: vec![],
         };
         let json = serde_json::to_value(&file).unwrap();

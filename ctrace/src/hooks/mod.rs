@@ -24,7 +24,7 @@ pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
 /// How ctrace sees drops. More tiers (fentry, kprobe) come with the
 /// conntrack hooks; the tracepoint tier works wherever BTF does.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Tier {
     /// `tp_btf/kfree_skb`: every packet netfilter drops.
@@ -40,7 +40,7 @@ impl fmt::Display for Tier {
 }
 
 /// Exact totals from the per-CPU counters.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct KernelTotals {
     /// Packets freed with reason NETFILTER_DROP.
     pub netfilter_drops: u64,

@@ -91,7 +91,7 @@ fn header(tier: &str) -> Header {
 }
 
 /// Samples the kernel's counters for one tick.
-fn sample(attached: &Attached, namespaces: &mut Namespaces) -> TickInput {
+pub(crate) fn sample(attached: &Attached, namespaces: &mut Namespaces) -> TickInput {
     let samples = namespaces.snapshot_all();
     TickInput {
         now_ns: monotonic_ns(),
@@ -193,7 +193,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
 }
 
 /// Decodes, classifies and counts every record waiting in the ring buffer.
-fn consume(ring: &mut Events, classifier: &mut Classifier, state: &mut LiveState) {
+pub(crate) fn consume(ring: &mut Events, classifier: &mut Classifier, state: &mut LiveState) {
     while let Some(item) = ring.next() {
         match decode(&item) {
             Ok(event) => {

@@ -2,6 +2,7 @@
 //! snapshot every view (terminal, plain text, JSON lines) renders.
 use std::{collections::BTreeMap, net::IpAddr};
 
+use rustc_hash::FxHashMap;
 use serde::Serialize;
 
 use crate::{
@@ -11,6 +12,7 @@ use crate::{
         window::{per_second, Delta, Series},
         SourceKey,
     },
+    export::metrics::{MetricsInput, NetnsCounts, SourceCount},
     hooks::KernelTotals,
     live::query::{Query, SortBy},
     model::{ConnState, Protocol, Reason},
@@ -47,6 +49,8 @@ struct NetnsState {
     name: Option<String>,
     trend: Trend,
     entries: u64,
+    /// The latest cumulative counters.
+    last: ConntrackStats,
     /// Deltas of early_drop, insert_failed, invalid, drop.
     deltas: [Delta; 4],
     /// A counter moved in the latest interval.
@@ -60,6 +64,8 @@ pub struct LiveState {
     interval_ns: u64,
     ticks: u64,
     heavy: SpaceSaving<SourceKey>,
+    /// Exact drops per namespace and reason (namespaces are few).
+    by_netns: FxHashMap<(u32, Reason), u64>,
     decoded: [u64; 3],
     decoded_deltas: [Delta; 3],
     lost_delta: Delta,
@@ -87,6 +93,7 @@ impl LiveState {
             interval_ns: 0,
             ticks: 0,
             heavy: SpaceSaving::new(capacity),
+            by_netns: FxHashMap::default(),
             decoded: [0; 3],
             decoded_deltas: [Delta::default(); 3],
             lost_delta: Delta::default(),
@@ -104,6 +111,53 @@ impl LiveState {
     pub fn on_drop(&mut self, key: &SourceKey, ts_ns: u64) {
         self.heavy.add(key, ts_ns);
         self.decoded[reason_index(key.reason)] += 1;
+        *self.by_netns.entry((key.netns, key.reason)).or_default() += 1;
+    }
+
+    /// What a metrics scrape reports: exact totals, the kernel's cumulative
+    /// counters, and the `top` heaviest sources.
+    pub fn metrics(&self, top: usize) -> MetricsInput {
+        let mut drops: Vec<_> = self
+            .by_netns
+            .iter()
+            .map(|(&(netns, reason), &n)| (netns, self.netns_name(netns).map(str::to_string), reason, n))
+            .collect();
+        drops.sort_by_key(|d| (d.0, d.2));
+        let mut heaviest: Vec<_> = self.heavy.iter().collect();
+        heaviest.sort_by(|a, b| b.count.cmp(&a.count).then(a.key.cmp(&b.key)));
+        MetricsInput {
+            drops,
+            netfilter_drops: self.kernel.netfilter_drops,
+            lost_events: self.kernel.lost_events,
+            sources: heaviest
+                .into_iter()
+                .take(top)
+                .map(|c| SourceCount {
+                    netns: c.key.netns,
+                    src: c.key.src,
+                    dport: c.key.dport,
+                    proto: c.key.proto,
+                    state: c.key.state,
+                    reason: c.key.reason,
+                    drops: c.count,
+                })
+                .collect(),
+            namespaces: self
+                .namespaces
+                .iter()
+                .map(|(&netns, ns)| NetnsCounts {
+                    netns,
+                    name: ns.name.clone(),
+                    drop: ns.last.drop,
+                    insert_failed: ns.last.insert_failed,
+                    early_drop: ns.last.early_drop,
+                    invalid: ns.last.invalid,
+                    entries: ns.entries,
+                })
+                .collect(),
+            max: self.max,
+            duration_s: None,
+        }
     }
 
     /// Ends an interval: rates, sparklines and occupancy move on.
@@ -123,6 +177,7 @@ impl LiveState {
                 name: sample.name.clone(),
                 trend: Trend::new(TREND_WINDOW_S),
                 entries: 0,
+                last: ConntrackStats::default(),
                 deltas: [Delta::default(); 4],
                 moved: false,
                 seen_at_tick: 0,
@@ -135,6 +190,7 @@ impl LiveState {
                 kernel_sums[i] += delta;
             }
             ns.entries = s.entries;
+            ns.last = s;
             ns.trend.push(t_s, s.entries);
             ns.seen_at_tick = self.ticks;
         }
@@ -153,6 +209,7 @@ impl LiveState {
     /// Forgets counts and history (the `r` key); occupancy stays.
     pub fn reset(&mut self, now_ns: u64) {
         self.heavy.clear();
+        self.by_netns.clear();
         self.started_ns = now_ns.min(self.last_tick_ns);
         self.series = SERIES.iter().map(|_| Series::new(HISTORY)).collect();
         for ns in self.namespaces.values_mut() {

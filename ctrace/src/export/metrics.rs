@@ -1,0 +1,230 @@
+//! OpenMetrics text: the same families for a record file
+//! (`record --format openmetrics`) and for a scrape of `ctrace serve`.
+//! Every family is listed in docs/metrics.md.
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+use crate::{
+    export::json::RecordFile,
+    model::{ConnState, Protocol, Reason},
+};
+
+type Labels = Vec<(String, String)>;
+
+/// Drops of one source key.
+#[derive(Clone, Debug)]
+pub struct SourceCount {
+    pub netns: u32,
+    pub src: std::net::IpAddr,
+    pub dport: u16,
+    pub proto: Protocol,
+    pub state: ConnState,
+    pub reason: Reason,
+    pub drops: u64,
+}
+
+/// The kernel's own counters of one namespace.
+#[derive(Clone, Debug, Default)]
+pub struct NetnsCounts {
+    pub netns: u32,
+    pub name: Option<String>,
+    pub drop: u64,
+    pub insert_failed: u64,
+    pub early_drop: u64,
+    pub invalid: u64,
+    pub entries: u64,
+}
+
+/// Everything the families are made from.
+#[derive(Clone, Debug, Default)]
+pub struct MetricsInput {
+    /// Decoded drops per namespace and reason.
+    pub drops: Vec<(u32, Option<String>, Reason, u64)>,
+    /// Exact kernel-side count of NETFILTER_DROP packets.
+    pub netfilter_drops: u64,
+    pub lost_events: u64,
+    /// Per-source counters: only the top sources, to bound label cardinality.
+    pub sources: Vec<SourceCount>,
+    pub namespaces: Vec<NetnsCounts>,
+    pub max: Option<u64>,
+    /// A record file's duration; absent for a live scrape.
+    pub duration_s: Option<f64>,
+}
+
+fn ns_labels(netns: u32, name: &Option<String>) -> Labels {
+    vec![("netns".into(), netns.to_string()), ("netns_name".into(), name.clone().unwrap_or_default())]
+}
+
+fn counter_family(registry: &mut Registry, name: &str, help: &str) -> Family<Labels, Counter> {
+    let family = Family::<Labels, Counter>::default();
+    registry.register(name, help, family.clone());
+    family
+}
+
+fn gauge_family(registry: &mut Registry, name: &str, help: &str) -> Family<Labels, Gauge> {
+    let family = Family::<Labels, Gauge>::default();
+    registry.register(name, help, family.clone());
+    family
+}
+
+/// Encodes the families in the OpenMetrics text format (ends with `# EOF`).
+pub fn encode_input(input: &MetricsInput) -> String {
+    let mut registry = Registry::default();
+    let drops = counter_family(&mut registry, "ctrace_drops", "Dropped packets attributed by ctrace, by reason");
+    for (netns, name, reason, n) in &input.drops {
+        let mut labels = ns_labels(*netns, name);
+        labels.push(("reason".into(), reason.as_str().into()));
+        drops.get_or_create(&labels).inc_by(*n);
+    }
+    let netfilter = Counter::<u64>::default();
+    registry.register(
+        "ctrace_netfilter_drops",
+        "Packets the kernel freed with reason NETFILTER_DROP (exact, per-CPU counters)",
+        netfilter.clone(),
+    );
+    netfilter.inc_by(input.netfilter_drops);
+    let lost = Counter::<u64>::default();
+    registry.register("ctrace_lost_events", "Drop records lost because the ring buffer was full", lost.clone());
+    lost.inc_by(input.lost_events);
+
+    let sources = counter_family(
+        &mut registry,
+        "ctrace_source_drops",
+        "Drops per source key, for the top sources only (bounded label cardinality)",
+    );
+    for s in &input.sources {
+        let labels: Labels = vec![
+            ("netns".into(), s.netns.to_string()),
+            ("src".into(), s.src.to_string()),
+            ("dport".into(), s.dport.to_string()),
+            ("proto".into(), s.proto.to_string()),
+            ("state".into(), s.state.to_string()),
+            ("reason".into(), s.reason.as_str().into()),
+        ];
+        sources.get_or_create(&labels).inc_by(s.drops);
+    }
+
+    let kernel = [
+        ("ctrace_conntrack_drop", "The namespace's own nf_conntrack `drop` counter"),
+        ("ctrace_conntrack_insert_failed", "The namespace's own nf_conntrack `insert_failed` counter"),
+        ("ctrace_conntrack_early_drop", "The namespace's own nf_conntrack `early_drop` counter"),
+        ("ctrace_conntrack_invalid", "The namespace's own nf_conntrack `invalid` counter"),
+    ]
+    .map(|(name, help)| counter_family(&mut registry, name, help));
+    let entries = gauge_family(&mut registry, "ctrace_conntrack_entries", "Entries in the namespace's conntrack table");
+    for ns in &input.namespaces {
+        let labels = ns_labels(ns.netns, &ns.name);
+        for (family, value) in kernel.iter().zip([ns.drop, ns.insert_failed, ns.early_drop, ns.invalid]) {
+            family.get_or_create(&labels).inc_by(value);
+        }
+        entries.get_or_create(&labels).set(ns.entries as i64);
+    }
+    if let Some(max) = input.max {
+        let gauge = Gauge::<i64>::default();
+        registry.register("ctrace_conntrack_max", "nf_conntrack_max (one value for all namespaces)", gauge.clone());
+        gauge.set(max as i64);
+    }
+    if let Some(duration) = input.duration_s {
+        let gauge = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register("ctrace_record_duration_seconds", "Length of the recording", gauge.clone());
+        gauge.set(duration);
+    }
+    let mut out = String::new();
+    encode(&mut out, &registry).expect("writing to a String cannot fail");
+    sorted_samples(&out)
+}
+
+/// Families keep samples in hash order; sort each family's samples so the
+/// output is the same for the same state (diffable, testable).
+fn sorted_samples(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut samples: Vec<&str> = Vec::new();
+    let flush = |samples: &mut Vec<&str>, out: &mut String| {
+        samples.sort_unstable();
+        for line in samples.drain(..) {
+            out.push_str(line);
+            out.push('\n');
+        }
+    };
+    for line in text.lines() {
+        if line.starts_with('#') {
+            flush(&mut samples, &mut out);
+            out.push_str(line);
+            out.push('\n');
+        } else {
+            samples.push(line);
+        }
+    }
+    flush(&mut samples, &mut out);
+    out
+}
+
+/// The record's totals as metrics: counters count over the recording.
+pub fn from_record(record: &RecordFile, top: usize) -> String {
+    let name = |netns: u32| record.kernel_counters.iter().find(|c| c.netns == netns).and_then(|c| c.name.clone());
+    let mut drops: Vec<(u32, Option<String>, Reason, u64)> = Vec::new();
+    for s in &record.sources {
+        match drops.iter_mut().find(|d| d.0 == s.netns && d.2 == s.reason) {
+            Some(d) => d.3 += s.drops,
+            None => drops.push((s.netns, name(s.netns), s.reason, s.drops)),
+        }
+    }
+    drops.sort_by_key(|d| (d.0, d.2));
+    let input = MetricsInput {
+        drops,
+        netfilter_drops: record.totals.kernel.netfilter_drops,
+        lost_events: record.totals.lost_events,
+        sources: record
+            .sources
+            .iter()
+            .take(top)
+            .map(|s| SourceCount {
+                netns: s.netns,
+                src: s.src,
+                dport: s.dport,
+                proto: s.proto,
+                state: s.state,
+                reason: s.reason,
+                drops: s.drops,
+            })
+            .collect(),
+        namespaces: record
+            .kernel_counters
+            .iter()
+            .map(|c| NetnsCounts {
+                netns: c.netns,
+                name: c.name.clone(),
+                drop: c.drop,
+                insert_failed: c.insert_failed,
+                early_drop: c.early_drop,
+                invalid: c.invalid,
+                entries: c.entries,
+            })
+            .collect(),
+        max: record.kernel_counters.iter().find_map(|c| c.max),
+        duration_s: Some(record.duration_s),
+    };
+    encode_input(&input)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn families_and_labels() {
+        let text = from_record(&crate::export::tests::fixture(), 2);
+        assert!(text.ends_with("# EOF\n"));
+        assert!(text.contains("# TYPE ctrace_drops counter"));
+        assert!(
+            text.contains("ctrace_drops_total{netns=\"4026532177\",netns_name=\"srv\",reason=\"table_full\"} 50"),
+            "{text}"
+        );
+        let per_source = text.lines().filter(|l| l.starts_with("ctrace_source_drops_total{")).count();
+        assert_eq!(per_source, 2, "only the top sources get labels");
+        assert!(text.contains("ctrace_conntrack_drop_total{netns=\"4026532177\",netns_name=\"srv\"} 50"), "{text}");
+    }
+}

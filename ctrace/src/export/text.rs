@@ -1,0 +1,154 @@
+//! A readable report of a record: what happened, checked against the kernel.
+use std::fmt::Write as _;
+
+use crate::{
+    export::json::{rfc3339_utc, RecordFile},
+    model::Reason,
+};
+
+/// The second of the first drop, from the histograms (None: no drops).
+pub fn first_drop_offset_s(record: &RecordFile) -> Option<f64> {
+    record
+        .sources
+        .iter()
+        .filter_map(|s| {
+            let i = s.histogram.counts.iter().position(|n| *n > 0)?;
+            Some(i as f64 * s.histogram.bucket_ms as f64 / 1000.0)
+        })
+        .min_by(f64::total_cmp)
+}
+
+/// The busiest second of a source, in drops per second.
+fn peak_rate(counts: &[u64], bucket_ms: u64) -> f64 {
+    counts.iter().copied().max().unwrap_or(0) as f64 * 1000.0 / bucket_ms.max(1) as f64
+}
+
+pub fn render(record: &RecordFile, top: usize) -> String {
+    let mut out = String::new();
+    let t = &record.totals;
+    let _ = writeln!(out, "ctrace report");
+    let _ = writeln!(
+        out,
+        "  host {} · kernel {} · tier {} · {} + {:.1} s",
+        record.hostname, record.kernel, record.tier, record.started_at, record.duration_s
+    )
+    .map(|_| ());
+    let conntrack = t.table_full + t.conntrack_other;
+    match first_drop_offset_s(record) {
+        Some(offset) => {
+            let at = rfc3339_utc(record.started_unix() + offset as u64);
+            let _ = writeln!(out, "  first drop: {at} (+{offset:.0} s)");
+        }
+        None => {
+            let _ = writeln!(out, "  no drops recorded");
+        }
+    }
+
+    let _ = writeln!(out, "\nTOTALS");
+    let _ = writeln!(out, "  table_full        {:>10}", t.table_full);
+    let _ = writeln!(out, "  conntrack_other   {:>10}", t.conntrack_other);
+    let _ = writeln!(out, "  ruleset           {:>10}", t.ruleset);
+    let _ = writeln!(
+        out,
+        "  lost events       {:>10}{}",
+        t.lost_events,
+        if t.lost_events > 0 { "  (per-source counts are short by this many)" } else { "" }
+    );
+    let accounted = t.table_full + t.conntrack_other + t.ruleset + t.undecodable + t.lost_events;
+    let _ = writeln!(
+        out,
+        "  kernel saw        {:>10}  NETFILTER_DROP packets ({}; {} without a conntrack entry)",
+        t.kernel.netfilter_drops,
+        if accounted == t.kernel.netfilter_drops { "all accounted for" } else { "MISMATCH with the sum above" },
+        t.kernel.netfilter_drops_no_entry
+    );
+
+    let _ = writeln!(out, "\nAGAINST THE KERNEL'S COUNTERS (per namespace, over the recording)");
+    if record.kernel_counters.is_empty() {
+        let _ = writeln!(out, "  no namespace's counters moved");
+    }
+    let mut total_kernel_drop = 0;
+    for c in &record.kernel_counters {
+        let ours: u64 =
+            record.sources.iter().filter(|s| s.netns == c.netns && s.reason != Reason::Ruleset).map(|s| s.drops).sum();
+        total_kernel_drop += c.drop;
+        let verdict = if ours == c.drop { "match" } else { "differ" };
+        let name = c.name.clone().unwrap_or_else(|| "?".into());
+        let _ = writeln!(
+            out,
+            "  {name} ({}): kernel drop {} vs ctrace conntrack drops {ours}: {verdict}; insert_failed {}, early_drop {}, invalid {}",
+            c.netns, c.drop, c.insert_failed, c.early_drop, c.invalid
+        );
+        let max = c.max.map_or("?".into(), |m| m.to_string());
+        let peak = c.occupancy_peak.map_or("not sampled".into(), |p| format!("{}/{}", p.entries, p.max));
+        let _ = writeln!(out, "      entries at end {}/{max}; fullest seen {peak}", c.entries);
+    }
+    if record.kernel_counters.len() > 1 {
+        let _ = writeln!(out, "  all namespaces: kernel drop {total_kernel_drop} vs ctrace {conntrack}");
+    }
+
+    let _ = writeln!(out, "\nTOP SOURCES");
+    let _ = writeln!(
+        out,
+        "  {:<40} {:>5} {:<5} {:<11} {:<15} {:>8} {:>6} {:>8}",
+        "SOURCE", "DPORT", "PROTO", "STATE", "REASON", "DROPS", "SHARE", "PEAK/S"
+    );
+    let all: u64 = record.sources.iter().map(|s| s.drops).sum();
+    for s in record.sources.iter().take(top) {
+        let _ = writeln!(
+            out,
+            "  {:<40} {:>5} {:<5} {:<11} {:<15} {:>8} {:>5.1}% {:>8.0}",
+            s.src.to_string(),
+            s.dport,
+            s.proto.to_string(),
+            s.state.to_string(),
+            s.reason.as_str(),
+            s.drops,
+            if all == 0 { 0.0 } else { 100.0 * s.drops as f64 / all as f64 },
+            peak_rate(&s.histogram.counts, s.histogram.bucket_ms)
+        );
+    }
+    let rest = record.sources.len().saturating_sub(top);
+    if rest > 0 {
+        let hidden: u64 = record.sources.iter().skip(top).map(|s| s.drops).sum();
+        let _ = writeln!(out, "  ... {rest} more rows with {hidden} drops");
+    }
+
+    if !record.rate_histogram.is_empty() {
+        let _ = writeln!(out, "\nSOURCES BY AVERAGE DROP RATE (drops/s)");
+        // From the first occupied bin: the empty slow ones say nothing.
+        for bin in record.rate_histogram.iter().skip_while(|b| b.sources == 0) {
+            let _ = writeln!(
+                out,
+                "  [{:>6}, {:>6})  {:>6} {}",
+                bin.from,
+                bin.to,
+                bin.sources,
+                "#".repeat(bin.sources.min(60) as usize)
+            );
+        }
+    }
+    if !record.notes.is_empty() {
+        let _ = writeln!(out, "\nNOTES");
+        for note in &record.notes {
+            let _ = writeln!(out, "  {note}");
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_checks_against_the_kernel() {
+        let record = crate::export::tests::fixture();
+        let text = render(&record, 5);
+        assert!(text.contains("kernel drop 50 vs ctrace conntrack drops 50: match"), "{text}");
+        assert!(text.contains("all accounted for"), "{text}");
+        assert!(text.contains("first drop:"), "{text}");
+        assert!(text.contains("198.18.0.3"), "{text}");
+        assert_eq!(first_drop_offset_s(&record), Some(0.0));
+    }
+}

@@ -1,0 +1,133 @@
+//! `ctrace serve` scraped by a real Prometheus during a namespace storm: the
+//! per-source counter Prometheus stores equals the kernel's ground truth.
+use std::{
+    io::{BufRead, BufReader},
+    net::Ipv4Addr,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use ctrace_tests::{
+    ctrace_bin, free_port, http_get, nft_counter, require_root, url_encode, Daemon, Lab, Sysctl, TempDir,
+};
+
+const FILLER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+const STORM: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
+const PORT: u16 = 8080;
+const TABLE_MAX: u64 = 64;
+
+/// The latest value and its timestamp of an instant query, if any.
+fn query(prom_port: u16, promql: &str) -> Option<(f64, f64)> {
+    let (status, body) = http_get(prom_port, &format!("/api/v1/query?query={}", url_encode(promql))).ok()?;
+    if status != 200 {
+        return None;
+    }
+    let json: serde_json::Value = serde_json::from_str(&body).ok()?;
+    let sample = &json["data"]["result"][0]["value"];
+    Some((sample[1].as_str()?.parse().ok()?, sample[0].as_f64()?))
+}
+
+fn now_unix() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64()
+}
+
+#[test]
+fn prometheus_scrapes_per_source_drops_equal_to_the_kernel() {
+    require_root();
+    assert!(
+        Command::new("prometheus").arg("--version").output().is_ok(),
+        "prometheus is not installed: run `cargo xtask setup`"
+    );
+    let lab = Lab::new("prom", &[FILLER, STORM]).expect("lab");
+    let rules = "table inet ctrace_prom {
+        counter syn_storm {}
+        chain raw { type filter hook prerouting priority raw; ip saddr 198.18.0.3 tcp flags & (syn | ack) == syn counter name syn_storm; }
+        chain track { type filter hook input priority filter; ct state new counter; }
+    }";
+    let dir = TempDir::new("prom");
+    std::fs::write(dir.0.join("rules.nft"), rules).unwrap();
+    lab.server.exec("nft", &["-f", dir.0.join("rules.nft").to_str().unwrap()]).expect("rules");
+    let _listener = lab.listen(PORT).expect("listener");
+
+    // ctrace serve on a free loopback port.
+    let ctrace_port = free_port();
+    let mut ctrace = Daemon::spawn(
+        "ctrace serve",
+        Command::new(ctrace_bin())
+            .args(["serve", "--listen", &format!("127.0.0.1:{ctrace_port}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    )
+    .unwrap();
+    let stderr = ctrace.child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let first = lines.next().expect("ctrace said nothing").unwrap();
+    assert!(first.contains("serving"), "ctrace serve: {first}");
+    std::thread::spawn(move || lines.for_each(|l| eprintln!("[ctrace] {}", l.unwrap_or_default())));
+
+    // Prometheus scraping it every second, on its own port and storage.
+    let prom_port = free_port();
+    let config = dir.0.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: ctrace\n    \
+             static_configs:\n      - targets: ['127.0.0.1:{ctrace_port}']\n"
+        ),
+    )
+    .unwrap();
+    let mut prometheus = Daemon::spawn(
+        "prometheus",
+        Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.0.join("tsdb").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !matches!(http_get(prom_port, "/-/ready"), Ok((200, _))) {
+        prometheus.check_running().unwrap();
+        assert!(Instant::now() < deadline, "prometheus not ready within 60 s");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+
+    // The incident: a full table, then a storm from one source.
+    let max = Sysctl::set("net.netfilter.nf_conntrack_max", &TABLE_MAX.to_string()).unwrap();
+    let room = TABLE_MAX - lab.server.conntrack_stat().unwrap().entries;
+    let held: Vec<_> = (0..room).map(|_| lab.connect(FILLER, PORT, Duration::from_secs(2)).expect("fill")).collect();
+    for _ in 0..40 {
+        assert!(lab.connect(STORM, PORT, Duration::from_millis(30)).is_err(), "SYN got through a full table");
+    }
+    let storm_end = now_unix();
+    drop(max);
+    let truth = nft_counter(&lab.server, "inet", "ctrace_prom", "syn_storm").unwrap();
+    let kernel_drop = lab.server.conntrack_stat().unwrap().drop;
+
+    // Wait for a scrape that happened after the storm had been counted.
+    let per_source = format!("ctrace_source_drops_total{{src=\"{STORM}\",reason=\"table_full\",dport=\"{PORT}\"}}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let scraped = loop {
+        ctrace.check_running().unwrap();
+        if let Some((value, at)) = query(prom_port, &per_source) {
+            if at > storm_end + 2.0 {
+                break value;
+            }
+        }
+        assert!(Instant::now() < deadline, "no scrape after the storm within 30 s");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    drop(held);
+    eprintln!("ground truth {truth} SYNs from {STORM}; Prometheus has {scraped}");
+    assert_eq!(scraped, truth as f64, "Prometheus's per-source counter vs the raw-table SYN counter");
+
+    // The namespace's own counter comes through unchanged too.
+    let netns = lab.server.inode();
+    let (value, _) =
+        query(prom_port, &format!("ctrace_conntrack_drop_total{{netns=\"{netns}\"}}")).expect("netns counter");
+    assert_eq!(value, kernel_drop as f64, "ctrace_conntrack_drop_total vs the namespace's drop counter");
+    let (value, _) =
+        query(prom_port, &format!("ctrace_drops_total{{netns=\"{netns}\",reason=\"table_full\"}}")).unwrap();
+    assert_eq!(value, truth as f64);
+}
