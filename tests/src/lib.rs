@@ -356,7 +356,7 @@ impl Recording {
     }
 
     /// Sends SIGINT and waits for a clean exit; returns the record file.
-    pub fn stop(mut self) -> anyhow::Result<serde_json::Value> {
+    pub fn stop(self) -> anyhow::Result<serde_json::Value> {
         let child = self.child.as_ref().expect("running");
         // SAFETY: signalling our own child.
         unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
