@@ -1,6 +1,7 @@
 //! Project tasks: `cargo xtask setup`, `cargo xtask test`.
 mod bench;
 mod setup;
+mod vm;
 
 use std::{
     path::{Path, PathBuf},
@@ -31,6 +32,17 @@ enum Task {
         #[arg(long)]
         no_setup: bool,
     },
+    /// Run a command as root inside a guest kernel under qemu (host files
+    /// visible read-only, writes discarded); exits with the command's code.
+    VmRun {
+        #[arg(long, value_enum)]
+        kernel: vm::KernelChoice,
+        /// Minutes before the guest is killed.
+        #[arg(long, default_value = "20")]
+        timeout_min: u64,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
     /// Build the release binary and install it with its man pages and shell
     /// completions (bash, zsh, fish) under a prefix.
     Install {
@@ -53,6 +65,7 @@ fn main() -> ExitCode {
         Task::Test { no_setup } => test(no_setup),
         Task::Bench { storm_secs } => bench::bench(storm_secs),
         Task::Install { prefix } => install(&prefix),
+        Task::VmRun { kernel, timeout_min, command } => vm_run(kernel, timeout_min, &command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -133,4 +146,10 @@ fn install(prefix: &Path) -> anyhow::Result<()> {
     }
     eprintln!("xtask: installed {}", bin.display());
     Ok(())
+}
+
+fn vm_run(kernel: vm::KernelChoice, timeout_min: u64, command: &[String]) -> anyhow::Result<()> {
+    let kernel = vm::prepare(kernel)?;
+    let code = vm::run_in_guest(&kernel, command, &[], std::time::Duration::from_secs(timeout_min * 60))?;
+    std::process::exit(code);
 }
