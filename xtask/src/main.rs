@@ -31,6 +31,9 @@ enum Task {
         /// Skip `setup` (for a machine known to be ready).
         #[arg(long)]
         no_setup: bool,
+        /// Skip the guest-kernel runs (`vm-test`); they are part of the suite.
+        #[arg(long)]
+        no_vm: bool,
     },
     /// Run a command as root inside a guest kernel under qemu (host files
     /// visible read-only, writes discarded); exits with the command's code.
@@ -42,6 +45,11 @@ enum Task {
         timeout_min: u64,
         #[arg(last = true, required = true)]
         command: Vec<String>,
+    },
+    /// Run the privileged end-to-end tests inside guest kernels.
+    VmTest {
+        #[arg(long, value_enum, default_value = "all")]
+        kernel: VmSelection,
     },
     /// Build the release binary and install it with its man pages and shell
     /// completions (bash, zsh, fish) under a prefix.
@@ -62,10 +70,11 @@ enum Task {
 fn main() -> ExitCode {
     let result = match Cli::parse().task {
         Task::Setup => setup::setup(),
-        Task::Test { no_setup } => test(no_setup),
+        Task::Test { no_setup, no_vm } => test(no_setup, no_vm),
         Task::Bench { storm_secs } => bench::bench(storm_secs),
         Task::Install { prefix } => install(&prefix),
         Task::VmRun { kernel, timeout_min, command } => vm_run(kernel, timeout_min, &command),
+        Task::VmTest { kernel } => vm_test(kernel),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -101,7 +110,7 @@ fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
 
-fn test(no_setup: bool) -> anyhow::Result<()> {
+fn test(no_setup: bool, no_vm: bool) -> anyhow::Result<()> {
     if !no_setup {
         setup::setup()?;
     }
@@ -119,7 +128,12 @@ fn test(no_setup: bool) -> anyhow::Result<()> {
     let bin = root().join("target/debug/ctrace");
     // One test at a time: the end-to-end tests share kernel state
     // (nf_conntrack_max is global).
-    run(cargo().args(["test", "--", "--test-threads=1"]).env("CTRACE_BIN", bin))
+    run(cargo().args(["test", "--", "--test-threads=1"]).env("CTRACE_BIN", bin))?;
+    if no_vm {
+        eprintln!("xtask: NOT RUN: guest-kernel tests (--no-vm); CI runs them");
+        return Ok(());
+    }
+    vm_test(VmSelection::All)
 }
 
 fn install(prefix: &Path) -> anyhow::Result<()> {
@@ -145,6 +159,71 @@ fn install(prefix: &Path) -> anyhow::Result<()> {
         eprintln!("xtask: installed {}", path.display());
     }
     eprintln!("xtask: installed {}", bin.display());
+    Ok(())
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum VmSelection {
+    #[value(name = "6.1")]
+    Debian61,
+    #[value(name = "6.12")]
+    Debian612,
+    All,
+}
+
+/// The end-to-end test executables, built.
+fn e2e_test_binaries() -> anyhow::Result<Vec<PathBuf>> {
+    let out = cargo()
+        .args(["test", "-p", "ctrace-tests", "--no-run", "--message-format=json"])
+        .current_dir(root())
+        .stderr(std::process::Stdio::inherit())
+        .output()?;
+    if !out.status.success() {
+        bail!("building the end-to-end tests failed");
+    }
+    let mut bins = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        let is_test = msg["target"]["kind"].as_array().is_some_and(|k| k.iter().any(|k| k == "test"));
+        if let (true, Some(exe)) = (is_test, msg["executable"].as_str()) {
+            bins.push(PathBuf::from(exe));
+        }
+    }
+    Ok(bins)
+}
+
+fn vm_test(selection: VmSelection) -> anyhow::Result<()> {
+    run(cargo().args(["build", "--bin", "ctrace"]))?;
+    let bins = e2e_test_binaries()?;
+    let kernels: Vec<vm::KernelChoice> = match selection {
+        VmSelection::Debian61 => vec![vm::KernelChoice::Debian61],
+        VmSelection::Debian612 => vec![vm::KernelChoice::Debian612],
+        VmSelection::All => vm::KernelChoice::ALL.to_vec(),
+    };
+    // One shell line: every test binary runs, the exit code says whether any failed.
+    let mut script = String::from("fail=0; ");
+    for bin in &bins {
+        script.push_str(&format!("{} --test-threads=1 --color never || fail=1; ", bin.display()));
+    }
+    script.push_str("exit $fail");
+    let env = [("CTRACE_BIN".to_string(), root().join("target/debug/ctrace").display().to_string())];
+    let mut failed = Vec::new();
+    for choice in kernels {
+        let kernel = vm::prepare(choice)?;
+        eprintln!("xtask: end-to-end tests in the {} guest ({})", kernel.label, kernel.release);
+        let code = vm::run_in_guest(
+            &kernel,
+            &["sh".into(), "-c".into(), script.clone()],
+            &env,
+            std::time::Duration::from_secs(30 * 60),
+        )?;
+        if code != 0 {
+            failed.push(kernel.label);
+        }
+    }
+    if !failed.is_empty() {
+        bail!("end-to-end tests failed in the guest kernels {failed:?}");
+    }
     Ok(())
 }
 

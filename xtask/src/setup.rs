@@ -10,7 +10,20 @@ use crate::run;
 
 /// Debian packages: the tests' tools (namespaces, rules, sysctls) and
 /// bpftool for looking at loaded programs by hand.
-const PACKAGES: &[&str] = &["iproute2", "nftables", "iptables", "procps", "bpftool", "tmux", "bpftrace", "prometheus", "kmod", "xz-utils", "busybox-static", "qemu-system-x86"];
+const PACKAGES: &[&str] = &[
+    "iproute2",
+    "nftables",
+    "iptables",
+    "procps",
+    "bpftool",
+    "tmux",
+    "bpftrace",
+    "prometheus",
+    "kmod",
+    "xz-utils",
+    "busybox-static",
+    "qemu-system-x86",
+];
 
 /// The bpf-linker release the build is known to work with.
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -131,9 +131,12 @@ fn release_of(root: &Path) -> anyhow::Result<String> {
 fn boot_modules(kernel: &Kernel) -> anyhow::Result<Vec<PathBuf>> {
     let mut modules: Vec<PathBuf> = Vec::new();
     for name in ["virtio_pci", "9pnet_virtio", "9p", "overlay"] {
-        let deps = output(
-            Command::new("modprobe").arg("-d").arg(&kernel.root).args(["-S", &kernel.release, "--show-depends", name]),
-        )?;
+        let deps = output(Command::new("modprobe").arg("-d").arg(&kernel.root).args([
+            "-S",
+            &kernel.release,
+            "--show-depends",
+            name,
+        ]))?;
         for line in deps.lines() {
             if let Some(path) = line.strip_prefix("insmod ").and_then(|l| l.split_whitespace().next()) {
                 let path = PathBuf::from(path);
@@ -197,7 +200,13 @@ fn shell_quote(word: &str) -> String {
 }
 
 /// Packs the initramfs for one run of `command` (run in `cwd`, with `env`).
-fn initramfs(kernel: &Kernel, command: &[String], cwd: &Path, env: &[(String, String)], dir: &Path) -> anyhow::Result<PathBuf> {
+fn initramfs(
+    kernel: &Kernel,
+    command: &[String],
+    cwd: &Path,
+    env: &[(String, String)],
+    dir: &Path,
+) -> anyhow::Result<PathBuf> {
     let stage = dir.join("initramfs");
     std::fs::create_dir_all(stage.join("bin"))?;
     std::fs::create_dir_all(stage.join("modules"))?;
@@ -249,7 +258,11 @@ fn initramfs(kernel: &Kernel, command: &[String], cwd: &Path, env: &[(String, St
 }
 
 /// Copies what a file gains to `to` until `done`, then the rest.
-fn follow(path: PathBuf, mut to: impl Write + Send + 'static, done: &'static AtomicBool) -> std::thread::JoinHandle<()> {
+fn follow(
+    path: PathBuf,
+    mut to: impl Write + Send + 'static,
+    done: &'static AtomicBool,
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let mut pos = 0u64;
         let mut buf = Vec::new();
@@ -275,7 +288,12 @@ fn follow(path: PathBuf, mut to: impl Write + Send + 'static, done: &'static Ato
 
 /// Boots `kernel`, runs `command` as root in the guest (host files visible,
 /// writes discarded), streams its output, and returns its exit code.
-pub fn run_in_guest(kernel: &Kernel, command: &[String], env: &[(String, String)], timeout: Duration) -> anyhow::Result<i32> {
+pub fn run_in_guest(
+    kernel: &Kernel,
+    command: &[String],
+    env: &[(String, String)],
+    timeout: Duration,
+) -> anyhow::Result<i32> {
     static DONE: AtomicBool = AtomicBool::new(false);
     DONE.store(false, Ordering::Release);
     let dir = std::env::temp_dir().join(format!("ctrace-vm-{}-{}", kernel.label, std::process::id()));
@@ -326,15 +344,18 @@ pub fn run_in_guest(kernel: &Kernel, command: &[String], env: &[(String, String)
             let _ = f.join();
         }
         let console_text = std::fs::read_to_string(&console).unwrap_or_default();
-        let code = console_text
-            .lines()
-            .find_map(|l| {
-                let (_, code) = l.split_once("CTRACE-VM-EXIT=")?;
-                code.trim().parse::<i32>().ok()
-            });
+        let code = console_text.lines().find_map(|l| {
+            let (_, code) = l.split_once("CTRACE-VM-EXIT=")?;
+            code.trim().parse::<i32>().ok()
+        });
         match code {
             Some(code) => {
-                eprintln!("xtask: {} guest ({}) finished in {:.1} s: exit {code}", kernel.label, kernel.release, started.elapsed().as_secs_f64());
+                eprintln!(
+                    "xtask: {} guest ({}) finished in {:.1} s: exit {code}",
+                    kernel.label,
+                    kernel.release,
+                    started.elapsed().as_secs_f64()
+                );
                 Ok(code)
             }
             None => {
@@ -342,8 +363,13 @@ pub fn run_in_guest(kernel: &Kernel, command: &[String], env: &[(String, String)
                 if let Some(mut e) = child.stderr.take() {
                     let _ = e.read_to_string(&mut qemu_err);
                 }
-                let tail: Vec<&str> = console_text.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect();
-                bail!("the {} guest gave no exit code (qemu {status}: {qemu_err}); console ends:\n{}", kernel.label, tail.join("\n"))
+                let tail: Vec<&str> =
+                    console_text.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect();
+                bail!(
+                    "the {} guest gave no exit code (qemu {status}: {qemu_err}); console ends:\n{}",
+                    kernel.label,
+                    tail.join("\n")
+                )
             }
         }
     })();
@@ -354,7 +380,8 @@ pub fn run_in_guest(kernel: &Kernel, command: &[String], env: &[(String, String)
 /// KVM only where the CPU offers virtualisation; /dev/kvm alone is not enough.
 fn kvm_usable() -> bool {
     Path::new("/dev/kvm").exists()
-        && std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| c.split_whitespace().any(|w| w == "vmx" || w == "svm"))
+        && std::fs::read_to_string("/proc/cpuinfo")
+            .is_ok_and(|c| c.split_whitespace().any(|w| w == "vmx" || w == "svm"))
 }
 
 #[cfg(test)]
