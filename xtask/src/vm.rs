@@ -390,7 +390,7 @@ mod tests {
 
     #[test]
     fn newest_kernel_package_wins() {
-        let mut names = vec!["linux-image-6.1.0-9-amd64", "linux-image-6.1.0-56-amd64", "linux-image-6.1.0-55-amd64"];
+        let mut names = ["linux-image-6.1.0-9-amd64", "linux-image-6.1.0-56-amd64", "linux-image-6.1.0-55-amd64"];
         names.sort_by_key(|n| version_key(n));
         assert_eq!(names.last(), Some(&"linux-image-6.1.0-56-amd64"));
     }
