@@ -12,6 +12,24 @@ pub mod kind {
     /// A packet freed with reason `SKB_DROP_REASON_NETFILTER_DROP`
     /// (seen from the `skb:kfree_skb` tracepoint).
     pub const NETFILTER_DROP: u8 = 1;
+    /// An event of conntrack's own (kprobe/fentry tiers): [`super::ConntrackEvent`].
+    pub const CONNTRACK: u8 = 2;
+}
+
+/// What a [`ConntrackEvent`] reports.
+pub mod ct_event {
+    /// Allocation refused: the table was full and early drop evicted nothing.
+    pub const TABLE_FULL: u8 = 1;
+    /// Allocation failed for another reason (memory).
+    pub const ALLOC_FAILED: u8 = 2;
+    /// An entry evicted by early drop to make room.
+    pub const EARLY_DROP: u8 = 3;
+    /// An entry confirmed into the table.
+    pub const INSERT: u8 = 4;
+    /// Confirmation refused (clash, chain too long, dying entry).
+    pub const INSERT_FAILED: u8 = 5;
+    /// An entry deleted (timeout, flush, ctnetlink, early drop excluded).
+    pub const DELETE: u8 = 6;
 }
 
 /// Bits of [`PacketDrop::flags`].
@@ -20,6 +38,9 @@ pub mod drop_flags {
     pub const CT_ATTACHED: u8 = 1 << 0;
     /// The network header could not be read (the addresses are zero).
     pub const NO_HEADER: u8 = 1 << 1;
+    /// The conntrack hooks saw this CPU's allocation fail on a full table
+    /// just before this drop: the kernel itself says "table full".
+    pub const TABLE_FULL: u8 = 1 << 2;
 }
 
 /// Address family values as the kernel spells them (`AF_INET`, `AF_INET6`).
@@ -64,6 +85,74 @@ impl PacketDrop {
     pub const SIZE: usize = core::mem::size_of::<Self>();
 }
 
+/// One event from conntrack's insertion, eviction and deletion paths: the
+/// entry's original tuple and state. 72 bytes, no holes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConntrackEvent {
+    /// Always [`kind::CONNTRACK`].
+    pub kind: u8,
+    /// A [`ct_event`] value.
+    pub event: u8,
+    /// `AF_INET` or `AF_INET6` (the tuple's l3num).
+    pub family: u8,
+    pub proto: u8,
+    pub netns: u32,
+    pub ts_ns: u64,
+    /// For deletions and early drops: time since ctrace saw the insertion
+    /// (0 if it did not).
+    pub lifetime_ns: u64,
+    pub cpu: u32,
+    /// Conntrack zone id (0 without zones).
+    pub zone: u16,
+    /// Raw `enum tcp_conntrack` value; user space names it from BTF.
+    pub tcp_state: u8,
+    pub _pad0: u8,
+    pub sport: u16,
+    pub dport: u16,
+    pub _pad1: [u8; 4],
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+}
+
+impl ConntrackEvent {
+    pub const SIZE: usize = core::mem::size_of::<Self>();
+}
+
+/// Kernel layout the conntrack hooks need, from BTF (vmlinux, or the
+/// nf_conntrack module's split BTF). Offsets in bytes; `u32::MAX` marks a
+/// field this kernel does not have.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConntrackLayout {
+    /// `nf_conn.tuplehash[0].tuple` (the original direction).
+    pub ct_tuple: u32,
+    /// `nf_conn.status` (unsigned long).
+    pub ct_status: u32,
+    /// `nf_conn.proto.tcp.state` (u8).
+    pub ct_tcp_state: u32,
+    /// `nf_conn.ct_net.net` (struct net *).
+    pub ct_net: u32,
+    /// `nf_conn.zone.id` (u16), or u32::MAX.
+    pub ct_zone: u32,
+    /// Within `nf_conntrack_tuple`: `src.u3`, `src.u.all`, `src.l3num`,
+    /// `dst.u3`, `dst.u.all`, `dst.protonum`.
+    pub tuple_src_addr: u32,
+    pub tuple_src_port: u32,
+    pub tuple_l3num: u32,
+    pub tuple_dst_addr: u32,
+    pub tuple_dst_port: u32,
+    pub tuple_protonum: u32,
+    /// `sk_buff._nfct`.
+    pub skb_nfct: u32,
+    /// `net.ns.inum`.
+    pub net_inum: u32,
+    /// `IPS_CONFIRMED` mask of `enum ip_conntrack_status`.
+    pub ips_confirmed: u32,
+    /// `IPS_DYING` mask.
+    pub ips_dying: u32,
+}
+
 /// Indices into the per-CPU `COUNTERS` array. Summed over CPUs these are exact,
 /// even when the ring buffer overflows and records are lost.
 pub mod counter {
@@ -73,8 +162,10 @@ pub mod counter {
     pub const NETFILTER_DROPS_NO_ENTRY: u32 = 1;
     /// Records that could not be reserved in the ring buffer (lost events).
     pub const RINGBUF_FULL: u32 = 2;
+    /// Conntrack events by kind: `CT_BASE + ct_event::X`.
+    pub const CT_BASE: u32 = 3;
     /// Number of counters.
-    pub const COUNT: u32 = 3;
+    pub const COUNT: u32 = CT_BASE + 7;
 }
 
 /// Kernel layout the `kfree_skb` program needs, read from the running kernel's
@@ -112,6 +203,8 @@ mod user {
     // have no implicit padding (checked by the size assertions in tests).
     unsafe impl aya::Pod for super::PacketDrop {}
     unsafe impl aya::Pod for super::KfreeSkbLayout {}
+    unsafe impl aya::Pod for super::ConntrackEvent {}
+    unsafe impl aya::Pod for super::ConntrackLayout {}
 }
 
 #[cfg(test)]
@@ -124,5 +217,7 @@ mod tests {
         assert_eq!(PacketDrop::SIZE, 1 + 1 + 1 + 1 + 4 + 8 + 8 + 4 + 2 + 2 + 16 + 16 + 1 + 7);
         assert_eq!(PacketDrop::SIZE % 8, 0);
         assert_eq!(core::mem::size_of::<KfreeSkbLayout>(), 10 * 4);
+        assert_eq!(ConntrackEvent::SIZE, 1 + 1 + 1 + 1 + 4 + 8 + 8 + 4 + 2 + 1 + 1 + 2 + 2 + 4 + 16 + 16);
+        assert_eq!(core::mem::size_of::<ConntrackLayout>(), 15 * 4);
     }
 }

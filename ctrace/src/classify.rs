@@ -59,11 +59,19 @@ pub fn classify(ct_attached: bool, freed_by: FreedBy, table_at_max: Option<bool>
 pub struct Classifier {
     symbols: Symbols,
     pub namespaces: Namespaces,
+    /// The conntrack hooks mark table-full drops in the kernel: no sampling.
+    table_full_hooked: bool,
 }
 
 impl Classifier {
     pub fn new(symbols: Symbols, namespaces: Namespaces) -> Self {
-        Classifier { symbols, namespaces }
+        Classifier { symbols, namespaces, table_full_hooked: false }
+    }
+
+    /// Trust the kernel's table-full mark (the kprobe tier's hooks are on).
+    pub fn with_table_full_hooks(mut self, hooked: bool) -> Self {
+        self.table_full_hooked = hooked;
+        self
     }
 
     pub fn symbols_resolved(&self) -> bool {
@@ -75,6 +83,8 @@ impl Classifier {
         // Occupancy matters only for conntrack's own drops: read it only then.
         let table_at_max = if event.ct_attached || freed_by == FreedBy::RuleEngine {
             None
+        } else if self.table_full_hooked {
+            Some(event.kernel_table_full)
         } else {
             self.namespaces.table_at_max(event.netns)
         };

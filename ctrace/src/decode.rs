@@ -5,10 +5,10 @@
 //! matched, and anything unknown is an error the caller counts.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use ctrace_common::{drop_flags, family, kind, PacketDrop};
+use ctrace_common::{ct_event, drop_flags, family, kind, ConntrackEvent, PacketDrop};
 use thiserror::Error;
 
-use crate::model::{ConnState, DropEvent, Protocol};
+use crate::model::{ConnState, CtEvent, CtKind, DropEvent, Protocol};
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum DecodeError {
@@ -16,24 +16,70 @@ pub enum DecodeError {
     Empty,
     #[error("unknown record kind {0}")]
     UnknownKind(u8),
+    #[error("unknown conntrack event {0}")]
+    UnknownEvent(u8),
     #[error("record of kind {kind} has {len} bytes, expected {expected}")]
     BadLength { kind: u8, len: usize, expected: usize },
 }
 
+/// A decoded ring-buffer record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Record {
+    Drop(DropEvent),
+    Conntrack(CtEvent),
+}
+
+/// Reads a `T` from exactly `T`'s size of bytes.
+fn read_exact<T: Copy>(tag: u8, bytes: &[u8]) -> Result<T, DecodeError> {
+    let expected = std::mem::size_of::<T>();
+    if bytes.len() != expected {
+        return Err(DecodeError::BadLength { kind: tag, len: bytes.len(), expected });
+    }
+    // SAFETY: the length was checked, T is plain old data (a ctrace-common
+    // record), and read_unaligned makes no alignment assumption.
+    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}
+
 /// Decodes one ring-buffer record.
-pub fn decode(bytes: &[u8]) -> Result<DropEvent, DecodeError> {
+pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
     let tag = *bytes.first().ok_or(DecodeError::Empty)?;
     match tag {
-        kind::NETFILTER_DROP => {
-            if bytes.len() != PacketDrop::SIZE {
-                return Err(DecodeError::BadLength { kind: tag, len: bytes.len(), expected: PacketDrop::SIZE });
-            }
-            // SAFETY: the length was checked, PacketDrop is plain old data, and
-            // read_unaligned makes no alignment assumption about the buffer.
-            let raw = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<PacketDrop>()) };
-            Ok(DropEvent::from_raw(&raw))
+        kind::NETFILTER_DROP => Ok(Record::Drop(DropEvent::from_raw(&read_exact::<PacketDrop>(tag, bytes)?))),
+        kind::CONNTRACK => {
+            let raw = read_exact::<ConntrackEvent>(tag, bytes)?;
+            let kind = match raw.event {
+                ct_event::TABLE_FULL => CtKind::TableFull,
+                ct_event::ALLOC_FAILED => CtKind::AllocFailed,
+                ct_event::EARLY_DROP => CtKind::EarlyDrop,
+                ct_event::INSERT => CtKind::Insert,
+                ct_event::INSERT_FAILED => CtKind::InsertFailed,
+                ct_event::DELETE => CtKind::Delete,
+                other => return Err(DecodeError::UnknownEvent(other)),
+            };
+            let (src, dst) = addresses(raw.family, &raw.src, &raw.dst);
+            Ok(Record::Conntrack(CtEvent {
+                kind,
+                ts_ns: raw.ts_ns,
+                netns: raw.netns,
+                src,
+                dst,
+                sport: raw.sport,
+                dport: raw.dport,
+                proto: Protocol::from_number(raw.proto),
+                raw_tcp_state: raw.tcp_state,
+                zone: raw.zone,
+                lifetime_ns: raw.lifetime_ns,
+            }))
         }
         other => Err(DecodeError::UnknownKind(other)),
+    }
+}
+
+fn addresses(fam: u8, src: &[u8; 16], dst: &[u8; 16]) -> (IpAddr, IpAddr) {
+    match fam {
+        family::INET => (v4(src), v4(dst)),
+        family::INET6 => (IpAddr::V6(Ipv6Addr::from(*src)), IpAddr::V6(Ipv6Addr::from(*dst))),
+        _ => (IpAddr::V4(Ipv4Addr::UNSPECIFIED), IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
     }
 }
 
@@ -59,6 +105,7 @@ impl DropEvent {
             state: ConnState::implied(proto, raw.tcp_flags, ct_attached),
             ct_attached,
             header_read: raw.flags & drop_flags::NO_HEADER == 0,
+            kernel_table_full: raw.flags & drop_flags::TABLE_FULL != 0,
             location: raw.location,
         }
     }
@@ -71,6 +118,12 @@ fn v4(bytes: &[u8; 16]) -> IpAddr {
 /// The bytes of a record, as the kernel lays them out (tests, benchmarks).
 pub fn encode(raw: &PacketDrop) -> [u8; PacketDrop::SIZE] {
     // SAFETY: PacketDrop is repr(C) plain old data without implicit padding.
+    unsafe { std::mem::transmute_copy(raw) }
+}
+
+/// The bytes of a conntrack record, as the kernel lays them out.
+pub fn encode_conntrack(raw: &ConntrackEvent) -> [u8; ConntrackEvent::SIZE] {
+    // SAFETY: as above.
     unsafe { std::mem::transmute_copy(raw) }
 }
 
@@ -99,7 +152,7 @@ mod tests {
 
     #[test]
     fn round_trips_an_ipv4_syn() {
-        let event = decode(&encode(&syn_v4())).unwrap();
+        let Record::Drop(event) = decode(&encode(&syn_v4())).unwrap() else { panic!("not a drop") };
         assert_eq!(event.src, "198.18.0.3".parse::<IpAddr>().unwrap());
         assert_eq!(event.dst, "198.18.1.1".parse::<IpAddr>().unwrap());
         assert_eq!((event.sport, event.dport, event.proto), (40000, 8080, Protocol::Tcp));
@@ -118,7 +171,7 @@ mod tests {
         raw.flags = drop_flags::CT_ATTACHED;
         let src: Ipv6Addr = "2001:db8::1".parse().unwrap();
         raw.src = src.octets();
-        let event = decode(&encode(&raw)).unwrap();
+        let Record::Drop(event) = decode(&encode(&raw)).unwrap() else { panic!("not a drop") };
         assert_eq!(event.src, IpAddr::V6(src));
         assert_eq!(event.proto, Protocol::Udp);
         assert_eq!(event.state, ConnState::None);
@@ -137,9 +190,35 @@ mod tests {
     }
 
     #[test]
+    fn round_trips_conntrack_events() {
+        let mut raw = ConntrackEvent {
+            kind: kind::CONNTRACK,
+            event: ct_event::EARLY_DROP,
+            family: family::INET,
+            proto: 6,
+            netns: 7,
+            ts_ns: 5,
+            lifetime_ns: 2_000_000_000,
+            tcp_state: 7,
+            sport: 1234,
+            dport: 80,
+            ..Default::default()
+        };
+        raw.src[..4].copy_from_slice(&[198, 18, 0, 9]);
+        let Record::Conntrack(ev) = decode(&encode_conntrack(&raw)).unwrap() else { panic!("not conntrack") };
+        assert_eq!(ev.kind, CtKind::EarlyDrop);
+        assert_eq!(ev.src.to_string(), "198.18.0.9");
+        assert_eq!((ev.sport, ev.dport, ev.raw_tcp_state, ev.lifetime_ns), (1234, 80, 7, 2_000_000_000));
+        raw.event = 99;
+        assert_eq!(decode(&encode_conntrack(&raw)), Err(DecodeError::UnknownEvent(99)));
+        let bytes = encode_conntrack(&raw);
+        assert!(matches!(decode(&bytes[..40]), Err(DecodeError::BadLength { .. })));
+    }
+
+    #[test]
     fn decodes_from_unaligned_buffers() {
         let mut buf = [0u8; PacketDrop::SIZE + 1];
         buf[1..].copy_from_slice(&encode(&syn_v4()));
-        assert_eq!(decode(&buf[1..]).unwrap().dport, 8080);
+        assert!(matches!(decode(&buf[1..]), Ok(Record::Drop(e)) if e.dport == 8080));
     }
 }

@@ -4,6 +4,7 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 use clap::{CommandFactory, Parser, Subcommand};
 use ctrace::{
     export::{self, json::RecordFile, Format, Output},
+    hooks::{self, TierChoice},
     live, record, serve,
 };
 
@@ -65,6 +66,9 @@ enum Command {
         /// memory stays bounded.
         #[arg(long, value_name = "N", default_value = "16384", value_parser = clap::value_parser!(u32).range(16..=10_000_000))]
         capacity: u32,
+        /// Which hooks to use: auto picks the best that attaches (see `ctrace probes`).
+        #[arg(long, value_enum, default_value = "auto")]
+        tier: TierChoice,
         /// Benchmark only: feed this many synthetic records instead of attaching.
         #[arg(long, hide = true, value_name = "N")]
         synthetic_events: Option<u64>,
@@ -95,6 +99,9 @@ enum Command {
         /// Sources in the plot, the text report and the per-source metrics.
         #[arg(long, value_name = "N", default_value = "10", value_parser = clap::value_parser!(u16).range(1..))]
         top: u16,
+        /// Which hooks to use: auto picks the best that attaches (see `ctrace probes`).
+        #[arg(long, value_enum, default_value = "auto")]
+        tier: TierChoice,
     },
     /// Turn a saved record (JSON) into a text report, CSV, OpenMetrics or an
     /// SVG plot. Offline: needs no privileges.
@@ -131,6 +138,16 @@ enum Command {
         /// Sources tracked at once (see `ctrace live --help`).
         #[arg(long, value_name = "N", default_value = "16384", value_parser = clap::value_parser!(u32).range(16..=10_000_000))]
         capacity: u32,
+        /// Which hooks to use: auto picks the best that attaches (see `ctrace probes`).
+        #[arg(long, value_enum, default_value = "auto")]
+        tier: TierChoice,
+    },
+    /// Show, for this kernel, each hook, the tier it uses and why: attaches
+    /// and detaches again (root), or only checks what it can (otherwise).
+    Probes {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     #[command(after_help = "Example:\n  ctrace completions bash > /etc/bash_completion.d/ctrace")]
@@ -154,6 +171,25 @@ fn report(file: &std::path::Path, format: Format, top: usize, output: &std::path
     let output = Output::prepare(output)?;
     let record = RecordFile::load(file)?;
     output.write(&export::render(&record, format, top)?)
+}
+
+/// Attaches with every tier allowed, reports, detaches.
+fn probes(json: bool) -> anyhow::Result<()> {
+    let btf = hooks::kernel_btf()?;
+    let (attached, _events) = hooks::Attached::attach(&btf, TierChoice::Auto)?;
+    if json {
+        let report = serde_json::json!({ "tier": attached.tier, "hooks": attached.hooks });
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!("tier: {}", attached.tier);
+    println!("{:<12} {:<11} DETAIL", "HOOK", "TIER");
+    for h in &attached.hooks {
+        let tier = h.tier.map_or("off".to_string(), |t| format!("{t:?}").to_lowercase());
+        println!("{:<12} {:<11} {}", h.hook, tier, h.detail);
+    }
+    println!("fentry       off         not in this version (Debian kernels build conntrack as a module; aya 0.14 cannot fentry-attach module functions)");
+    Ok(())
 }
 
 fn manpages(dir: &std::path::Path) -> anyhow::Result<()> {
@@ -185,12 +221,13 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Record { duration, output, format, top } => {
-                record::run(record::Options { duration, output, format, top: top as usize }).await
+            Command::Record { duration, output, format, top, tier } => {
+                record::run(record::Options { duration, output, format, top: top as usize, tier }).await
             }
+            Command::Probes { json } => probes(json),
             Command::Report { file, format, top, output } => report(&file, format, top as usize, &output),
-            Command::Serve { listen, top, capacity } => {
-                serve::run(serve::Options { listen, top: top as usize, capacity: capacity as usize }).await
+            Command::Serve { listen, top, capacity, tier } => {
+                serve::run(serve::Options { listen, top: top as usize, capacity: capacity as usize, tier }).await
             }
             Command::Completions { shell } => {
                 clap_complete::generate(shell, &mut Cli::command(), "ctrace", &mut std::io::stdout());
@@ -205,6 +242,7 @@ fn main() -> ExitCode {
                 top,
                 filter,
                 capacity,
+                tier,
                 synthetic_events,
                 synthetic_sources,
             } => {
@@ -216,6 +254,7 @@ fn main() -> ExitCode {
                     top: top as usize,
                     filter,
                     capacity: capacity as usize,
+                    tier,
                     synthetic: synthetic_events
                         .map(|events| live::synthetic::Workload { events, sources: synthetic_sources }),
                 })

@@ -27,6 +27,48 @@ pub struct DropEvent {
     pub header_read: bool,
     /// Kernel address of the code that freed the packet.
     pub location: u64,
+    /// The conntrack hooks saw this packet's allocation fail on a full table.
+    pub kernel_table_full: bool,
+}
+
+/// An event of conntrack's own (kprobe tier).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CtKind {
+    TableFull,
+    AllocFailed,
+    EarlyDrop,
+    Insert,
+    InsertFailed,
+    Delete,
+}
+
+impl CtKind {
+    pub const ALL: [CtKind; 6] = [
+        CtKind::TableFull,
+        CtKind::AllocFailed,
+        CtKind::EarlyDrop,
+        CtKind::Insert,
+        CtKind::InsertFailed,
+        CtKind::Delete,
+    ];
+}
+
+/// A conntrack event with the entry's original tuple.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CtEvent {
+    pub kind: CtKind,
+    pub ts_ns: u64,
+    pub netns: u32,
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: Protocol,
+    /// `enum tcp_conntrack` value; named with the kernel's BTF.
+    pub raw_tcp_state: u8,
+    pub zone: u16,
+    pub lifetime_ns: u64,
 }
 
 /// IP protocol, named where conntrack has a tracker for it.
@@ -99,7 +141,6 @@ impl<'de> Deserialize<'de> for Protocol {
 /// A connection's TCP state, spelled as `conntrack -L` spells it. The
 /// tracepoint tier only ever implies SYN_SENT or ESTABLISHED; the others are
 /// the states the conntrack hooks read from entries.
-#[allow(dead_code)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum ConnState {

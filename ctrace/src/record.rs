@@ -13,14 +13,14 @@ use tokio::{
 use crate::{
     aggregate::{rate_histogram, DropTable},
     classify::{Classifier, Symbols},
-    decode::decode,
+    decode::{decode, Record},
     export::{
         self,
-        json::{rfc3339_utc, NetnsCounters, RecordFile, Totals, SCHEMA},
+        json::{rfc3339_utc, CtRow, CtTotals, NetnsCounters, RecordFile, Totals, SCHEMA},
         Format, Output,
     },
     hooks::{kernel_btf, Attached},
-    model::Reason,
+    model::{ConnState, CtKind, Protocol, Reason},
     netns::{self, ConntrackStats, Namespaces},
     privileges,
 };
@@ -39,28 +39,74 @@ pub struct Options {
     pub format: Format,
     /// Sources shown by formats that show a selection.
     pub top: usize,
+    pub tier: crate::hooks::TierChoice,
 }
 
 /// Turns ring-buffer records into per-source counts.
 pub struct Recorder {
     pub table: DropTable,
     pub classifier: Classifier,
+    /// Conntrack events per source key and kind.
+    pub conntrack: HashMap<CtRowKey, u64>,
+    /// Raw TCP state values to states (from BTF).
+    tcp_states: Vec<(u8, ConnState)>,
     pub undecodable: u64,
 }
 
+pub type CtRowKey = (u32, std::net::IpAddr, u16, Protocol, ConnState, CtKind);
+
 impl Recorder {
-    pub fn new(start_ns: u64, classifier: Classifier) -> Self {
-        Recorder { table: DropTable::new(start_ns, BUCKET_NS), classifier, undecodable: 0 }
+    pub fn new(start_ns: u64, classifier: Classifier, tcp_states: Vec<(u8, ConnState)>) -> Self {
+        Recorder {
+            table: DropTable::new(start_ns, BUCKET_NS),
+            classifier,
+            conntrack: HashMap::new(),
+            tcp_states,
+            undecodable: 0,
+        }
     }
 
     pub fn on_record(&mut self, bytes: &[u8]) {
         match decode(bytes) {
-            Ok(event) => {
+            Ok(Record::Drop(event)) => {
                 let key = self.classifier.key(&event);
                 self.table.add(key, event.ts_ns);
             }
+            Ok(Record::Conntrack(ev)) => {
+                // Allocation failures carry a tuple but no entry, so no state.
+                let state = match (ev.proto, ev.kind) {
+                    (Protocol::Tcp, CtKind::EarlyDrop | CtKind::Insert | CtKind::InsertFailed | CtKind::Delete) => self
+                        .tcp_states
+                        .iter()
+                        .find(|(raw, _)| *raw == ev.raw_tcp_state)
+                        .map_or(ConnState::Unknown, |(_, s)| *s),
+                    _ => ConnState::None,
+                };
+                *self.conntrack.entry((ev.netns, ev.src, ev.dport, ev.proto, state, ev.kind)).or_default() += 1;
+            }
             Err(_) => self.undecodable += 1,
         }
+    }
+
+    /// Conntrack rows, most frequent first.
+    pub fn conntrack_rows(&self) -> Vec<CtRow> {
+        let mut rows: Vec<CtRow> = self
+            .conntrack
+            .iter()
+            .map(|(&(netns, src, dport, proto, state, event), &count)| CtRow {
+                netns,
+                src,
+                dport,
+                proto,
+                state,
+                event,
+                count,
+            })
+            .collect();
+        rows.sort_by(|a, b| {
+            b.count.cmp(&a.count).then((a.netns, a.src, a.dport, a.event).cmp(&(b.netns, b.src, b.dport, b.event)))
+        });
+        rows
     }
 }
 
@@ -75,7 +121,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     // Fail on a bad output path before attaching anything.
     let output = Output::prepare(&options.output)?;
     let btf = kernel_btf()?;
-    let (mut attached, events) = Attached::attach(&btf)?;
+    let (mut attached, events) = Attached::attach(&btf, options.tier)?;
 
     let mut namespaces = Namespaces::new();
     let mut notes = Vec::new();
@@ -83,13 +129,16 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         notes.push("no CAP_SYS_ADMIN: other namespaces' counters and occupancy could not be read".into());
     }
     let start_stats = namespaces.snapshot_all();
-    let classifier = Classifier::new(Symbols::load(), namespaces);
+    let classifier = Classifier::new(Symbols::load(), namespaces).with_table_full_hooks(attached.table_full_hooked);
     if !classifier.symbols_resolved() {
         notes.push("kernel symbols unreadable (kptr_restrict): drop locations were not used".into());
     }
     let started_at = SystemTime::now();
     let start_ns = monotonic_ns();
-    let mut recorder = Recorder::new(start_ns, classifier);
+    let mut recorder = Recorder::new(start_ns, classifier, attached.tcp_states.clone());
+    for hook in attached.hooks.iter().filter(|h| h.tier.is_none()) {
+        notes.push(format!("hook {} off: {}", hook.hook, hook.detail));
+    }
 
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -137,6 +186,17 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         recorder.on_record(&item);
     }
     let kernel = attached.totals()?;
+    let conntrack = (attached.tier == crate::hooks::Tier::Kprobe)
+        .then(|| attached.conntrack_totals())
+        .transpose()?
+        .map(|t| CtTotals {
+            table_full: t[1],
+            alloc_failed: t[2],
+            early_drop: t[3],
+            insert: t[4],
+            insert_failed: t[5],
+            delete: t[6],
+        });
     if kernel.lost_events > 0 {
         notes.push(format!(
             "{} events were lost (ring buffer full): per-source counts are short by that many; totals.kernel is exact",
@@ -164,8 +224,10 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             lost_events: kernel.lost_events,
             undecodable: recorder.undecodable,
             kernel,
+            conntrack,
         },
         kernel_counters,
+        conntrack_events: recorder.conntrack_rows(),
         rate_histogram: rate_histogram(rows.iter().map(|r| r.drops as f64 / duration_s)),
         sources: rows.into_iter().map(Into::into).collect(),
         notes,

@@ -26,6 +26,7 @@ pub struct Options {
     /// Per-source series exported: the heaviest this many.
     pub top: usize,
     pub capacity: usize,
+    pub tier: crate::hooks::TierChoice,
 }
 
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -35,8 +36,9 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let listener =
         TcpListener::bind(options.listen).await.with_context(|| format!("cannot listen on {}", options.listen))?;
     let btf = kernel_btf()?;
-    let (attached, events) = Attached::attach(&btf)?;
-    let mut classifier = Classifier::new(Symbols::load(), Namespaces::new());
+    let (attached, events) = Attached::attach(&btf, options.tier)?;
+    let mut classifier =
+        Classifier::new(Symbols::load(), Namespaces::new()).with_table_full_hooks(attached.table_full_hooked);
     let mut state = LiveState::new(monotonic_ns(), options.capacity);
     state.tick(sample(&attached, &mut classifier.namespaces));
     eprintln!(

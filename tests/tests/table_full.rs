@@ -53,8 +53,47 @@ fn histogram_sum(row: &Value) -> u64 {
 }
 
 #[test]
-fn table_full_drops_are_attributed_per_source_and_match_the_kernel() {
+fn tracepoint_tier_attributes_table_full_drops_exactly() {
     require_root();
+    let record = storm_and_check("tracepoint");
+    assert_eq!(record["tier"], "tracepoint");
+    assert!(record["totals"].get("conntrack").is_none(), "no conntrack hooks on this tier");
+}
+
+/// The kprobe tier: the same storm must give the same per-source counts,
+/// now with the kernel's own table-full mark, plus conntrack's own events.
+#[test]
+fn kprobe_tier_attributes_table_full_drops_exactly_and_sees_insertions() {
+    require_root();
+    if !std::path::Path::new("/sys/bus/event_source/devices/kprobe").exists() {
+        eprintln!("SKIPPED: this kernel has no kprobes; this test runs in the guest kernels (cargo xtask vm-test)");
+        return;
+    }
+    let record = storm_and_check("kprobe");
+    assert_eq!(record["tier"], "kprobe");
+    let ct = &record["totals"]["conntrack"];
+    let table_full = record["totals"]["table_full"].as_u64().unwrap();
+    assert_eq!(ct["table_full"], table_full, "table-full allocations vs table-full drops: {ct}");
+    assert_eq!(ct["alloc_failed"], 0);
+    // Every filling connection was inserted once; the storm inserted nothing.
+    let events = record["conntrack_events"].as_array().unwrap();
+    let inserts = |src: Ipv4Addr| -> u64 {
+        events
+            .iter()
+            .filter(|e| e["event"] == "insert" && e["src"] == src.to_string())
+            .map(|e| e["count"].as_u64().unwrap())
+            .sum()
+    };
+    assert_eq!(inserts(FILLER), TABLE_MAX, "insertions of the filler's connections: {events:#?}");
+    assert_eq!(inserts(STORM_A) + inserts(STORM_B), 0);
+    let filler_row = events.iter().find(|e| e["event"] == "insert" && e["src"] == FILLER.to_string()).unwrap();
+    assert_eq!(filler_row["dport"], SERVICE_PORT);
+    assert_eq!(filler_row["state"], "SYN_SENT", "an entry is confirmed with its first packet: {filler_row}");
+}
+
+/// Runs the storm recorded on `tier` and checks everything every tier must
+/// get right; returns the record for tier-specific checks.
+fn storm_and_check(tier: &str) -> Value {
     let lab = Lab::new("full", &[FILLER, STORM_A, STORM_B, RULED]).expect("lab");
     let rules = TempDir::new("rules");
     let rules_file = rules.0.join("rules.nft");
@@ -70,7 +109,7 @@ fn table_full_drops_are_attributed_per_source_and_match_the_kernel() {
     let server_ns = lab.server.inode();
 
     let out = TempDir::new("record");
-    let recording = Recording::start(&out.0.join("drops.json"), &[]).expect("ctrace record");
+    let recording = Recording::start(&out.0.join("drops.json"), &["--tier", tier]).expect("ctrace record");
     let before = lab.server.conntrack_stat().unwrap();
 
     // A rule drops these; conntrack has attached an entry by then.
@@ -116,7 +155,6 @@ fn table_full_drops_are_attributed_per_source_and_match_the_kernel() {
     );
 
     assert_eq!(record["schema"], "ctrace.drops.v1");
-    assert_eq!(record["tier"], "tracepoint");
     assert_eq!(record["totals"]["lost_events"], 0, "lost events make counts inexact");
     assert_eq!(record["totals"]["undecodable"], 0);
 
@@ -160,7 +198,8 @@ fn table_full_drops_are_attributed_per_source_and_match_the_kernel() {
     let ns = counters.iter().find(|c| c["netns"] == server_ns).expect("server namespace counters");
     assert_eq!(ns["drop"], kernel_drops);
     assert!(ns["max"].as_u64().is_some(), "nf_conntrack_max missing: {ns}");
-    eprintln!("server address {SERVER}, namespace {server_ns}: all counts matched");
+    eprintln!("server address {SERVER}, namespace {server_ns}, tier {tier}: all counts matched");
+    record
 }
 
 fn iptables_drop_packets(lab: &Lab) -> u64 {

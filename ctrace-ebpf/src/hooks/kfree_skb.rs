@@ -14,6 +14,7 @@ use aya_ebpf::{
 use ctrace_common::{counter, drop_flags, family, kind, KfreeSkbLayout, PacketDrop};
 
 use crate::{
+    hooks::conntrack::TABLE_FULL_PENDING,
     maps::{count, submit_flags, EVENTS},
     read,
 };
@@ -62,13 +63,19 @@ pub fn kfree_skb(ctx: BtfTracePointContext) -> i32 {
 fn on_netfilter_drop(layout: &KfreeSkbLayout, skb: u64, location: u64) -> Result<(), i64> {
     count(counter::NETFILTER_DROPS);
     let nfct: u64 = read::at(skb, layout.skb_nfct)?;
+    let mut flags = 0;
     if nfct == 0 {
         count(counter::NETFILTER_DROPS_NO_ENTRY);
+        if table_full_just_now() {
+            flags |= drop_flags::TABLE_FULL;
+        }
+    } else {
+        flags |= drop_flags::CT_ATTACHED;
     }
 
     let mut record = PacketDrop {
         kind: kind::NETFILTER_DROP,
-        flags: if nfct != 0 { drop_flags::CT_ATTACHED } else { 0 },
+        flags,
         location,
         // SAFETY: plain helpers without arguments.
         ts_ns: unsafe { bpf_ktime_get_ns() },
@@ -88,6 +95,23 @@ fn on_netfilter_drop(layout: &KfreeSkbLayout, skb: u64, location: u64) -> Result
         None => count(counter::RINGBUF_FULL),
     }
     Ok(())
+}
+
+/// Did the conntrack hooks just see this CPU's allocation fail on a full
+/// table? The drop of that packet follows on the same CPU within
+/// microseconds; the mark is consumed so it names one drop only.
+fn table_full_just_now() -> bool {
+    const WINDOW_NS: u64 = 10_000_000;
+    let Some(slot) = TABLE_FULL_PENDING.get_ptr_mut(0) else { return false };
+    // SAFETY: this CPU's slot of a per-CPU array; no arguments to the helper.
+    unsafe {
+        let marked = *slot;
+        if marked == 0 {
+            return false;
+        }
+        *slot = 0;
+        bpf_ktime_get_ns().saturating_sub(marked) < WINDOW_NS
+    }
 }
 
 /// The packet's network namespace: the device's for received packets, the

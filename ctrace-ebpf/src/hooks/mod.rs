@@ -1,2 +1,3 @@
 //! One module per hook family.
+pub mod conntrack;
 pub mod kfree_skb;

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     aggregate::{Histogram, RateBin, SourceRow},
     hooks::{KernelTotals, Tier},
-    model::{ConnState, Protocol, Reason},
+    model::{ConnState, CtKind, Protocol, Reason},
     netns::{ConntrackStats, Occupancy},
 };
 
@@ -25,6 +25,11 @@ pub struct RecordFile {
     pub totals: Totals,
     pub kernel_counters: Vec<NetnsCounters>,
     pub sources: Vec<Source>,
+    /// Conntrack's own events per source (kprobe tier; empty otherwise):
+    /// insertions, failed insertions, early-drop evictions, deletions,
+    /// table-full and allocation failures, keyed like `sources`.
+    #[serde(default)]
+    pub conntrack_events: Vec<CtRow>,
     /// Sources by average drop rate, in log2 bins.
     #[serde(default)]
     pub rate_histogram: Vec<RateBin>,
@@ -44,6 +49,33 @@ pub struct Totals {
     pub lost_events: u64,
     pub undecodable: u64,
     pub kernel: KernelTotals,
+    /// Exact counts of conntrack's own events (kprobe tier only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conntrack: Option<CtTotals>,
+}
+
+/// Conntrack events counted in the kernel (per-CPU counters: exact).
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CtTotals {
+    pub table_full: u64,
+    pub alloc_failed: u64,
+    pub early_drop: u64,
+    pub insert: u64,
+    pub insert_failed: u64,
+    pub delete: u64,
+}
+
+/// Conntrack events of one kind for one source key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CtRow {
+    pub netns: u32,
+    pub src: IpAddr,
+    pub dport: u16,
+    pub proto: Protocol,
+    /// The entry's TCP state when the event happened (`NONE` for other protocols).
+    pub state: ConnState,
+    pub event: CtKind,
+    pub count: u64,
 }
 
 /// One namespace's counters over the recording, from its own
@@ -216,6 +248,7 @@ mod tests {
                 Some(Occupancy { entries: 64, max: 64 }),
             )],
             sources: vec![row.into()],
+            conntrack_events: vec![],
             rate_histogram: vec![],
             notes: vec![],
         };

@@ -3,6 +3,7 @@
 //! One module per hook family, mirroring `ctrace-ebpf/src/hooks/`: each
 //! resolves from BTF what its program needs. This module loads the embedded
 //! object, attaches, and hands out the maps.
+pub mod conntrack;
 pub mod kfree_skb;
 
 use std::{fmt, io, path::Path};
@@ -10,33 +11,56 @@ use std::{fmt, io, path::Path};
 use anyhow::{bail, Context as _};
 use aya::{
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::{BtfTracePoint, ProgramError},
+    programs::{BtfTracePoint, KProbe, ProgramError},
     Ebpf, EbpfError, EbpfLoader,
 };
 use ctrace_common::counter;
 
-use crate::{btf::Btf, privileges};
+use crate::{btf::Btf, model::ConnState, privileges};
 
 /// The kernel programs, built by build.rs and embedded in the binary.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ctrace"));
 
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
-/// How ctrace sees drops. More tiers (fentry, kprobe) come with the
-/// conntrack hooks; the tracepoint tier works wherever BTF does.
+/// How ctrace sees conntrack. Every tier sees drops through the
+/// `skb:kfree_skb` tracepoint; the kprobe tier adds conntrack's own paths.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Tier {
-    /// `tp_btf/kfree_skb`: every packet netfilter drops.
+    /// `tp_btf/kfree_skb` only: every packet netfilter drops.
     Tracepoint,
+    /// Plus kprobes on conntrack's allocation, confirmation and deletion.
+    Kprobe,
 }
 
 impl fmt::Display for Tier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Tier::Tracepoint => f.write_str("tracepoint (tp_btf/kfree_skb)"),
+            Tier::Kprobe => f.write_str("kprobe (conntrack hooks + tp_btf/kfree_skb)"),
         }
     }
+}
+
+/// The tier the user asks for (`--tier`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum TierChoice {
+    /// The best that attaches here.
+    #[default]
+    Auto,
+    Tracepoint,
+    Kprobe,
+}
+
+/// One hook family: attached or not, and why.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct HookReport {
+    pub hook: &'static str,
+    /// The tier it runs on, or None when it is off.
+    pub tier: Option<Tier>,
+    /// What it attached to, or why it is off.
+    pub detail: String,
 }
 
 /// Exact totals from the per-CPU counters.
@@ -56,8 +80,31 @@ pub type Events = RingBuf<MapData>;
 /// Attached programs and their counters. Dropping it detaches everything.
 pub struct Attached {
     pub tier: Tier,
+    /// Per hook family: attached or why not.
+    pub hooks: Vec<HookReport>,
+    /// The table-full family is attached: drops carry the kernel's own
+    /// "table full" mark, and unmarked conntrack drops are not table-full.
+    pub table_full_hooked: bool,
+    /// Raw TCP state values to states, from BTF.
+    pub tcp_states: Vec<(u8, ConnState)>,
     counters: PerCpuArray<MapData, u64>,
     ebpf: Option<Ebpf>,
+}
+
+/// Why the kprobe tier cannot run at all, if it cannot.
+fn kprobe_blocker(ct_btf: &Result<Option<Btf>, crate::btf::BtfError>) -> Option<String> {
+    if !conntrack::kprobes_supported() {
+        return Some("this kernel has no kprobes (/sys/bus/event_source/devices/kprobe is missing)".into());
+    }
+    match ct_btf {
+        Ok(None) => Some(
+            "nf_conntrack is not loaded yet (it loads with the first conntrack rule, or `modprobe nf_conntrack`); \
+             restart ctrace once it is"
+                .into(),
+        ),
+        Err(e) => Some(format!("conntrack's BTF cannot be read: {e}")),
+        Ok(Some(_)) => None,
+    }
 }
 
 /// Reads the kernel's BTF, or says plainly that it has none.
@@ -72,9 +119,10 @@ pub fn kernel_btf() -> anyhow::Result<Btf> {
 }
 
 impl Attached {
-    /// Loads the programs with this kernel's layout and attaches them.
-    /// The ring buffer is handed out separately, to be polled on its own.
-    pub fn attach(btf: &Btf) -> anyhow::Result<(Self, Events)> {
+    /// Loads the programs with this kernel's layout and attaches them: the
+    /// drop tracepoint always, the conntrack hooks where `choice` allows and
+    /// the kernel has them. The ring buffer is handed out separately.
+    pub fn attach(btf: &Btf, choice: TierChoice) -> anyhow::Result<(Self, Events)> {
         if OBJECT.is_empty() {
             bail!("this ctrace was built without its kernel programs (AYA_BUILD_SKIP was set); rebuild it");
         }
@@ -82,9 +130,33 @@ impl Attached {
         let layout = kfree_skb::layout(btf).context("the tracepoint tier cannot run on this kernel")?;
         let aya_btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
 
+        // The conntrack layout, when the kprobe tier is wanted and possible.
+        let mut blocker = None;
+        let mut ct_layout = ctrace_common::ConntrackLayout::default();
+        let mut tcp_states = Vec::new();
+        let functions =
+            if choice != TierChoice::Tracepoint { conntrack::kernel_functions() } else { Default::default() };
+        if choice != TierChoice::Tracepoint {
+            let ct_btf = conntrack::conntrack_btf(btf, &functions);
+            blocker = kprobe_blocker(&ct_btf);
+            if let (None, Ok(Some(ct_btf))) = (&blocker, &ct_btf) {
+                match conntrack::layout(ct_btf) {
+                    Ok(l) => {
+                        ct_layout = l;
+                        tcp_states = conntrack::tcp_states(ct_btf);
+                    }
+                    Err(e) => blocker = Some(format!("conntrack's layout cannot be read from BTF: {e}")),
+                }
+            }
+            if let (TierChoice::Kprobe, Some(why)) = (choice, &blocker) {
+                bail!("the kprobe tier cannot run: {why}");
+            }
+        }
+
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&aya_btf))
             .override_global(kfree_skb::LAYOUT_GLOBAL, &layout, true)
+            .override_global(conntrack::LAYOUT_GLOBAL, &ct_layout, true)
             .load(OBJECT)
             .map_err(explain_load_error)?;
 
@@ -94,10 +166,50 @@ impl Attached {
             .load(kfree_skb::TRACEPOINT, &aya_btf)
             .map_err(|e| explain_program_error(e, "loading the kfree_skb program"))?;
         program.attach().map_err(|e| explain_program_error(e, "attaching to the skb:kfree_skb tracepoint"))?;
+        let mut hooks =
+            vec![HookReport { hook: "drops", tier: Some(Tier::Tracepoint), detail: "tp_btf/skb:kfree_skb".into() }];
+
+        let mut tier = Tier::Tracepoint;
+        let mut table_full_hooked = false;
+        if choice != TierChoice::Tracepoint {
+            for family in &conntrack::FAMILIES {
+                let result = match &blocker {
+                    Some(why) => Err(why.clone()),
+                    None => attach_family(&mut ebpf, family, &functions),
+                };
+                match result {
+                    Ok(detail) => {
+                        tier = Tier::Kprobe;
+                        table_full_hooked |= family.name == "table_full";
+                        hooks.push(HookReport { hook: family.name, tier: Some(Tier::Kprobe), detail });
+                    }
+                    Err(why) => hooks.push(HookReport { hook: family.name, tier: None, detail: why }),
+                }
+            }
+            if choice == TierChoice::Kprobe && tier != Tier::Kprobe {
+                let whys: Vec<String> = hooks.iter().skip(1).map(|h| format!("{}: {}", h.hook, h.detail)).collect();
+                bail!("the kprobe tier cannot run: {}", whys.join("; "));
+            }
+        } else {
+            for family in &conntrack::FAMILIES {
+                hooks.push(HookReport { hook: family.name, tier: None, detail: "off: --tier tracepoint".into() });
+            }
+        }
 
         let events = RingBuf::try_from(ebpf.take_map("EVENTS").context("no EVENTS map")?)?;
         let counters = PerCpuArray::try_from(ebpf.take_map("COUNTERS").context("no COUNTERS map")?)?;
-        Ok((Attached { tier: Tier::Tracepoint, counters, ebpf: Some(ebpf) }, events))
+        Ok((Attached { tier, hooks, table_full_hooked, tcp_states, counters, ebpf: Some(ebpf) }, events))
+    }
+
+    /// Exact per-CPU counts of conntrack events by `ct_event` kind (index 0 unused).
+    pub fn conntrack_totals(&self) -> anyhow::Result<[u64; 7]> {
+        let mut totals = [0u64; 7];
+        for (i, total) in totals.iter_mut().enumerate().skip(1) {
+            let values =
+                self.counters.get(&(counter::CT_BASE + i as u32), 0).context("reading the per-CPU counters")?;
+            *total = values.iter().sum();
+        }
+        Ok(totals)
     }
 
     /// Detaches the programs; the maps stay readable so the ring buffer can
@@ -117,6 +229,50 @@ impl Attached {
             lost_events: sum(counter::RINGBUF_FULL)?,
         })
     }
+}
+
+/// Loads and attaches every program of a family, or none: on a failure the
+/// ones already attached are unloaded. Returns what was attached.
+fn attach_family(
+    ebpf: &mut Ebpf,
+    family: &conntrack::Family,
+    functions: &std::collections::HashSet<String>,
+) -> Result<String, String> {
+    for (_, _, function) in family.programs {
+        if !functions.contains(*function) {
+            return Err(format!(
+                "`{function}` is not a function in this kernel (inlined, or renamed such as .constprop.0)"
+            ));
+        }
+    }
+    let mut done: Vec<&str> = Vec::new();
+    for (name, _ret, function) in family.programs {
+        let result = (|| -> Result<(), ProgramError> {
+            let program: &mut KProbe = ebpf.program_mut(name).ok_or(ProgramError::NotLoaded)?.try_into()?;
+            program.load()?;
+            program.attach(function, 0)?;
+            Ok(())
+        })();
+        if let Err(err) = result {
+            for undo in done {
+                if let Some(Ok(p)) = ebpf.program_mut(undo).map(<&mut KProbe>::try_from) {
+                    let _ = p.unload();
+                }
+            }
+            let why = match &err {
+                ProgramError::LoadError { io_error, .. } if is_permission_error(io_error) => {
+                    format!("the kernel refused to load {name} ({io_error})")
+                }
+                other => format!("{name} on {function}: {other}"),
+            };
+            return Err(why);
+        }
+        done.push(name);
+    }
+    let functions: Vec<&str> = family.programs.iter().map(|p| p.2).collect();
+    let mut unique = functions.clone();
+    unique.dedup();
+    Ok(format!("kprobes on {}", unique.join(", ")))
 }
 
 fn is_permission_error(err: &io::Error) -> bool {

@@ -7,7 +7,7 @@ use ctrace_common::{family, kind, PacketDrop};
 
 use crate::{
     classify::{Classifier, Symbols},
-    decode::{decode, encode},
+    decode::{decode, encode, Record},
     live::{plain, query::Query, state::LiveState, state::TickInput, Header},
     netns::Namespaces,
 };
@@ -61,11 +61,11 @@ pub fn run(workload: Workload, capacity: usize, query: &Query) -> anyhow::Result
         let start = Instant::now();
         for bytes in buffer.chunks_exact(PacketDrop::SIZE) {
             match decode(bytes) {
-                Ok(event) => {
+                Ok(Record::Drop(event)) => {
                     let key = classifier.key(&event);
                     state.on_drop(&key, event.ts_ns);
                 }
-                Err(_) => state.undecodable += 1,
+                Ok(Record::Conntrack(_)) | Err(_) => state.undecodable += 1,
             }
         }
         busy += start.elapsed();

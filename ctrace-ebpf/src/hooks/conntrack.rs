@@ -1,0 +1,269 @@
+//! Kprobe tier: conntrack's own allocation, eviction, confirmation and
+//! deletion paths, for kernels where nf_conntrack is a module.
+//!
+//! - `__nf_conntrack_alloc` entry saves the flow's tuple; `early_drop`'s
+//!   return says whether room was made; the allocation's return then tells a
+//!   full table (nothing evicted) from a memory failure. A full table also
+//!   marks this CPU, so the packet's kfree_skb record carries the kernel's
+//!   own "table full".
+//! - `nf_ct_delete` inside `early_drop` is an eviction; elsewhere a deletion.
+//! - `__nf_conntrack_confirm` returning NF_ACCEPT with the entry now
+//!   confirmed is an insertion; NF_DROP is a failed insertion.
+//!
+//! The thin entry points below only move arguments; the shared functions do
+//! the work, so a fentry tier can reuse them.
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns},
+    macros::{kprobe, kretprobe, map},
+    maps::{HashMap, LruHashMap, PerCpuArray},
+    programs::{ProbeContext, RetProbeContext},
+};
+use ctrace_common::{counter, ct_event, kind, ConntrackEvent, ConntrackLayout};
+
+use crate::{
+    maps::{count, submit_flags, EVENTS},
+    read,
+};
+
+#[unsafe(no_mangle)]
+static CONNTRACK_LAYOUT: ConntrackLayout = ConntrackLayout {
+    ct_tuple: 0,
+    ct_status: 0,
+    ct_tcp_state: 0,
+    ct_net: 0,
+    ct_zone: u32::MAX,
+    tuple_src_addr: 0,
+    tuple_src_port: 0,
+    tuple_l3num: 0,
+    tuple_dst_addr: 0,
+    tuple_dst_port: 0,
+    tuple_protonum: 0,
+    skb_nfct: 0,
+    net_inum: 0,
+    ips_confirmed: 0,
+    ips_dying: 0,
+};
+
+/// An allocation in progress on one task.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Alloc {
+    net: u64,
+    tuple: u64,
+    /// 0: early_drop not called; 1: it evicted; 2: it found nothing.
+    early_drop: u8,
+    /// Inside early_drop now: deletions are evictions.
+    in_early_drop: u8,
+    _pad: [u8; 6],
+}
+
+#[map]
+static ALLOCS: HashMap<u64, Alloc> = HashMap::with_max_entries(4096, 0);
+
+/// The entry being confirmed, per task.
+#[map]
+static CONFIRMS: HashMap<u64, u64> = HashMap::with_max_entries(4096, 0);
+
+/// When ctrace saw each entry inserted, for lifetimes at deletion.
+#[map]
+static BORN: LruHashMap<u64, u64> = LruHashMap::with_max_entries(65536, 0);
+
+/// Set when this CPU's allocation just failed on a full table; read and
+/// cleared by the kfree_skb program for the packet that is then dropped.
+#[map]
+pub static TABLE_FULL_PENDING: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+const NF_DROP: u64 = 0; // include/uapi/linux/netfilter.h
+const NF_ACCEPT: u64 = 1;
+const NFCT_PTRMASK: u64 = !7;
+const MAX_ERRNO: u64 = 4095;
+
+fn layout() -> ConntrackLayout {
+    // SAFETY: a read-only global filled in by the loader.
+    unsafe { core::ptr::read_volatile(&CONNTRACK_LAYOUT) }
+}
+
+fn task() -> u64 {
+    bpf_get_current_pid_tgid()
+}
+
+fn now() -> u64 {
+    // SAFETY: no arguments.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+#[kprobe]
+pub fn ct_alloc(ctx: ProbeContext) -> u32 {
+    let (Some(net), Some(tuple)) = (ctx.arg::<u64>(0), ctx.arg::<u64>(2)) else { return 0 };
+    on_alloc_entry(net, tuple);
+    0
+}
+
+#[kretprobe]
+pub fn ct_alloc_ret(ctx: RetProbeContext) -> u32 {
+    on_alloc_return(ctx.ret::<u64>());
+    0
+}
+
+#[kprobe]
+pub fn ct_early_drop(_ctx: ProbeContext) -> u32 {
+    on_early_drop_entry();
+    0
+}
+
+#[kretprobe]
+pub fn ct_early_drop_ret(ctx: RetProbeContext) -> u32 {
+    on_early_drop_return(ctx.ret::<u64>() as u32 != 0);
+    0
+}
+
+#[kprobe]
+pub fn ct_delete(ctx: ProbeContext) -> u32 {
+    if let Some(ct) = ctx.arg::<u64>(0) {
+        let _ = on_delete(ct);
+    }
+    0
+}
+
+#[kprobe]
+pub fn ct_confirm(ctx: ProbeContext) -> u32 {
+    if let Some(skb) = ctx.arg::<u64>(0) {
+        let _ = on_confirm_entry(skb);
+    }
+    0
+}
+
+#[kretprobe]
+pub fn ct_confirm_ret(ctx: RetProbeContext) -> u32 {
+    let _ = on_confirm_return(ctx.ret::<u64>() as u32 as u64);
+    0
+}
+
+fn on_alloc_entry(net: u64, tuple: u64) {
+    let alloc = Alloc { net, tuple, early_drop: 0, in_early_drop: 0, _pad: [0; 6] };
+    let _ = ALLOCS.insert(task(), alloc, 0);
+}
+
+fn on_early_drop_entry() {
+    if let Some(alloc) = ALLOCS.get_ptr_mut(task()) {
+        // SAFETY: a pointer to this task's map value.
+        unsafe { (*alloc).in_early_drop = 1 };
+    }
+}
+
+fn on_early_drop_return(evicted: bool) {
+    if let Some(alloc) = ALLOCS.get_ptr_mut(task()) {
+        // SAFETY: as above.
+        unsafe {
+            (*alloc).in_early_drop = 0;
+            (*alloc).early_drop = if evicted { 1 } else { 2 };
+        }
+    }
+}
+
+fn on_alloc_return(ret: u64) {
+    let key = task();
+    // SAFETY: the value is copied out before the entry is removed.
+    let Some(alloc) = (unsafe { ALLOCS.get(key) }).copied() else { return };
+    let _ = ALLOCS.remove(key);
+    if ret < u64::MAX - MAX_ERRNO {
+        return; // a valid pointer: allocated
+    }
+    let event = if alloc.early_drop == 2 { ct_event::TABLE_FULL } else { ct_event::ALLOC_FAILED };
+    if event == ct_event::TABLE_FULL {
+        if let Some(slot) = TABLE_FULL_PENDING.get_ptr_mut(0) {
+            // SAFETY: this CPU's slot.
+            unsafe { *slot = now() };
+        }
+    }
+    let l = layout();
+    let _ = emit(&l, event, alloc.tuple, alloc.net, 0, 0);
+}
+
+fn on_delete(ct: u64) -> Result<(), i64> {
+    let l = layout();
+    let status: u64 = read::at(ct, l.ct_status)?;
+    if status & l.ips_dying as u64 != 0 {
+        return Ok(()); // already on its way out: this call deletes nothing
+    }
+    // SAFETY: copied out.
+    let evicting = unsafe { ALLOCS.get(task()) }.is_some_and(|a| a.in_early_drop == 1);
+    // SAFETY: copied out before removal.
+    let born = unsafe { BORN.get(ct) }.copied().unwrap_or(0);
+    let _ = BORN.remove(ct);
+    let lifetime = if born == 0 { 0 } else { now().saturating_sub(born) };
+    let event = if evicting { ct_event::EARLY_DROP } else { ct_event::DELETE };
+    let net: u64 = read::at(ct, l.ct_net)?;
+    emit(&l, event, ct + l.ct_tuple as u64, net, ct, lifetime)
+}
+
+fn on_confirm_entry(skb: u64) -> Result<(), i64> {
+    let nfct: u64 = read::at(skb, layout().skb_nfct)?;
+    let _ = CONFIRMS.insert(task(), nfct & NFCT_PTRMASK, 0);
+    Ok(())
+}
+
+fn on_confirm_return(ret: u64) -> Result<(), i64> {
+    let key = task();
+    // SAFETY: copied out before removal.
+    let Some(ct) = (unsafe { CONFIRMS.get(key) }).copied() else { return Ok(()) };
+    let _ = CONFIRMS.remove(key);
+    if ct == 0 {
+        return Ok(());
+    }
+    let l = layout();
+    let event = match ret {
+        NF_ACCEPT => {
+            // Accepted but not confirmed: a clash resolved to the existing entry.
+            let status: u64 = read::at(ct, l.ct_status)?;
+            if status & l.ips_confirmed as u64 == 0 {
+                return Ok(());
+            }
+            let _ = BORN.insert(ct, now(), 0);
+            ct_event::INSERT
+        }
+        NF_DROP => ct_event::INSERT_FAILED,
+        _ => return Ok(()),
+    };
+    let net: u64 = read::at(ct, l.ct_net)?;
+    emit(&l, event, ct + l.ct_tuple as u64, net, ct, 0)
+}
+
+/// Counts the event and writes its record. `ct` (0 if none) gives the
+/// TCP state and zone. Inlined: BPF calls take at most five arguments.
+#[inline(always)]
+fn emit(l: &ConntrackLayout, event: u8, tuple: u64, net: u64, ct: u64, lifetime_ns: u64) -> Result<(), i64> {
+    count(counter::CT_BASE + event as u32);
+    let mut record = ConntrackEvent {
+        kind: kind::CONNTRACK,
+        event,
+        ts_ns: now(),
+        lifetime_ns,
+        // SAFETY: no arguments.
+        cpu: unsafe { bpf_get_smp_processor_id() },
+        ..ConntrackEvent::default()
+    };
+    record.family = read::at::<u16>(tuple, l.tuple_l3num)? as u8;
+    record.proto = read::at(tuple, l.tuple_protonum)?;
+    record.src = read::at(tuple, l.tuple_src_addr)?;
+    record.dst = read::at(tuple, l.tuple_dst_addr)?;
+    record.sport = u16::from_be(read::at(tuple, l.tuple_src_port)?);
+    record.dport = u16::from_be(read::at(tuple, l.tuple_dst_port)?);
+    if net != 0 {
+        record.netns = read::at(net, l.net_inum).unwrap_or(0);
+    }
+    if ct != 0 {
+        record.tcp_state = read::at(ct, l.ct_tcp_state).unwrap_or(0);
+        if l.ct_zone != u32::MAX {
+            record.zone = read::at(ct, l.ct_zone).unwrap_or(0);
+        }
+    }
+    match EVENTS.reserve::<ConntrackEvent>(0) {
+        Some(mut entry) => {
+            entry.write(record);
+            entry.submit(submit_flags());
+        }
+        None => count(counter::RINGBUF_FULL),
+    }
+    Ok(())
+}

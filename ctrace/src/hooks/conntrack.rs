@@ -1,0 +1,121 @@
+//! Loader side of the conntrack hooks (kprobe tier): where conntrack's types
+//! are described (vmlinux or the module's split BTF), the layout the
+//! programs read, and which kernel functions each hook family needs.
+use std::{collections::HashSet, path::Path};
+
+use ctrace_common::ConntrackLayout;
+
+use crate::{
+    btf::{Btf, BtfError},
+    model::ConnState,
+};
+
+/// A group of programs that only work together.
+pub struct Family {
+    pub name: &'static str,
+    /// What it reports, for `ctrace probes`.
+    pub reports: &'static str,
+    /// (program, is a return probe, kernel function)
+    pub programs: &'static [(&'static str, bool, &'static str)],
+}
+
+pub const FAMILIES: [Family; 3] = [
+    Family {
+        name: "table_full",
+        reports: "table-full drops and allocation failures with the flow's tuple; early-drop evictions",
+        programs: &[
+            ("ct_alloc", false, "__nf_conntrack_alloc"),
+            ("ct_alloc_ret", true, "__nf_conntrack_alloc"),
+            ("ct_early_drop", false, "early_drop"),
+            ("ct_early_drop_ret", true, "early_drop"),
+        ],
+    },
+    Family {
+        name: "insert",
+        reports: "insertions and failed insertions (clashes)",
+        programs: &[
+            ("ct_confirm", false, "__nf_conntrack_confirm"),
+            ("ct_confirm_ret", true, "__nf_conntrack_confirm"),
+        ],
+    },
+    Family {
+        name: "delete",
+        reports: "deletions with the entry's lifetime and final TCP state",
+        programs: &[("ct_delete", false, "nf_ct_delete")],
+    },
+];
+
+pub const LAYOUT_GLOBAL: &str = "CONNTRACK_LAYOUT";
+pub const MODULE_BTF: &str = "/sys/kernel/btf/nf_conntrack";
+
+/// conntrack's types: the module's split BTF when it is a module, else
+/// vmlinux when it is built in. None when it is not loaded (vmlinux may
+/// still describe `struct nf_conn`: the functions are what tell).
+pub fn conntrack_btf(vmlinux: &Btf, functions: &HashSet<String>) -> Result<Option<Btf>, BtfError> {
+    if Path::new(MODULE_BTF).exists() {
+        let bytes = std::fs::read(MODULE_BTF).map_err(|source| BtfError::Read { path: MODULE_BTF.into(), source })?;
+        return Btf::parse(&bytes, Some(vmlinux)).map(Some);
+    }
+    Ok(functions.contains("nf_conntrack_in").then(|| vmlinux.clone()))
+}
+
+/// Every offset and mask the conntrack programs use.
+pub fn layout(btf: &Btf) -> Result<ConntrackLayout, BtfError> {
+    let tuple = btf.member_offset("nf_conn", "tuplehash")? + btf.member_offset("nf_conntrack_tuple_hash", "tuple")?;
+    let mask = |name: &str| btf.enum_value("ip_conntrack_status", name).map(|v| v as u32);
+    Ok(ConntrackLayout {
+        ct_tuple: tuple,
+        ct_status: btf.member_offset("nf_conn", "status")?,
+        ct_tcp_state: btf.member_offset("nf_conn", "proto.tcp.state")?,
+        ct_net: btf.member_offset("nf_conn", "ct_net.net")?,
+        // Zones are optional (CONFIG_NF_CONNTRACK_ZONES).
+        ct_zone: btf.member_offset("nf_conn", "zone.id").unwrap_or(u32::MAX),
+        tuple_src_addr: btf.member_offset("nf_conntrack_tuple", "src.u3")?,
+        tuple_src_port: btf.member_offset("nf_conntrack_tuple", "src.u.all")?,
+        tuple_l3num: btf.member_offset("nf_conntrack_tuple", "src.l3num")?,
+        tuple_dst_addr: btf.member_offset("nf_conntrack_tuple", "dst.u3")?,
+        tuple_dst_port: btf.member_offset("nf_conntrack_tuple", "dst.u.all")?,
+        tuple_protonum: btf.member_offset("nf_conntrack_tuple", "dst.protonum")?,
+        skb_nfct: btf.member_offset("sk_buff", "_nfct")?,
+        net_inum: btf.member_offset("net", "ns.inum")?,
+        ips_confirmed: mask("IPS_CONFIRMED")?,
+        ips_dying: mask("IPS_DYING")?,
+    })
+}
+
+/// Raw `enum tcp_conntrack` values to states, by name (values differ
+/// between kernels only in theory, but they are never assumed).
+pub fn tcp_states(btf: &Btf) -> Vec<(u8, ConnState)> {
+    let names = [
+        ("TCP_CONNTRACK_NONE", ConnState::None),
+        ("TCP_CONNTRACK_SYN_SENT", ConnState::SynSent),
+        ("TCP_CONNTRACK_SYN_RECV", ConnState::SynRecv),
+        ("TCP_CONNTRACK_ESTABLISHED", ConnState::Established),
+        ("TCP_CONNTRACK_FIN_WAIT", ConnState::FinWait),
+        ("TCP_CONNTRACK_CLOSE_WAIT", ConnState::CloseWait),
+        ("TCP_CONNTRACK_LAST_ACK", ConnState::LastAck),
+        ("TCP_CONNTRACK_TIME_WAIT", ConnState::TimeWait),
+        ("TCP_CONNTRACK_CLOSE", ConnState::Close),
+        ("TCP_CONNTRACK_SYN_SENT2", ConnState::SynSent2),
+    ];
+    names.iter().filter_map(|(name, state)| Some((btf.enum_value("tcp_conntrack", name).ok()? as u8, *state))).collect()
+}
+
+/// Function symbols of the running kernel (`t`/`T` in /proc/kallsyms),
+/// module ones included. An inlined or renamed (`.constprop.0`) function is
+/// absent under its own name, which is what matters for a kprobe.
+pub fn kernel_functions() -> HashSet<String> {
+    std::fs::read_to_string("/proc/kallsyms")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, kind, name) = (f.next()?, f.next()?, f.next()?);
+            matches!(kind, "t" | "T").then(|| name.to_string())
+        })
+        .collect()
+}
+
+pub fn kprobes_supported() -> bool {
+    Path::new("/sys/bus/event_source/devices/kprobe").exists()
+}
