@@ -235,6 +235,26 @@ impl Lab {
         })
     }
 
+    /// Sends one UDP datagram from `src` (a fresh source port) to the server.
+    pub fn udp_send(&self, src: Ipv4Addr, port: u16) -> std::io::Result<()> {
+        self.client.enter(|| {
+            let socket = Socket::new(Domain::IPV4, Type::DGRAM, None)?;
+            socket.bind(&SocketAddr::V4(SocketAddrV4::new(src, 0)).into())?;
+            socket.send_to(b"ctrace", &SocketAddr::V4(SocketAddrV4::new(SERVER, port)).into())?;
+            Ok(())
+        })
+    }
+
+    /// A UDP socket bound in the server namespace: datagrams arrive and get
+    /// no answer, so their conntrack entries stay unreplied.
+    pub fn udp_sink(&self, port: u16) -> anyhow::Result<Socket> {
+        self.server.enter(|| {
+            let socket = Socket::new(Domain::IPV4, Type::DGRAM, None)?;
+            socket.bind(&SocketAddr::V4(SocketAddrV4::new(SERVER, port)).into())?;
+            Ok(socket)
+        })
+    }
+
     /// A listening socket in the server namespace. The kernel completes
     /// handshakes into its backlog without accept().
     pub fn listen(&self, port: u16) -> anyhow::Result<Socket> {

@@ -1,0 +1,113 @@
+//! Conntrack's own events on the kprobe tier, against the kernel's counters.
+//! They need kprobes: on a kernel without them (this project's development
+//! machines) the tests say so and return; `cargo xtask vm-test` runs them in
+//! Debian guest kernels.
+use std::{net::Ipv4Addr, process::Command, time::Duration};
+
+use ctrace_tests::{ctrace_bin, require_root, Lab, Recording, Sysctl, TempDir};
+use serde_json::Value;
+
+const EVICTEE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 6);
+const NEWCOMER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 7);
+const OPEN_PORT: u16 = 8080;
+const SINK_PORT: u16 = 9;
+const TABLE_MAX: u64 = 64;
+
+fn kprobes() -> bool {
+    let found = std::path::Path::new("/sys/bus/event_source/devices/kprobe").exists();
+    if !found {
+        eprintln!("SKIPPED: this kernel has no kprobes; this test runs in the guest kernels (cargo xtask vm-test)");
+    }
+    found
+}
+
+fn events<'a>(record: &'a Value, event: &str) -> Vec<&'a Value> {
+    record["conntrack_events"].as_array().expect("conntrack_events").iter().filter(|e| e["event"] == event).collect()
+}
+
+/// A table full of unreplied flows (UDP datagrams nobody answers: not
+/// assured, so evictable), then new flows: early drop evicts old entries to
+/// make room.
+#[test]
+fn early_drops_name_the_evicted_entries_and_match_the_kernel() {
+    require_root();
+    if !kprobes() {
+        return;
+    }
+    let lab = Lab::new("early", &[EVICTEE, NEWCOMER]).expect("lab");
+    lab.server.exec("nft", &["add table inet ctrace_early"]).unwrap();
+    lab.server.exec("nft", &["add chain inet ctrace_early track { type filter hook input priority filter; }"]).unwrap();
+    lab.server.exec("nft", &["add rule inet ctrace_early track ct state new counter"]).unwrap();
+    let _listener = lab.listen(OPEN_PORT).unwrap();
+    let _sink = lab.udp_sink(SINK_PORT).unwrap();
+    let out = TempDir::new("early");
+    let recording = Recording::start(&out.0.join("r.json"), &["--tier", "kprobe"]).expect("ctrace record");
+    let before = lab.server.conntrack_stat().unwrap();
+
+    // Few buckets, so early drop's scan of a handful of them finds victims.
+    let buckets = Sysctl::set("net.netfilter.nf_conntrack_buckets", "64").unwrap();
+    let max = Sysctl::set("net.netfilter.nf_conntrack_max", &TABLE_MAX.to_string()).unwrap();
+    let mut sent = 0;
+    while lab.server.conntrack_stat().unwrap().entries < TABLE_MAX && sent < 4 * TABLE_MAX {
+        lab.udp_send(EVICTEE, SINK_PORT).unwrap();
+        sent += 1;
+    }
+    assert_eq!(lab.server.conntrack_stat().unwrap().entries, TABLE_MAX, "could not fill the table");
+    let held: Vec<_> =
+        (0..40).filter_map(|_| lab.connect(NEWCOMER, OPEN_PORT, Duration::from_millis(300)).ok()).collect();
+    let after = lab.server.conntrack_stat().unwrap();
+    drop(max);
+    drop(buckets);
+    std::thread::sleep(Duration::from_millis(200));
+    let record = recording.stop().expect("record");
+    drop(held);
+
+    let kernel_early = after.early_drop - before.early_drop;
+    eprintln!("kernel: {kernel_early} early drops; {} drops", after.drop - before.drop);
+    assert!(kernel_early > 0, "no early drop happened: the test could not exercise the hook");
+    assert_eq!(record["totals"]["conntrack"]["early_drop"], kernel_early, "exact hook count vs the kernel");
+    let evicted = events(&record, "early_drop");
+    let total: u64 = evicted.iter().map(|e| e["count"].as_u64().unwrap()).sum();
+    assert_eq!(total, kernel_early, "per-source early drops vs the kernel: {evicted:#?}");
+    for e in &evicted {
+        assert_eq!(e["src"], EVICTEE.to_string(), "only the unreplied flows are evictable: {e}");
+        assert_eq!(e["dport"], SINK_PORT);
+        assert_eq!(e["proto"], "udp");
+    }
+    // Each newcomer that got in was inserted; the evictee's entries were too.
+    let inserted = |src: Ipv4Addr| -> u64 {
+        events(&record, "insert")
+            .iter()
+            .filter(|e| e["src"] == src.to_string())
+            .map(|e| e["count"].as_u64().unwrap())
+            .sum()
+    };
+    assert!(inserted(EVICTEE) >= TABLE_MAX, "the filling entries were inserted");
+    assert_eq!(inserted(NEWCOMER), kernel_early, "every eviction made room for one newcomer");
+}
+
+/// On a machine without kprobes, `ctrace probes` says which hooks are off
+/// and why; with them, that the conntrack hooks attach.
+#[test]
+fn probes_explains_every_hook() {
+    require_root();
+    let out = Command::new(ctrace_bin()).args(["probes", "--json"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let hooks = report["hooks"].as_array().unwrap();
+    let names: Vec<&str> = hooks.iter().map(|h| h["hook"].as_str().unwrap()).collect();
+    assert_eq!(names, ["drops", "table_full", "insert", "delete"]);
+    assert_eq!(hooks[0]["tier"], "tracepoint");
+    if std::path::Path::new("/sys/bus/event_source/devices/kprobe").exists() {
+        // Conntrack may not be loaded yet; either it attached, or the reason says so.
+        for h in &hooks[1..] {
+            assert!(h["tier"] == "kprobe" || h["detail"].as_str().unwrap().contains("not loaded"), "{h}");
+        }
+    } else {
+        assert_eq!(report["tier"], "tracepoint");
+        for h in &hooks[1..] {
+            assert!(h["tier"].is_null());
+            assert!(h["detail"].as_str().unwrap().contains("no kprobes"), "the reason is given: {h}");
+        }
+    }
+}
