@@ -330,6 +330,16 @@ impl Btf {
         }
     }
 
+    /// The parameter count of a function (BTF FUNC), if the kernel has it.
+    pub fn function_params(&self, name: &str) -> Option<usize> {
+        let id = self.find(name, |k| matches!(k, Kind::Func(_)))?;
+        let Some(Kind::Func(proto)) = self.kind(id) else { return None };
+        match self.kind(*proto) {
+            Some(Kind::FuncProto { params, .. }) => Some(params.len()),
+            _ => None,
+        }
+    }
+
     /// A short C-like description of a type, for error messages and checks:
     /// `struct sk_buff *`, `enum skb_drop_reason`, `void *`.
     pub fn describe(&self, id: TypeId) -> String {
@@ -424,6 +434,10 @@ pub mod build {
             self.push("", 13, params.len() as u32, false, ret, &extra)
         }
 
+        pub fn func(&mut self, name: &str, proto: u32) -> u32 {
+            self.push(name, 12, 0, false, proto, &[])
+        }
+
         pub fn finish(&self) -> Vec<u8> {
             let mut out = Vec::new();
             out.extend_from_slice(&0xeb9fu16.to_le_bytes());
@@ -470,6 +484,7 @@ mod tests {
         let proto = b.func_proto(0, &[void_ptr, ptr, int]);
         let fp = b.ptr(proto);
         b.typedef("btf_trace_sample", fp);
+        b.func("sample_fn", proto);
         b.finish()
     }
 
@@ -500,6 +515,8 @@ mod tests {
         let params = btf.typedef_fn_params("btf_trace_sample").unwrap();
         let described: Vec<String> = params.iter().map(|p| btf.describe(*p)).collect();
         assert_eq!(described, ["void *", "struct inner *", "int"]);
+        assert_eq!(btf.function_params("sample_fn"), Some(3));
+        assert_eq!(btf.function_params("nope"), None);
     }
 
     #[test]

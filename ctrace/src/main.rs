@@ -188,7 +188,6 @@ fn probes(json: bool) -> anyhow::Result<()> {
         let tier = h.tier.map_or("off".to_string(), |t| format!("{t:?}").to_lowercase());
         println!("{:<12} {:<11} {}", h.hook, tier, h.detail);
     }
-    println!("fentry       off         not in this version (Debian kernels build conntrack as a module; aya 0.14 cannot fentry-attach module functions)");
     Ok(())
 }
 

@@ -186,7 +186,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         recorder.on_record(&item);
     }
     let kernel = attached.totals()?;
-    let conntrack = (attached.tier == crate::hooks::Tier::Kprobe)
+    let conntrack = (attached.tier != crate::hooks::Tier::Tracepoint)
         .then(|| attached.conntrack_totals())
         .transpose()?
         .map(|t| CtTotals {

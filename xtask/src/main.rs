@@ -168,6 +168,8 @@ enum VmSelection {
     Debian61,
     #[value(name = "6.12")]
     Debian612,
+    #[value(name = "6.12-builtin")]
+    Builtin612,
     All,
 }
 
@@ -198,6 +200,7 @@ fn vm_test(selection: VmSelection) -> anyhow::Result<()> {
     let kernels: Vec<vm::KernelChoice> = match selection {
         VmSelection::Debian61 => vec![vm::KernelChoice::Debian61],
         VmSelection::Debian612 => vec![vm::KernelChoice::Debian612],
+        VmSelection::Builtin612 => vec![vm::KernelChoice::Builtin612],
         VmSelection::All => vm::KernelChoice::ALL.to_vec(),
     };
     // One shell line: every test binary runs, the exit code says whether any failed.

@@ -23,6 +23,16 @@ const PACKAGES: &[&str] = &[
     "xz-utils",
     "busybox-static",
     "qemu-system-x86",
+    // The built-in guest kernel (fentry tier) is built from Debian's source.
+    "linux-source-6.12",
+    "dwarves",
+    "flex",
+    "bison",
+    "bc",
+    "libelf-dev",
+    "libssl-dev",
+    "make",
+    "gcc",
 ];
 
 /// The bpf-linker release the build is known to work with.

@@ -27,15 +27,20 @@ pub enum KernelChoice {
     /// Debian's 6.12 (conntrack as a module: kprobe tier).
     #[value(name = "6.12")]
     Debian612,
+    /// A small 6.12 built here from Debian's linux-source-6.12 with
+    /// conntrack built in (fentry tier).
+    #[value(name = "6.12-builtin")]
+    Builtin612,
 }
 
 impl KernelChoice {
-    pub const ALL: [KernelChoice; 2] = [KernelChoice::Debian61, KernelChoice::Debian612];
+    pub const ALL: [KernelChoice; 3] = [KernelChoice::Debian61, KernelChoice::Debian612, KernelChoice::Builtin612];
 
     fn label(self) -> &'static str {
         match self {
             KernelChoice::Debian61 => "6.1",
             KernelChoice::Debian612 => "6.12",
+            KernelChoice::Builtin612 => "6.12-builtin",
         }
     }
 
@@ -44,8 +49,165 @@ impl KernelChoice {
         match self {
             KernelChoice::Debian61 => r"^linux-image-6\.1\.0-[0-9]+-amd64$",
             KernelChoice::Debian612 => r"^linux-image-6\.12\.[0-9]+\+deb12-amd64$",
+            KernelChoice::Builtin612 => "",
         }
     }
+}
+
+/// Options for the built-in kernel, on top of tinyconfig (see
+/// shared notes, vm-testing.md): 64-bit SMP with ACPI, a console, 9p and
+/// overlay for the shared root, netfilter with conntrack and nf_tables
+/// built in, BPF with BTF, kprobes and ftrace.
+const BUILTIN_OPTIONS: &[&str] = &[
+    "64BIT",
+    "SMP",
+    "ACPI",
+    "PRINTK",
+    "TTY",
+    "SERIAL_8250",
+    "SERIAL_8250_CONSOLE",
+    "BLK_DEV_INITRD",
+    "PROC_FS",
+    "SYSFS",
+    "DEVTMPFS",
+    "DEVTMPFS_MOUNT",
+    "TMPFS",
+    "BINFMT_ELF",
+    "BINFMT_SCRIPT",
+    "MULTIUSER",
+    "FUTEX",
+    "EPOLL",
+    "SIGNALFD",
+    "TIMERFD",
+    "EVENTFD",
+    "SHMEM",
+    "FILE_LOCKING",
+    "POSIX_TIMERS",
+    "SYSCTL",
+    "PROC_SYSCTL",
+    "UNIX98_PTYS",
+    "NET",
+    "INET",
+    "IPV6",
+    "UNIX",
+    "PACKET",
+    "NETDEVICES",
+    "NET_CORE",
+    "VETH",
+    "NAMESPACES",
+    "NET_NS",
+    "PID_NS",
+    "UTS_NS",
+    "IPC_NS",
+    "NETFILTER",
+    "NETFILTER_ADVANCED",
+    "NF_CONNTRACK",
+    "NF_CONNTRACK_MARK",
+    "NF_CONNTRACK_ZONES",
+    "NF_CONNTRACK_EVENTS",
+    "NF_CONNTRACK_TIMEOUT",
+    "NF_CONNTRACK_TIMESTAMP",
+    "NF_CONNTRACK_LABELS",
+    "NF_CONNTRACK_PROCFS",
+    "NF_CT_NETLINK",
+    "NF_TABLES",
+    "NF_TABLES_INET",
+    "NF_TABLES_IPV4",
+    "NF_TABLES_IPV6",
+    "NFT_CT",
+    "NFT_COMPAT",
+    "NETFILTER_XTABLES",
+    "NETFILTER_XT_MATCH_CONNTRACK",
+    "NETFILTER_XT_TARGET_CT",
+    "NETFILTER_XT_TARGET_NOTRACK",
+    "IP_NF_IPTABLES",
+    "IP_NF_FILTER",
+    "IP_NF_RAW",
+    "IP6_NF_IPTABLES",
+    "IP6_NF_FILTER",
+    "IP6_NF_RAW",
+    "NF_NAT",
+    "IP_NF_NAT",
+    "BPF",
+    "BPF_SYSCALL",
+    "BPF_JIT",
+    "BPF_EVENTS",
+    "DEBUG_INFO",
+    "DEBUG_INFO_DWARF_TOOLCHAIN_DEFAULT",
+    "DEBUG_INFO_BTF",
+    "FTRACE",
+    "FUNCTION_TRACER",
+    "DYNAMIC_FTRACE",
+    "DYNAMIC_FTRACE_WITH_DIRECT_CALLS",
+    "KPROBES",
+    "KPROBE_EVENTS",
+    "PERF_EVENTS",
+    "TRACEPOINTS",
+    "KALLSYMS",
+    "PCI",
+    "VIRTIO_MENU",
+    "VIRTIO",
+    "VIRTIO_PCI",
+    "NET_9P",
+    "NET_9P_VIRTIO",
+    "9P_FS",
+    "OVERLAY_FS",
+    "CGROUPS",
+    "CGROUP_BPF",
+    "SYSVIPC",
+    "RD_GZIP",
+    "KERNEL_GZIP",
+];
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x100_0000_01b3))
+}
+
+/// Builds (once per source version and option list) the built-in kernel.
+fn prepare_builtin() -> anyhow::Result<Kernel> {
+    let version = output(Command::new("dpkg-query").args(["-W", "-f=${Version}", "linux-source-6.12"]))
+        .context("linux-source-6.12 is not installed: run `cargo xtask setup`")?;
+    let key = fnv1a(format!("{version}\n{}", BUILTIN_OPTIONS.join(",")).as_bytes());
+    let dir = cache_dir().join(format!("builtin-6.12-{key:016x}"));
+    let src = dir.join("src");
+    if !dir.join("ready").exists() {
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&src)?;
+        let started = Instant::now();
+        eprintln!("xtask: building the 6.12-builtin kernel from linux-source {version} in {}", dir.display());
+        output(
+            Command::new("tar")
+                .args(["-xJf", "/usr/src/linux-source-6.12.tar.xz", "--strip-components=1", "-C"])
+                .arg(&src),
+        )?;
+        let make = |args: &[&str]| -> anyhow::Result<()> {
+            let status = Command::new("make").args(args).current_dir(&src).stdout(Stdio::null()).status()?;
+            if !status.success() {
+                bail!("make {} failed", args.join(" "));
+            }
+            Ok(())
+        };
+        make(&["tinyconfig"])?;
+        let mut config = Command::new("scripts/config");
+        config.current_dir(&src);
+        for option in BUILTIN_OPTIONS {
+            config.args(["-e", option]);
+        }
+        output(&mut config)?;
+        make(&["olddefconfig"])?;
+        let cfg = std::fs::read_to_string(src.join(".config"))?;
+        let missing: Vec<&str> =
+            BUILTIN_OPTIONS.iter().copied().filter(|o| !cfg.contains(&format!("CONFIG_{o}=y\n"))).collect();
+        if !missing.is_empty() {
+            bail!("the built-in kernel's config lacks {missing:?} (a dependency is missing)");
+        }
+        let jobs = std::thread::available_parallelism().map_or(2, |n| n.get()).to_string();
+        make(&["-j", &jobs, "bzImage"])?;
+        std::fs::write(dir.join("ready"), "")?;
+        eprintln!("xtask: built the 6.12-builtin kernel in {:.0} s", started.elapsed().as_secs_f64());
+    }
+    let release = output(Command::new("make").args(["-s", "kernelrelease"]).current_dir(&src))?.trim().to_string();
+    Ok(Kernel { label: "6.12-builtin", release, vmlinuz: src.join("arch/x86/boot/bzImage"), root: dir })
 }
 
 /// An unpacked kernel: its image and a root holding `lib/modules/<release>`.
@@ -92,8 +254,12 @@ fn newest_package(pattern: &str) -> anyhow::Result<String> {
         .with_context(|| format!("no Debian package matches {pattern}"))
 }
 
-/// Downloads and unpacks a kernel package once; later calls reuse it.
+/// Downloads and unpacks a kernel package (or builds the built-in kernel)
+/// once; later calls reuse it.
 pub fn prepare(choice: KernelChoice) -> anyhow::Result<Kernel> {
+    if choice == KernelChoice::Builtin612 {
+        return prepare_builtin();
+    }
     let cache = cache_dir();
     std::fs::create_dir_all(&cache)?;
     let package = newest_package(choice.package_pattern())?;
@@ -127,9 +293,13 @@ fn release_of(root: &Path) -> anyhow::Result<String> {
         .context("the kernel package has no lib/modules")
 }
 
-/// Modules the initramfs loads, in dependency order, for 9p and overlay.
+/// Modules the initramfs loads, in dependency order, for 9p and overlay
+/// (none for a kernel without modules).
 fn boot_modules(kernel: &Kernel) -> anyhow::Result<Vec<PathBuf>> {
     let mut modules: Vec<PathBuf> = Vec::new();
+    if !kernel.root.join("lib/modules").exists() {
+        return Ok(modules);
+    }
     for name in ["virtio_pci", "9pnet_virtio", "9p", "overlay"] {
         let deps = output(Command::new("modprobe").arg("-d").arg(&kernel.root).args([
             "-S",
@@ -161,8 +331,10 @@ mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,ro hostroot /lower || 
 mount -t tmpfs -o size=60% tmpfs /rw
 mkdir -p /rw/upper /rw/work
 mount -t overlay overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work /newroot || fail "overlay failed"
-mkdir -p /newroot/lib/modules
-mount --bind "/lower$(cat /modules_dir)" /newroot/lib/modules || fail "no guest modules"
+if [ -d "/lower$(cat /modules_dir)" ]; then
+  mkdir -p /newroot/lib/modules
+  mount --bind "/lower$(cat /modules_dir)" /newroot/lib/modules || fail "no guest modules"
+fi
 cp /guest /newroot/ctrace-vm-guest
 cp /cmd /newroot/ctrace-vm-cmd
 mount --move /proc /newroot/proc
@@ -173,9 +345,10 @@ exec switch_root /newroot /bin/sh /ctrace-vm-guest
 
 /// Runs in the guest's new root as PID 1. When it exits the kernel panics
 /// and, with panic=-1 and -no-reboot, qemu exits.
+/// /tmp is left to the overlay (writable, discarded): the command may run
+/// from a folder under the host's /tmp.
 const GUEST: &str = r#"export PATH=/root/.cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root TERM=xterm-256color
-mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /run
 mkdir -p /run/netns /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts

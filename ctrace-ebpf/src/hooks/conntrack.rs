@@ -14,9 +14,9 @@
 //! the work, so a fentry tier can reuse them.
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns},
-    macros::{kprobe, kretprobe, map},
+    macros::{fentry, fexit, kprobe, kretprobe, map},
     maps::{HashMap, LruHashMap, PerCpuArray},
-    programs::{ProbeContext, RetProbeContext},
+    programs::{FEntryContext, FExitContext, ProbeContext, RetProbeContext},
 };
 use ctrace_common::{counter, ct_event, kind, ConntrackEvent, ConntrackLayout};
 
@@ -136,6 +136,52 @@ pub fn ct_confirm(ctx: ProbeContext) -> u32 {
 #[kretprobe]
 pub fn ct_confirm_ret(ctx: RetProbeContext) -> u32 {
     let _ = on_confirm_return(ctx.ret::<u64>() as u32 as u64);
+    0
+}
+
+// The fentry tier, where conntrack is built into vmlinux: the same work.
+// fexit sees the arguments and then the return value; the loader checks each
+// function's parameter count in BTF, so the indices below hold.
+
+#[fentry(function = "__nf_conntrack_alloc")]
+pub fn ct_alloc_fentry(ctx: FEntryContext) -> i32 {
+    on_alloc_entry(ctx.arg(0), ctx.arg(2));
+    0
+}
+
+#[fexit(function = "__nf_conntrack_alloc")]
+pub fn ct_alloc_fexit(ctx: FExitContext) -> i32 {
+    on_alloc_return(ctx.arg(6));
+    0
+}
+
+#[fentry(function = "early_drop")]
+pub fn ct_early_drop_fentry(_ctx: FEntryContext) -> i32 {
+    on_early_drop_entry();
+    0
+}
+
+#[fexit(function = "early_drop")]
+pub fn ct_early_drop_fexit(ctx: FExitContext) -> i32 {
+    on_early_drop_return(ctx.arg::<u64>(2) as u32 != 0);
+    0
+}
+
+#[fentry(function = "nf_ct_delete")]
+pub fn ct_delete_fentry(ctx: FEntryContext) -> i32 {
+    let _ = on_delete(ctx.arg(0));
+    0
+}
+
+#[fentry(function = "__nf_conntrack_confirm")]
+pub fn ct_confirm_fentry(ctx: FEntryContext) -> i32 {
+    let _ = on_confirm_entry(ctx.arg(0));
+    0
+}
+
+#[fexit(function = "__nf_conntrack_confirm")]
+pub fn ct_confirm_fexit(ctx: FExitContext) -> i32 {
+    let _ = on_confirm_return(ctx.arg::<u64>(1) as u32 as u64);
     0
 }
 

@@ -10,43 +10,63 @@ use crate::{
     model::ConnState,
 };
 
+/// One program of a family, in both tiers' forms.
+pub struct Hook {
+    /// kprobe or kretprobe program.
+    pub kprobe: &'static str,
+    /// fentry or fexit program.
+    pub fentry: &'static str,
+    /// Runs on return (kretprobe / fexit).
+    pub on_return: bool,
+    pub function: &'static str,
+    /// The parameter count the fexit program assumes (it reads the return
+    /// value after the arguments); checked against BTF.
+    pub params: usize,
+}
+
 /// A group of programs that only work together.
 pub struct Family {
     pub name: &'static str,
-    /// What it reports, for `ctrace probes`.
-    pub reports: &'static str,
-    /// (program, is a return probe, kernel function)
-    pub programs: &'static [(&'static str, bool, &'static str)],
+    pub hooks: &'static [Hook],
+}
+
+const fn hook(
+    kprobe: &'static str,
+    fentry: &'static str,
+    on_return: bool,
+    function: &'static str,
+    params: usize,
+) -> Hook {
+    Hook { kprobe, fentry, on_return, function, params }
 }
 
 pub const FAMILIES: [Family; 3] = [
     Family {
         name: "table_full",
-        reports: "table-full drops and allocation failures with the flow's tuple; early-drop evictions",
-        programs: &[
-            ("ct_alloc", false, "__nf_conntrack_alloc"),
-            ("ct_alloc_ret", true, "__nf_conntrack_alloc"),
-            ("ct_early_drop", false, "early_drop"),
-            ("ct_early_drop_ret", true, "early_drop"),
+        hooks: &[
+            hook("ct_alloc", "ct_alloc_fentry", false, "__nf_conntrack_alloc", 6),
+            hook("ct_alloc_ret", "ct_alloc_fexit", true, "__nf_conntrack_alloc", 6),
+            hook("ct_early_drop", "ct_early_drop_fentry", false, "early_drop", 2),
+            hook("ct_early_drop_ret", "ct_early_drop_fexit", true, "early_drop", 2),
         ],
     },
     Family {
         name: "insert",
-        reports: "insertions and failed insertions (clashes)",
-        programs: &[
-            ("ct_confirm", false, "__nf_conntrack_confirm"),
-            ("ct_confirm_ret", true, "__nf_conntrack_confirm"),
+        hooks: &[
+            hook("ct_confirm", "ct_confirm_fentry", false, "__nf_conntrack_confirm", 1),
+            hook("ct_confirm_ret", "ct_confirm_fexit", true, "__nf_conntrack_confirm", 1),
         ],
     },
-    Family {
-        name: "delete",
-        reports: "deletions with the entry's lifetime and final TCP state",
-        programs: &[("ct_delete", false, "nf_ct_delete")],
-    },
+    Family { name: "delete", hooks: &[hook("ct_delete", "ct_delete_fentry", false, "nf_ct_delete", 3)] },
 ];
 
 pub const LAYOUT_GLOBAL: &str = "CONNTRACK_LAYOUT";
 pub const MODULE_BTF: &str = "/sys/kernel/btf/nf_conntrack";
+
+/// conntrack is built into vmlinux (fentry can attach to it with aya 0.14).
+pub fn built_in() -> bool {
+    !Path::new(MODULE_BTF).exists()
+}
 
 /// conntrack's types: the module's split BTF when it is a module, else
 /// vmlinux when it is built in. None when it is not loaded (vmlinux may

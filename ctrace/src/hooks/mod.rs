@@ -11,7 +11,7 @@ use std::{fmt, io, path::Path};
 use anyhow::{bail, Context as _};
 use aya::{
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::{BtfTracePoint, KProbe, ProgramError},
+    programs::{BtfTracePoint, FEntry, FExit, KProbe, ProgramError},
     Ebpf, EbpfError, EbpfLoader,
 };
 use ctrace_common::counter;
@@ -32,6 +32,8 @@ pub enum Tier {
     Tracepoint,
     /// Plus kprobes on conntrack's allocation, confirmation and deletion.
     Kprobe,
+    /// The same hooks as fentry/fexit programs (conntrack built in).
+    Fentry,
 }
 
 impl fmt::Display for Tier {
@@ -39,6 +41,7 @@ impl fmt::Display for Tier {
         match self {
             Tier::Tracepoint => f.write_str("tracepoint (tp_btf/kfree_skb)"),
             Tier::Kprobe => f.write_str("kprobe (conntrack hooks + tp_btf/kfree_skb)"),
+            Tier::Fentry => f.write_str("fentry (conntrack hooks + tp_btf/kfree_skb)"),
         }
     }
 }
@@ -51,6 +54,7 @@ pub enum TierChoice {
     Auto,
     Tracepoint,
     Kprobe,
+    Fentry,
 }
 
 /// One hook family: attached or not, and why.
@@ -91,11 +95,8 @@ pub struct Attached {
     ebpf: Option<Ebpf>,
 }
 
-/// Why the kprobe tier cannot run at all, if it cannot.
-fn kprobe_blocker(ct_btf: &Result<Option<Btf>, crate::btf::BtfError>) -> Option<String> {
-    if !conntrack::kprobes_supported() {
-        return Some("this kernel has no kprobes (/sys/bus/event_source/devices/kprobe is missing)".into());
-    }
+/// Why no conntrack hook can run at all, if none can.
+fn conntrack_blocker(ct_btf: &Result<Option<Btf>, crate::btf::BtfError>) -> Option<String> {
     match ct_btf {
         Ok(None) => Some(
             "nf_conntrack is not loaded yet (it loads with the first conntrack rule, or `modprobe nf_conntrack`); \
@@ -130,15 +131,15 @@ impl Attached {
         let layout = kfree_skb::layout(btf).context("the tracepoint tier cannot run on this kernel")?;
         let aya_btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
 
-        // The conntrack layout, when the kprobe tier is wanted and possible.
+        // The conntrack layout, when a hook tier is wanted and possible.
+        let functions =
+            if choice != TierChoice::Tracepoint { conntrack::kernel_functions() } else { Default::default() };
         let mut blocker = None;
         let mut ct_layout = ctrace_common::ConntrackLayout::default();
         let mut tcp_states = Vec::new();
-        let functions =
-            if choice != TierChoice::Tracepoint { conntrack::kernel_functions() } else { Default::default() };
         if choice != TierChoice::Tracepoint {
             let ct_btf = conntrack::conntrack_btf(btf, &functions);
-            blocker = kprobe_blocker(&ct_btf);
+            blocker = conntrack_blocker(&ct_btf);
             if let (None, Ok(Some(ct_btf))) = (&blocker, &ct_btf) {
                 match conntrack::layout(ct_btf) {
                     Ok(l) => {
@@ -148,8 +149,8 @@ impl Attached {
                     Err(e) => blocker = Some(format!("conntrack's layout cannot be read from BTF: {e}")),
                 }
             }
-            if let (TierChoice::Kprobe, Some(why)) = (choice, &blocker) {
-                bail!("the kprobe tier cannot run: {why}");
+            if let (TierChoice::Kprobe | TierChoice::Fentry, Some(why)) = (choice, &blocker) {
+                bail!("the conntrack hooks cannot run: {why}");
             }
         }
 
@@ -171,28 +172,64 @@ impl Attached {
 
         let mut tier = Tier::Tracepoint;
         let mut table_full_hooked = false;
-        if choice != TierChoice::Tracepoint {
-            for family in &conntrack::FAMILIES {
-                let result = match &blocker {
-                    Some(why) => Err(why.clone()),
-                    None => attach_family(&mut ebpf, family, &functions),
-                };
-                match result {
-                    Ok(detail) => {
-                        tier = Tier::Kprobe;
-                        table_full_hooked |= family.name == "table_full";
-                        hooks.push(HookReport { hook: family.name, tier: Some(Tier::Kprobe), detail });
-                    }
-                    Err(why) => hooks.push(HookReport { hook: family.name, tier: None, detail: why }),
-                }
-            }
-            if choice == TierChoice::Kprobe && tier != Tier::Kprobe {
-                let whys: Vec<String> = hooks.iter().skip(1).map(|h| format!("{}: {}", h.hook, h.detail)).collect();
-                bail!("the kprobe tier cannot run: {}", whys.join("; "));
-            }
-        } else {
+        if choice == TierChoice::Tracepoint {
             for family in &conntrack::FAMILIES {
                 hooks.push(HookReport { hook: family.name, tier: None, detail: "off: --tier tracepoint".into() });
+            }
+        }
+        let try_fentry = matches!(choice, TierChoice::Auto | TierChoice::Fentry);
+        let try_kprobe = matches!(choice, TierChoice::Auto | TierChoice::Kprobe);
+        for family in conntrack::FAMILIES.iter().filter(|_| choice != TierChoice::Tracepoint) {
+            if let Some(why) = &blocker {
+                hooks.push(HookReport { hook: family.name, tier: None, detail: why.clone() });
+                continue;
+            }
+            let mut whys = Vec::new();
+            let mut attached = None;
+            if try_fentry {
+                if !conntrack::built_in() {
+                    whys.push(
+                        "fentry: conntrack is a module (aya 0.14 cannot fentry-attach to module functions)".into(),
+                    );
+                } else {
+                    match attach_family(&mut ebpf, family, Tier::Fentry, &functions, btf, &aya_btf) {
+                        Ok(detail) => attached = Some((Tier::Fentry, detail)),
+                        Err(why) => whys.push(format!("fentry: {why}")),
+                    }
+                }
+            }
+            if attached.is_none() && try_kprobe {
+                if !conntrack::kprobes_supported() {
+                    whys.push(
+                        "kprobe: this kernel has no kprobes (/sys/bus/event_source/devices/kprobe is missing)".into(),
+                    );
+                } else {
+                    match attach_family(&mut ebpf, family, Tier::Kprobe, &functions, btf, &aya_btf) {
+                        Ok(detail) => attached = Some((Tier::Kprobe, detail)),
+                        Err(why) => whys.push(format!("kprobe: {why}")),
+                    }
+                }
+            }
+            match attached {
+                Some((t, detail)) => {
+                    if tier == Tier::Tracepoint || t == Tier::Fentry {
+                        tier = t;
+                    }
+                    table_full_hooked |= family.name == "table_full";
+                    hooks.push(HookReport { hook: family.name, tier: Some(t), detail });
+                }
+                None => hooks.push(HookReport { hook: family.name, tier: None, detail: whys.join("; ") }),
+            }
+        }
+        let wanted = match choice {
+            TierChoice::Kprobe => Some(Tier::Kprobe),
+            TierChoice::Fentry => Some(Tier::Fentry),
+            _ => None,
+        };
+        if let Some(wanted) = wanted {
+            if !hooks.iter().any(|h| h.tier == Some(wanted)) {
+                let whys: Vec<String> = hooks.iter().skip(1).map(|h| format!("{}: {}", h.hook, h.detail)).collect();
+                bail!("the {wanted:?} tier cannot run here: {}", whys.join("; ").to_lowercase());
             }
         }
 
@@ -231,48 +268,84 @@ impl Attached {
     }
 }
 
-/// Loads and attaches every program of a family, or none: on a failure the
-/// ones already attached are unloaded. Returns what was attached.
+/// Loads and attaches every program of a family on one tier, or none: on
+/// a failure the ones already attached are unloaded. Returns what was
+/// attached, or why not.
 fn attach_family(
     ebpf: &mut Ebpf,
     family: &conntrack::Family,
+    tier: Tier,
     functions: &std::collections::HashSet<String>,
+    btf: &Btf,
+    aya_btf: &aya::Btf,
 ) -> Result<String, String> {
-    for (_, _, function) in family.programs {
-        if !functions.contains(*function) {
+    for hook in family.hooks {
+        if !functions.contains(hook.function) {
             return Err(format!(
-                "`{function}` is not a function in this kernel (inlined, or renamed such as .constprop.0)"
+                "`{}` is not a function in this kernel (inlined, or renamed such as .constprop.0)",
+                hook.function
+            ));
+        }
+        if tier == Tier::Fentry && btf.function_params(hook.function) != Some(hook.params) {
+            return Err(format!(
+                "`{}` in vmlinux BTF is missing or has another signature than the {} parameters expected",
+                hook.function, hook.params
             ));
         }
     }
-    let mut done: Vec<&str> = Vec::new();
-    for (name, _ret, function) in family.programs {
-        let result = (|| -> Result<(), ProgramError> {
-            let program: &mut KProbe = ebpf.program_mut(name).ok_or(ProgramError::NotLoaded)?.try_into()?;
-            program.load()?;
-            program.attach(function, 0)?;
-            Ok(())
-        })();
-        if let Err(err) = result {
+    let mut done: Vec<&conntrack::Hook> = Vec::new();
+    for hook in family.hooks {
+        if let Err(err) = load_and_attach(ebpf, hook, tier, aya_btf) {
             for undo in done {
-                if let Some(Ok(p)) = ebpf.program_mut(undo).map(<&mut KProbe>::try_from) {
-                    let _ = p.unload();
-                }
+                unload(ebpf, undo, tier);
             }
-            let why = match &err {
+            let name = if tier == Tier::Fentry { hook.fentry } else { hook.kprobe };
+            return Err(match &err {
                 ProgramError::LoadError { io_error, .. } if is_permission_error(io_error) => {
                     format!("the kernel refused to load {name} ({io_error})")
                 }
-                other => format!("{name} on {function}: {other}"),
-            };
-            return Err(why);
+                other => format!("{name} on {}: {other}", hook.function),
+            });
         }
-        done.push(name);
+        done.push(hook);
     }
-    let functions: Vec<&str> = family.programs.iter().map(|p| p.2).collect();
-    let mut unique = functions.clone();
-    unique.dedup();
-    Ok(format!("kprobes on {}", unique.join(", ")))
+    let mut functions: Vec<&str> = family.hooks.iter().map(|h| h.function).collect();
+    functions.dedup();
+    let kind = if tier == Tier::Fentry { "fentry/fexit" } else { "kprobes" };
+    Ok(format!("{kind} on {}", functions.join(", ")))
+}
+
+fn load_and_attach(
+    ebpf: &mut Ebpf,
+    hook: &conntrack::Hook,
+    tier: Tier,
+    aya_btf: &aya::Btf,
+) -> Result<(), ProgramError> {
+    match (tier, hook.on_return) {
+        (Tier::Fentry, false) => {
+            let p: &mut FEntry = ebpf.program_mut(hook.fentry).ok_or(ProgramError::NotLoaded)?.try_into()?;
+            p.load(hook.function, aya_btf)?;
+            p.attach().map(drop)
+        }
+        (Tier::Fentry, true) => {
+            let p: &mut FExit = ebpf.program_mut(hook.fentry).ok_or(ProgramError::NotLoaded)?.try_into()?;
+            p.load(hook.function, aya_btf)?;
+            p.attach().map(drop)
+        }
+        _ => {
+            let p: &mut KProbe = ebpf.program_mut(hook.kprobe).ok_or(ProgramError::NotLoaded)?.try_into()?;
+            p.load()?;
+            p.attach(hook.function, 0).map(drop)
+        }
+    }
+}
+
+fn unload(ebpf: &mut Ebpf, hook: &conntrack::Hook, tier: Tier) {
+    let _ = match (tier, hook.on_return) {
+        (Tier::Fentry, false) => ebpf.program_mut(hook.fentry).map(|p| <&mut FEntry>::try_from(p).map(|p| p.unload())),
+        (Tier::Fentry, true) => ebpf.program_mut(hook.fentry).map(|p| <&mut FExit>::try_from(p).map(|p| p.unload())),
+        _ => ebpf.program_mut(hook.kprobe).map(|p| <&mut KProbe>::try_from(p).map(|p| p.unload())),
+    };
 }
 
 fn is_permission_error(err: &io::Error) -> bool {
