@@ -185,8 +185,7 @@ fn probes(json: bool) -> anyhow::Result<()> {
     println!("tier: {}", attached.tier);
     println!("{:<12} {:<11} DETAIL", "HOOK", "TIER");
     for h in &attached.hooks {
-        let tier = h.tier.map_or("off".to_string(), |t| format!("{t:?}").to_lowercase());
-        println!("{:<12} {:<11} {}", h.hook, tier, h.detail);
+        println!("{:<12} {:<11} {}", h.hook, h.tier.map_or("off", |t| t.name()), h.detail);
     }
     Ok(())
 }

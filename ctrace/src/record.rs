@@ -16,7 +16,7 @@ use crate::{
     decode::{decode, Record},
     export::{
         self,
-        json::{rfc3339_utc, CtRow, CtTotals, NetnsCounters, RecordFile, Totals, SCHEMA},
+        json::{rfc3339_utc, CtRow, CtTotals, NetnsCounters, OccupancySeries, RecordFile, Totals, SCHEMA},
         Format, Output,
     },
     hooks::{kernel_btf, Attached},
@@ -155,8 +155,11 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let mut events = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
         .map_err(|e| anyhow::anyhow!("cannot poll the ring buffer: {e}"))?;
     let mut drain = tokio::time::interval(DRAIN_EVERY);
+    let mut each_second = tokio::time::interval(Duration::from_secs(1));
+    let mut occupancy = OccupancyLog::default();
     loop {
         tokio::select! {
+            _ = each_second.tick() => occupancy.sample(&mut recorder.classifier.namespaces),
             ready = events.readable_mut() => {
                 let mut guard = ready?;
                 let ring = guard.get_inner_mut();
@@ -228,6 +231,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         },
         kernel_counters,
         conntrack_events: recorder.conntrack_rows(),
+        occupancy: occupancy.series(&recorder.classifier.namespaces),
         rate_histogram: rate_histogram(rows.iter().map(|r| r.drops as f64 / duration_s)),
         sources: rows.into_iter().map(Into::into).collect(),
         notes,
@@ -243,6 +247,51 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         output.describe()
     );
     Ok(())
+}
+
+/// Entries and the maximum, per namespace, once a second: the table filling
+/// up over the recording. Only namespaces that ever had entries are kept.
+#[derive(Default)]
+struct OccupancyLog {
+    samples: usize,
+    series: HashMap<u32, (Vec<u64>, Vec<u64>)>,
+}
+
+impl OccupancyLog {
+    fn sample(&mut self, namespaces: &mut Namespaces) {
+        let max = netns::conntrack_max().unwrap_or(0);
+        for (inum, stats) in namespaces.snapshot_all() {
+            if stats.entries == 0 && !self.series.contains_key(&inum) {
+                continue;
+            }
+            // A namespace first seen now had no entries before.
+            let (entries, maxes) =
+                self.series.entry(inum).or_insert_with(|| (vec![0; self.samples], vec![max; self.samples]));
+            entries.push(stats.entries);
+            maxes.push(max);
+        }
+        self.samples += 1;
+        for (entries, maxes) in self.series.values_mut() {
+            entries.resize(self.samples, 0); // gone namespaces: no entries
+            maxes.resize(self.samples, max);
+        }
+    }
+
+    fn series(&self, namespaces: &Namespaces) -> Vec<OccupancySeries> {
+        let mut out: Vec<OccupancySeries> = self
+            .series
+            .iter()
+            .map(|(inum, (entries, max))| OccupancySeries {
+                netns: *inum,
+                name: namespaces.name(*inum).map(str::to_string),
+                interval_ms: 1000,
+                entries: entries.clone(),
+                max: max.clone(),
+            })
+            .collect();
+        out.sort_by_key(|o| o.netns);
+        out
+    }
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {

@@ -71,6 +71,30 @@ fn kprobe_tier_attributes_table_full_drops_exactly_and_sees_insertions() {
     }
     let record = storm_and_check("kprobe");
     assert_eq!(record["tier"], "kprobe");
+    check_conntrack_events(&record);
+}
+
+/// The fentry tier, where conntrack is built in and the kernel lets fentry
+/// attach (the 6.12-builtin guest): the same counts again.
+#[test]
+fn fentry_tier_attributes_table_full_drops_exactly_and_sees_insertions() {
+    require_root();
+    let out = std::process::Command::new(ctrace_tests::ctrace_bin()).args(["probes", "--json"]).output().unwrap();
+    let probes: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    if probes["tier"] != "fentry" {
+        eprintln!(
+            "SKIPPED: the fentry tier does not attach here ({}); it runs in the 6.12-builtin guest",
+            probes["hooks"]
+        );
+        return;
+    }
+    let record = storm_and_check("fentry");
+    assert_eq!(record["tier"], "fentry");
+    check_conntrack_events(&record);
+}
+
+/// What the conntrack hooks must report about the storm.
+fn check_conntrack_events(record: &Value) {
     let ct = &record["totals"]["conntrack"];
     let table_full = record["totals"]["table_full"].as_u64().unwrap();
     assert_eq!(ct["table_full"], table_full, "table-full allocations vs table-full drops: {ct}");

@@ -155,8 +155,6 @@ const BUILTIN_OPTIONS: &[&str] = &[
     "CGROUPS",
     "CGROUP_BPF",
     "SYSVIPC",
-    "RD_GZIP",
-    "KERNEL_GZIP",
 ];
 
 fn fnv1a(bytes: &[u8]) -> u64 {

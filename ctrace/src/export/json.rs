@@ -30,6 +30,9 @@ pub struct RecordFile {
     /// table-full and allocation failures, keyed like `sources`.
     #[serde(default)]
     pub conntrack_events: Vec<CtRow>,
+    /// Per namespace with entries: entries and nf_conntrack_max each second.
+    #[serde(default)]
+    pub occupancy: Vec<OccupancySeries>,
     /// Sources by average drop rate, in log2 bins.
     #[serde(default)]
     pub rate_histogram: Vec<RateBin>,
@@ -52,6 +55,16 @@ pub struct Totals {
     /// Exact counts of conntrack's own events (kprobe tier only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub conntrack: Option<CtTotals>,
+}
+
+/// A namespace's table over the recording, one sample per `interval_ms`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OccupancySeries {
+    pub netns: u32,
+    pub name: Option<String>,
+    pub interval_ms: u64,
+    pub entries: Vec<u64>,
+    pub max: Vec<u64>,
 }
 
 /// Conntrack events counted in the kernel (per-CPU counters: exact).
@@ -249,6 +262,7 @@ mod tests {
             )],
             sources: vec![row.into()],
             conntrack_events: vec![],
+            occupancy: vec![],
             rate_histogram: vec![],
             notes: vec![],
         };

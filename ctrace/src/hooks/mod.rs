@@ -36,6 +36,17 @@ pub enum Tier {
     Fentry,
 }
 
+impl Tier {
+    /// The name `--tier` and the record file use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Tier::Tracepoint => "tracepoint",
+            Tier::Kprobe => "kprobe",
+            Tier::Fentry => "fentry",
+        }
+    }
+}
+
 impl fmt::Display for Tier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -229,7 +240,7 @@ impl Attached {
         if let Some(wanted) = wanted {
             if !hooks.iter().any(|h| h.tier == Some(wanted)) {
                 let whys: Vec<String> = hooks.iter().skip(1).map(|h| format!("{}: {}", h.hook, h.detail)).collect();
-                bail!("the {wanted:?} tier cannot run here: {}", whys.join("; ").to_lowercase());
+                bail!("the {} tier cannot run here: {}", wanted.name(), whys.join("; "));
             }
         }
 
