@@ -5,10 +5,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use tokio::{
-    io::{unix::AsyncFd, Interest},
-    signal::unix::{signal, SignalKind},
-};
+use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
     aggregate::{rate_histogram, DropTable},
@@ -150,10 +147,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         None => eprintln!("ctrace: {} attached; recording until Ctrl-C", attached.tier),
     }
 
-    // SAFETY: the ring buffer owns its map fd, which stays open and the same
-    // until into_inner() below hands the ring buffer back.
-    let mut events = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
-        .map_err(|e| anyhow::anyhow!("cannot poll the ring buffer: {e}"))?;
+    let mut events = crate::hooks::poll_events(events)?;
     let mut drain = tokio::time::interval(DRAIN_EVERY);
     let mut each_second = tokio::time::interval(Duration::from_secs(1));
     let mut occupancy = OccupancyLog::default();

@@ -7,7 +7,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use anyhow::Context as _;
 use tokio::{
-    io::{unix::AsyncFd, AsyncReadExt, AsyncWriteExt, Interest},
+    io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
     signal::unix::{signal, SignalKind},
 };
@@ -52,10 +52,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     let mut drain = tokio::time::interval(DRAIN_EVERY);
-    // SAFETY: the ring buffer owns its map fd, open and unchanged until the
-    // AsyncFd is dropped at the end of this function.
-    let mut events = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
-        .map_err(|e| anyhow::anyhow!("cannot poll the ring buffer: {e}"))?;
+    let mut events = crate::hooks::poll_events(events)?;
     loop {
         tokio::select! {
             ready = events.readable_mut() => {

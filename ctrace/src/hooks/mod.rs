@@ -92,6 +92,14 @@ pub struct KernelTotals {
 /// The ring buffer of event records.
 pub type Events = RingBuf<MapData>;
 
+/// The ring buffer registered with tokio, to await records.
+pub fn poll_events(events: Events) -> anyhow::Result<tokio::io::unix::AsyncFd<Events>> {
+    // SAFETY: the ring buffer owns its map fd, which stays open and the same
+    // for as long as the AsyncFd holds it (until dropped or into_inner()).
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(events, tokio::io::Interest::READABLE) }
+        .map_err(|e| anyhow::anyhow!("cannot poll the ring buffer: {e}"))
+}
+
 /// Attached programs and their counters. Dropping it detaches everything.
 pub struct Attached {
     pub tier: Tier,

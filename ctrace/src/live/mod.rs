@@ -19,11 +19,8 @@ use std::{
 use anyhow::Context as _;
 use crossterm::event::{Event, KeyEventKind};
 use serde::Serialize;
+use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
-use tokio::{
-    io::{unix::AsyncFd, Interest},
-    signal::unix::{signal, SignalKind},
-};
 
 use crate::{
     classify::{Classifier, Symbols},
@@ -150,10 +147,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         eprintln!("ctrace: {} attached; a snapshot every {:?} (Ctrl-C to stop)", attached.tier, options.interval);
     }
 
-    // SAFETY: the ring buffer owns its map fd, open and unchanged until the
-    // AsyncFd is dropped at the end of this function.
-    let mut events = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
-        .map_err(|e| anyhow::anyhow!("cannot poll the ring buffer: {e}"))?;
+    let mut events = crate::hooks::poll_events(events)?;
     let mut keys_open = tui;
     let mut drain = tokio::time::interval(DRAIN_EVERY);
     loop {
