@@ -76,7 +76,8 @@ fn a_short_recording_writes_a_complete_file_to_stdout() {
     assert!(out.status.success(), "{}", stderr(&out));
     let record: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
     assert_eq!(record["schema"], "ctrace.drops.v1");
-    assert_eq!(record["tier"], "tracepoint");
+    let tier = record["tier"].as_str().unwrap_or_default();
+    assert!(["tracepoint", "kprobe", "fentry"].contains(&tier), "tier {tier}");
     let duration = record["duration_s"].as_f64().unwrap();
     assert!((0.9..5.0).contains(&duration), "duration_s {duration}");
     for field in ["kernel", "started_at", "totals", "kernel_counters", "sources"] {
