@@ -70,15 +70,7 @@ impl Recorder {
                 self.table.add(key, event.ts_ns);
             }
             Ok(Record::Conntrack(ev)) => {
-                // Allocation failures carry a tuple but no entry, so no state.
-                let state = match (ev.proto, ev.kind) {
-                    (Protocol::Tcp, CtKind::EarlyDrop | CtKind::Insert | CtKind::InsertFailed | CtKind::Delete) => self
-                        .tcp_states
-                        .iter()
-                        .find(|(raw, _)| *raw == ev.raw_tcp_state)
-                        .map_or(ConnState::Unknown, |(_, s)| *s),
-                    _ => ConnState::None,
-                };
+                let state = crate::hooks::conntrack::event_state(&self.tcp_states, &ev);
                 *self.conntrack.entry((ev.netns, ev.src, ev.dport, ev.proto, state, ev.kind)).or_default() += 1;
             }
             Err(_) => self.undecodable += 1,

@@ -57,15 +57,15 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         tokio::select! {
             ready = events.readable_mut() => {
                 let mut guard = ready?;
-                consume(guard.get_inner_mut(), &mut classifier, &mut state);
+                consume(guard.get_inner_mut(), &mut classifier, &attached.tcp_states, &mut state);
                 guard.clear_ready();
             }
-            _ = drain.tick() => consume(events.get_mut(), &mut classifier, &mut state),
+            _ = drain.tick() => consume(events.get_mut(), &mut classifier, &attached.tcp_states, &mut state),
             _ = ticker.tick() => state.tick(sample(&attached, &mut classifier.namespaces)),
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
                 // Bring the counters up to date so a scrape sees every drop so far.
-                consume(events.get_mut(), &mut classifier, &mut state);
+                consume(events.get_mut(), &mut classifier, &attached.tcp_states, &mut state);
                 let body = encode_input(&state.metrics(options.top));
                 // One request per connection; a slow client gets 2 s.
                 let _ = tokio::time::timeout(Duration::from_secs(2), respond(stream, &body)).await;

@@ -81,6 +81,11 @@ fn live_view_shows_the_storm_and_answers_keys() {
     lab.server.exec("nft", &["add rule inet ctrace_live track ct state new counter"]).unwrap();
     let _listener = lab.listen(PORT).expect("listener");
 
+    // ctrace starts first, so the conntrack hooks (where the kernel has them)
+    // see the table being filled.
+    let bin = ctrace_bin();
+    let tmux = Tmux::start(&format!("sh -c '{} live; echo ctrace-exit=$?; sleep 60'", bin.display()));
+    tmux.wait_for("ctrace to attach", |s| s.contains("TOP DROPPED"));
     let max = Sysctl::set("net.netfilter.nf_conntrack_max", &TABLE_MAX.to_string()).expect("sysctl");
     let room = TABLE_MAX - lab.server.conntrack_stat().unwrap().entries;
     let _held: Vec<_> = (0..room)
@@ -101,7 +106,7 @@ fn live_view_shows_the_storm_and_answers_keys() {
                 round += 1;
             }
         });
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(drive_the_view));
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drive_the_view(&tmux)));
         stop.store(true, Ordering::Relaxed);
         if let Err(panic) = result {
             std::panic::resume_unwind(panic);
@@ -110,10 +115,7 @@ fn live_view_shows_the_storm_and_answers_keys() {
     drop(max);
 }
 
-fn drive_the_view() {
-    let bin = ctrace_bin();
-    let tmux = Tmux::start(&format!("sh -c '{} live; echo ctrace-exit=$?; sleep 60'", bin.display()));
-
+fn drive_the_view(tmux: &Tmux) {
     // The storm sources lead the table, as table_full, and the gauge says full.
     let screen = tmux.wait_for("both storm sources on screen", |s| {
         let rows = top_rows(s);
@@ -130,6 +132,28 @@ fn drive_the_view() {
     assert!(rows[0].contains("SYN_SENT") && rows[0].contains(&PORT.to_string()), "{screen}");
     let gauge = screen.lines().find(|l| l.contains("ctrace-live-srv")).unwrap_or_else(|| panic!("no gauge:\n{screen}"));
     assert!(gauge.contains("64/64") && gauge.contains("FULL"), "gauge: {gauge}");
+
+    // Who fills the table: the filler's 64 live entries where the conntrack
+    // hooks run; elsewhere, why the panel is empty.
+    let hooked = screen.contains("tier: kprobe") || screen.contains("tier: fentry");
+    let panel: Vec<&str> = screen.lines().skip_while(|l| !l.starts_with("WHO FILLS THE TABLE")).collect();
+    if hooked {
+        let screen = tmux.wait_for("the filler in the fills panel", |s| {
+            s.lines().skip_while(|l| !l.starts_with("WHO FILLS")).any(|l| l.contains(&FILLER.to_string()))
+        });
+        let row = screen
+            .lines()
+            .skip_while(|l| !l.starts_with("WHO FILLS"))
+            .find(|l| l.contains(&FILLER.to_string()))
+            .unwrap()
+            .to_string();
+        let numbers: Vec<&str> = row.split_whitespace().collect();
+        // SOURCE DPORT PROTO NETNS LIVE INSERTED REMOVED EVICTED
+        assert_eq!(numbers[4], TABLE_MAX.to_string(), "live entries of the filler: {row}");
+        assert_eq!(numbers[5], TABLE_MAX.to_string(), "insertions of the filler: {row}");
+    } else {
+        assert!(panel.iter().any(|l| l.contains("needs the conntrack hooks")), "{screen}");
+    }
 
     // s: sort by the next column.
     tmux.keys(&["s"]);

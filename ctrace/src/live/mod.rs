@@ -87,9 +87,13 @@ fn header(attached: &Attached) -> Header {
         kernel: read_trimmed("/proc/sys/kernel/osrelease"),
         tier: format!("tier: {}", attached.tier),
         hooks,
-        fills_note: "live entries per source need the insert and delete hooks feeding this panel, which this \
-                     version does not do yet; the namespace counters above are exact."
-            .into(),
+        fills_note: if attached.tier == crate::hooks::Tier::Tracepoint {
+            "needs the conntrack hooks (kprobe or fentry tier): the tracepoint tier sees drops, not entries; \
+             see `ctrace probes` for why they are off. The namespace counters above are exact."
+                .into()
+        } else {
+            "no insertions seen yet".into()
+        },
     }
 }
 
@@ -154,10 +158,10 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         tokio::select! {
             ready = events.readable_mut() => {
                 let mut guard = ready?;
-                consume(guard.get_inner_mut(), &mut classifier, &mut state);
+                consume(guard.get_inner_mut(), &mut classifier, &attached.tcp_states, &mut state);
                 guard.clear_ready();
             }
-            _ = drain.tick() => consume(events.get_mut(), &mut classifier, &mut state),
+            _ = drain.tick() => consume(events.get_mut(), &mut classifier, &attached.tcp_states, &mut state),
             _ = ticker.tick() => {
                 state.tick(sample(&attached, &mut classifier.namespaces));
                 let snap = snapshot(&state, &view, resolver.as_mut());
@@ -194,15 +198,19 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
 }
 
 /// Decodes, classifies and counts every record waiting in the ring buffer.
-pub(crate) fn consume(ring: &mut Events, classifier: &mut Classifier, state: &mut LiveState) {
+pub(crate) fn consume(
+    ring: &mut Events,
+    classifier: &mut Classifier,
+    tcp_states: &[(u8, crate::model::ConnState)],
+    state: &mut LiveState,
+) {
     while let Some(item) = ring.next() {
         match decode(&item) {
             Ok(Record::Drop(event)) => {
                 let key = classifier.key(&event);
                 state.on_drop(&key, event.ts_ns);
             }
-            // Counted exactly by the kernel; the live view shows the totals.
-            Ok(Record::Conntrack(_)) => {}
+            Ok(Record::Conntrack(ev)) => state.on_conntrack(&ev, crate::hooks::conntrack::event_state(tcp_states, &ev)),
             Err(_) => state.undecodable += 1,
         }
     }

@@ -130,8 +130,48 @@ pub fn render(header: &Header, snap: &Snapshot, query: &Query) -> String {
             snap.capacity, snap.error_bound
         );
     }
-    let _ = writeln!(out, "\nWHO FILLS THE TABLE\n  {}", header.fills_note);
+    let _ = writeln!(out, "\nWHO FILLS THE TABLE");
+    for line in fills_lines(header, snap, usize::MAX) {
+        let _ = writeln!(out, "  {line}");
+    }
     out
+}
+
+/// The "who fills the table" panel as lines: entries inserted since ctrace
+/// started, per source, with how many are still there; or why it is empty.
+pub fn fills_lines(header: &Header, snap: &Snapshot, max_rows: usize) -> Vec<String> {
+    let Some(fills) = snap.fills.as_ref().filter(|f| !f.rows.is_empty()) else {
+        return vec![header.fills_note.clone()];
+    };
+    let mut lines = vec![format!(
+        "{:<24} {:>5} {:<5} {:<22} {:>8} {:>8} {:>8} {:>8}",
+        "SOURCE", "DPORT", "PROTO", "NETNS", "LIVE", "INSERTED", "REMOVED", "EVICTED"
+    )];
+    for row in fills.rows.iter().take(max_rows) {
+        let k = &row.key;
+        lines.push(format!(
+            "{:<24} {:>5} {:<5} {:<22} {:>8} {:>8} {:>8} {:>8}",
+            k.src.to_string(),
+            k.dport,
+            k.proto.to_string(),
+            k.netns,
+            row.live,
+            row.inserted,
+            row.removed,
+            row.evicted
+        ));
+    }
+    if fills.others_live > 0 {
+        lines.push(format!("others: {} live entries", fills.others_live));
+    }
+    if !fills.removed_by_state.is_empty() {
+        let states: Vec<String> = fills.removed_by_state.iter().map(|(s, n)| format!("{s} {n}")).collect();
+        lines.push(format!("removed entries by final state: {}", states.join(", ")));
+    }
+    lines.push(
+        "(live: inserted since ctrace started and not yet removed; entries older than ctrace are not counted)".into(),
+    );
+    lines
 }
 
 #[derive(Serialize)]

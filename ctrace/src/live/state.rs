@@ -15,7 +15,7 @@ use crate::{
     export::metrics::{MetricsInput, NetnsCounts, SourceCount},
     hooks::KernelTotals,
     live::query::{Query, SortBy},
-    model::{ConnState, Protocol, Reason},
+    model::{ConnState, CtEvent, CtKind, Protocol, Reason},
     netns::ConntrackStats,
 };
 
@@ -58,8 +58,36 @@ struct NetnsState {
     seen_at_tick: u64,
 }
 
+/// Entries by source as the conntrack hooks see them come and go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct FillKey {
+    pub netns: u32,
+    pub src: IpAddr,
+    pub dport: u16,
+    pub proto: Protocol,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct FillCounts {
+    inserted: u64,
+    /// Removed (deleted or evicted) among those inserted since ctrace started.
+    removed: u64,
+    evicted: u64,
+}
+
+#[derive(Default)]
+struct Fills {
+    active: bool,
+    by_source: FxHashMap<FillKey, FillCounts>,
+    /// Sources beyond the capacity, together.
+    others: FillCounts,
+    /// Every removal by the entry's final TCP state.
+    removed_by_state: std::collections::BTreeMap<ConnState, u64>,
+}
+
 pub struct LiveState {
     started_ns: u64,
+    fills: Fills,
     last_tick_ns: u64,
     interval_ns: u64,
     ticks: u64,
@@ -93,6 +121,7 @@ impl LiveState {
             interval_ns: 0,
             ticks: 0,
             heavy: SpaceSaving::new(capacity),
+            fills: Fills::default(),
             by_netns: FxHashMap::default(),
             decoded: [0; 3],
             decoded_deltas: [Delta::default(); 3],
@@ -112,6 +141,34 @@ impl LiveState {
         self.heavy.add(key, ts_ns);
         self.decoded[reason_index(key.reason)] += 1;
         *self.by_netns.entry((key.netns, key.reason)).or_default() += 1;
+    }
+
+    /// Counts one conntrack event (hook tiers): who fills the table.
+    /// `state` is the entry's TCP state, named by the caller from BTF.
+    pub fn on_conntrack(&mut self, ev: &CtEvent, state: ConnState) {
+        self.fills.active = true;
+        let key = FillKey { netns: ev.netns, src: ev.src, dport: ev.dport, proto: ev.proto };
+        let capacity = self.heavy.capacity();
+        let fills = &mut self.fills;
+        let counts = if fills.by_source.contains_key(&key) || fills.by_source.len() < capacity {
+            fills.by_source.entry(key).or_default()
+        } else {
+            &mut fills.others
+        };
+        match ev.kind {
+            CtKind::Insert => counts.inserted += 1,
+            CtKind::Delete | CtKind::EarlyDrop => {
+                // A lifetime means ctrace saw the insertion: the entry was counted live.
+                if ev.lifetime_ns > 0 {
+                    counts.removed += 1;
+                    if ev.kind == CtKind::EarlyDrop {
+                        counts.evicted += 1;
+                    }
+                }
+                *fills.removed_by_state.entry(state).or_default() += 1;
+            }
+            CtKind::TableFull | CtKind::AllocFailed | CtKind::InsertFailed => {}
+        }
     }
 
     /// What a metrics scrape reports: exact totals, the kernel's cumulative
@@ -209,6 +266,7 @@ impl LiveState {
     /// Forgets counts and history (the `r` key); occupancy stays.
     pub fn reset(&mut self, now_ns: u64) {
         self.heavy.clear();
+        self.fills = Fills { active: self.fills.active, ..Fills::default() };
         self.by_netns.clear();
         self.started_ns = now_ns.min(self.last_tick_ns);
         self.series = SERIES.iter().map(|_| Series::new(HISTORY)).collect();
@@ -280,7 +338,29 @@ impl LiveState {
             .collect();
         namespaces.sort_by(|a, b| b.percent.total_cmp(&a.percent).then(a.netns.cmp(&b.netns)));
 
+        let fills = self.fills.active.then(|| {
+            let mut rows: Vec<FillRow> = self
+                .fills
+                .by_source
+                .iter()
+                .map(|(k, c)| FillRow {
+                    key: *k,
+                    live: c.inserted.saturating_sub(c.removed),
+                    inserted: c.inserted,
+                    removed: c.removed,
+                    evicted: c.evicted,
+                })
+                .collect();
+            rows.sort_by(|a, b| b.live.cmp(&a.live).then(b.inserted.cmp(&a.inserted)).then(a.key.cmp(&b.key)));
+            rows.truncate(query.limit);
+            FillsView {
+                rows,
+                others_live: self.fills.others.inserted.saturating_sub(self.fills.others.removed),
+                removed_by_state: self.fills.removed_by_state.iter().map(|(s, n)| (*s, *n)).collect(),
+            }
+        });
         Snapshot {
+            fills,
             uptime_s: now_ns.saturating_sub(self.started_ns) as f64 / 1e9,
             max: self.max,
             buckets: self.buckets,
@@ -322,8 +402,32 @@ fn sort_rows(rows: &mut [TopRow], by: SortBy, descending: bool) {
     });
 }
 
+/// Who fills the table: entries inserted since ctrace started, per source.
+#[derive(Clone, Debug, Serialize)]
+pub struct FillsView {
+    pub rows: Vec<FillRow>,
+    /// Live entries of sources beyond the tracking capacity.
+    pub others_live: u64,
+    /// Every removal (deletion or eviction) by the entry's final TCP state.
+    pub removed_by_state: Vec<(ConnState, u64)>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct FillRow {
+    #[serde(flatten)]
+    pub key: FillKey,
+    /// Inserted and not yet removed.
+    pub live: u64,
+    pub inserted: u64,
+    pub removed: u64,
+    /// Of the removed, evicted by early drop.
+    pub evicted: u64,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct Snapshot {
+    /// None on the tracepoint tier (no conntrack events).
+    pub fills: Option<FillsView>,
     pub uptime_s: f64,
     pub max: Option<u64>,
     pub buckets: Option<u64>,
@@ -460,6 +564,37 @@ mod tests {
         let snap = s.snapshot(&query, SEC);
         assert_eq!(snap.top.len(), 1);
         assert_eq!(snap.top[0].dport, 22);
+    }
+
+    #[test]
+    fn fills_count_live_entries_per_source() {
+        let mut s = LiveState::new(0, 16);
+        let ev = |src: &str, kind, lifetime_ns| CtEvent {
+            kind,
+            ts_ns: 1,
+            netns: 7,
+            src: src.parse().unwrap(),
+            dst: "198.18.1.1".parse().unwrap(),
+            sport: 1000,
+            dport: 80,
+            proto: Protocol::Tcp,
+            raw_tcp_state: 0,
+            zone: 0,
+            lifetime_ns,
+        };
+        assert!(s.snapshot(&Query::default(), 1).fills.is_none(), "no hooks, no panel");
+        for _ in 0..5 {
+            s.on_conntrack(&ev("198.18.0.2", CtKind::Insert, 0), ConnState::SynSent);
+        }
+        s.on_conntrack(&ev("198.18.0.2", CtKind::Delete, 5), ConnState::TimeWait);
+        s.on_conntrack(&ev("198.18.0.2", CtKind::EarlyDrop, 9), ConnState::SynRecv);
+        // Inserted before ctrace started: not one of the live ones.
+        s.on_conntrack(&ev("198.18.0.9", CtKind::Delete, 0), ConnState::TimeWait);
+        let fills = s.snapshot(&Query::default(), 1).fills.unwrap();
+        let row = &fills.rows[0];
+        assert_eq!(row.key.src.to_string(), "198.18.0.2");
+        assert_eq!((row.live, row.inserted, row.removed, row.evicted), (3, 5, 2, 1));
+        assert_eq!(fills.removed_by_state, [(ConnState::SynRecv, 1), (ConnState::TimeWait, 2)]);
     }
 
     #[test]

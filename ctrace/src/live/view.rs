@@ -11,7 +11,7 @@ use ratatui::{
 use crate::{
     aggregate::{occupancy::TimeToFull, window::sparkline},
     live::{
-        plain::{bar, netns_label, short, time_to_full},
+        plain::{self, bar, netns_label, short, time_to_full},
         query::{Filter, Query},
         state::Snapshot,
         Header,
@@ -134,12 +134,13 @@ fn title(text: &str) -> Span<'_> {
 pub fn draw(frame: &mut Frame, header: &Header, snap: &Snapshot, view: &ViewState) {
     let area = frame.area();
     let ns_lines = snap.namespaces.len().clamp(1, 4) as u16;
+    let fill_lines = plain::fills_lines(header, snap, 5);
     let [top, tables, rates, dropped, fills, footer] = Layout::vertical([
         Constraint::Length(1 + header.hooks.len() as u16),
         Constraint::Length(2 + ns_lines),
         Constraint::Length(2 + snap.series.len() as u16),
         Constraint::Min(5),
-        Constraint::Length(2),
+        Constraint::Length(1 + fill_lines.len() as u16),
         Constraint::Length(1),
     ])
     .areas(area);
@@ -163,7 +164,11 @@ pub fn draw(frame: &mut Frame, header: &Header, snap: &Snapshot, view: &ViewStat
     draw_rates(frame, rates, snap);
     draw_top(frame, dropped, snap, &view.query);
     frame.render_widget(
-        Paragraph::new(vec![Line::from(title("WHO FILLS THE TABLE")), Line::from(format!("  {}", header.fills_note))]),
+        Paragraph::new(
+            std::iter::once(Line::from(title("WHO FILLS THE TABLE")))
+                .chain(fill_lines.into_iter().map(|l| Line::from(format!("  {l}"))))
+                .collect::<Vec<_>>(),
+        ),
         fills,
     );
     draw_footer(frame, footer, view);
