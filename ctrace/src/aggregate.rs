@@ -53,9 +53,14 @@ pub struct RateBin {
 /// A log2 histogram of per-source rates: bin 0 is [0, 1) drops/s, then
 /// [1, 2), [2, 4), [4, 8) ... up to the fastest source. Empty for no sources.
 pub fn rate_histogram(rates: impl IntoIterator<Item = f64>) -> Vec<RateBin> {
+    log2_bins(rates).into_iter().map(|(from, to, sources)| RateBin { from, to, sources }).collect()
+}
+
+/// Counts values in bins [0, 1), [1, 2), [2, 4), ... up to the largest.
+pub fn log2_bins(values: impl IntoIterator<Item = f64>) -> Vec<(f64, f64, u64)> {
     let mut counts: Vec<u64> = Vec::new();
-    for rate in rates {
-        let bin = if rate < 1.0 { 0 } else { rate.log2().floor() as usize + 1 };
+    for v in values {
+        let bin = if v < 1.0 { 0 } else { v.log2().floor() as usize + 1 };
         if counts.len() <= bin {
             counts.resize(bin + 1, 0);
         }
@@ -64,9 +69,9 @@ pub fn rate_histogram(rates: impl IntoIterator<Item = f64>) -> Vec<RateBin> {
     counts
         .into_iter()
         .enumerate()
-        .map(|(i, sources)| {
+        .map(|(i, n)| {
             let (from, to) = if i == 0 { (0.0, 1.0) } else { (2f64.powi(i as i32 - 1), 2f64.powi(i as i32)) };
-            RateBin { from, to, sources }
+            (from, to, n)
         })
         .collect()
 }

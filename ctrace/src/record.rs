@@ -8,12 +8,15 @@ use std::{
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
-    aggregate::{rate_histogram, DropTable},
+    aggregate::{log2_bins, rate_histogram, DropTable},
     classify::{Classifier, Symbols},
     decode::{decode, Record},
     export::{
         self,
-        json::{rfc3339_utc, CtRow, CtTotals, NetnsCounters, OccupancySeries, RecordFile, Totals, SCHEMA},
+        json::{
+            rfc3339_utc, CtRow, CtTotals, LifetimeBin, Lifetimes, NetnsCounters, OccupancySeries, RecordFile, Totals,
+            SCHEMA,
+        },
         Format, Output,
     },
     hooks::{kernel_btf, Attached},
@@ -47,6 +50,8 @@ pub struct Recorder {
     pub conntrack: HashMap<CtRowKey, u64>,
     /// Raw TCP state values to states (from BTF).
     tcp_states: Vec<(u8, ConnState)>,
+    /// Seconds removed entries lived, by final state.
+    lifetimes: HashMap<ConnState, Vec<f64>>,
     pub undecodable: u64,
 }
 
@@ -59,6 +64,7 @@ impl Recorder {
             classifier,
             conntrack: HashMap::new(),
             tcp_states,
+            lifetimes: HashMap::new(),
             undecodable: 0,
         }
     }
@@ -71,10 +77,31 @@ impl Recorder {
             }
             Ok(Record::Conntrack(ev)) => {
                 let state = crate::hooks::conntrack::event_state(&self.tcp_states, &ev);
+                if matches!(ev.kind, CtKind::Delete | CtKind::EarlyDrop) && ev.lifetime_ns > 0 {
+                    self.lifetimes.entry(state).or_default().push(ev.lifetime_ns as f64 / 1e9);
+                }
                 *self.conntrack.entry((ev.netns, ev.src, ev.dport, ev.proto, state, ev.kind)).or_default() += 1;
             }
             Err(_) => self.undecodable += 1,
         }
+    }
+
+    /// Lifetime histograms per final state, states in conntrack's order.
+    pub fn lifetime_rows(&self) -> Vec<Lifetimes> {
+        let mut rows: Vec<Lifetimes> = self
+            .lifetimes
+            .iter()
+            .map(|(state, secs)| Lifetimes {
+                state: *state,
+                entries: secs.len() as u64,
+                bins: log2_bins(secs.iter().copied())
+                    .into_iter()
+                    .map(|(from_s, to_s, entries)| LifetimeBin { from_s, to_s, entries })
+                    .collect(),
+            })
+            .collect();
+        rows.sort_by_key(|r| r.state);
+        rows
     }
 
     /// Conntrack rows, most frequent first.
@@ -217,6 +244,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         },
         kernel_counters,
         conntrack_events: recorder.conntrack_rows(),
+        lifetimes: recorder.lifetime_rows(),
         occupancy: occupancy.series(&recorder.classifier.namespaces),
         rate_histogram: rate_histogram(rows.iter().map(|r| r.drops as f64 / duration_s)),
         sources: rows.into_iter().map(Into::into).collect(),

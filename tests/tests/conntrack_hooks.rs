@@ -74,6 +74,10 @@ fn early_drops_name_the_evicted_entries_and_match_the_kernel() {
         assert_eq!(e["dport"], SINK_PORT);
         assert_eq!(e["proto"], "udp");
     }
+    // The evicted entries' lifetimes (UDP: no TCP state), all inserted while recording.
+    let lifetimes = record["lifetimes"].as_array().unwrap();
+    let none = lifetimes.iter().find(|l| l["state"] == "NONE").expect("lifetimes of the UDP entries");
+    assert!(none["entries"].as_u64().unwrap() >= kernel_early, "{none}");
     // Each newcomer that got in was inserted; the evictee's entries were too.
     let inserted = |src: Ipv4Addr| -> u64 {
         events(&record, "insert")

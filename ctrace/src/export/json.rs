@@ -30,6 +30,10 @@ pub struct RecordFile {
     /// table-full and allocation failures, keyed like `sources`.
     #[serde(default)]
     pub conntrack_events: Vec<CtRow>,
+    /// Hook tiers: how long removed entries held their slots, per final TCP
+    /// state (entries whose insertion ctrace saw).
+    #[serde(default)]
+    pub lifetimes: Vec<Lifetimes>,
     /// Per namespace with entries: entries and nf_conntrack_max each second.
     #[serde(default)]
     pub occupancy: Vec<OccupancySeries>,
@@ -55,6 +59,23 @@ pub struct Totals {
     /// Exact counts of conntrack's own events (kprobe tier only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub conntrack: Option<CtTotals>,
+}
+
+/// Lifetimes of removed entries in one final TCP state, log2 bins of seconds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Lifetimes {
+    pub state: ConnState,
+    pub entries: u64,
+    pub bins: Vec<LifetimeBin>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LifetimeBin {
+    /// Seconds, inclusive.
+    pub from_s: f64,
+    /// Seconds, exclusive.
+    pub to_s: f64,
+    pub entries: u64,
 }
 
 /// A namespace's table over the recording, one sample per `interval_ms`.
@@ -262,6 +283,7 @@ mod tests {
             )],
             sources: vec![row.into()],
             conntrack_events: vec![],
+            lifetimes: vec![],
             occupancy: vec![],
             rate_histogram: vec![],
             notes: vec![],
