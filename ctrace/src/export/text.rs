@@ -114,6 +114,37 @@ pub fn render(record: &RecordFile, top: usize) -> String {
         let _ = writeln!(out, "  ... {rest} more rows with {hidden} drops");
     }
 
+    if let Some(ct) = &record.totals.conntrack {
+        let _ = writeln!(out, "\nCONNTRACK EVENTS (hook tier, exact)");
+        let _ = writeln!(
+            out,
+            "  table_full {} · alloc_failed {} · early_drop {} · insert {} · insert_failed {} · delete {}",
+            ct.table_full, ct.alloc_failed, ct.early_drop, ct.insert, ct.insert_failed, ct.delete
+        );
+        for row in record.conntrack_events.iter().take(top) {
+            let event =
+                serde_json::to_value(row.event).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "  {:<40} {:>5} {:<5} {:<11} {:<14} {:>8}",
+                row.src.to_string(),
+                row.dport,
+                row.proto.to_string(),
+                row.state.to_string(),
+                event,
+                row.count
+            );
+        }
+        for l in &record.lifetimes {
+            let bins: Vec<String> = l
+                .bins
+                .iter()
+                .filter(|b| b.entries > 0)
+                .map(|b| format!("[{}, {}) s: {}", b.from_s, b.to_s, b.entries))
+                .collect();
+            let _ = writeln!(out, "  lifetimes, final state {}: {} entries; {}", l.state, l.entries, bins.join(", "));
+        }
+    }
     if !record.rate_histogram.is_empty() {
         let _ = writeln!(out, "\nSOURCES BY AVERAGE DROP RATE (drops/s)");
         // From the first occupied bin: the empty slow ones say nothing.
