@@ -74,23 +74,24 @@ fn read_trimmed(path: &str) -> String {
 }
 
 fn header(attached: &Attached) -> Header {
-    let hooks = attached
-        .hooks
-        .iter()
-        .map(|h| match h.tier {
-            Some(_) => format!("{}: {}", h.hook, h.detail),
-            None => format!("{}: off: {}", h.hook, h.detail),
-        })
-        .collect();
+    // One line each for what is on and what is off; `ctrace probes` has the reasons.
+    let (on, off): (Vec<_>, Vec<_>) = attached.hooks.iter().skip(1).partition(|h| h.tier.is_some());
+    let mut hooks = vec!["drops: tp_btf/skb:kfree_skb".to_string()];
+    if !on.is_empty() {
+        let names: Vec<String> = on.iter().map(|h| format!("{} ({})", h.hook, h.detail)).collect();
+        hooks.push(format!("conntrack hooks on: {}", names.join("; ")));
+    }
+    if !off.is_empty() {
+        let names: Vec<&str> = off.iter().map(|h| h.hook).collect();
+        hooks.push(format!("conntrack hooks off: {} (`ctrace probes` says why)", names.join(", ")));
+    }
     Header {
         host: read_trimmed("/proc/sys/kernel/hostname"),
         kernel: read_trimmed("/proc/sys/kernel/osrelease"),
         tier: format!("tier: {}", attached.tier),
         hooks,
         fills_note: if attached.tier == crate::hooks::Tier::Tracepoint {
-            "needs the conntrack hooks (kprobe or fentry tier): the tracepoint tier sees drops, not entries; \
-             see `ctrace probes` for why they are off. The namespace counters above are exact."
-                .into()
+            "needs the conntrack hooks (kprobe/fentry tier; `ctrace probes` says why they are off)".into()
         } else {
             "no insertions seen yet".into()
         },
