@@ -235,6 +235,22 @@ impl Lab {
         })
     }
 
+    /// Sends one datagram from one socket on `src` to each of `ports` on the
+    /// server: a new conntrack entry per port, made as fast as sendto goes.
+    pub fn udp_spray(&self, src: Ipv4Addr, ports: std::ops::RangeInclusive<u16>) -> std::io::Result<u64> {
+        self.client.enter(|| {
+            let socket = Socket::new(Domain::IPV4, Type::DGRAM, None)?;
+            socket.bind(&SocketAddr::V4(SocketAddrV4::new(src, 0)).into())?;
+            let mut sent = 0;
+            for port in ports {
+                if socket.send_to(b"ctrace", &SocketAddr::V4(SocketAddrV4::new(SERVER, port)).into()).is_ok() {
+                    sent += 1;
+                }
+            }
+            Ok(sent)
+        })
+    }
+
     /// Sends one UDP datagram from `src` (a fresh source port) to the server.
     pub fn udp_send(&self, src: Ipv4Addr, port: u16) -> std::io::Result<()> {
         self.client.enter(|| {

@@ -116,3 +116,43 @@ fn probes_explains_every_hook() {
         }
     }
 }
+
+/// Failed insertions, made deterministic: with the fewest hash buckets the
+/// kernel allows (one page: 512) and 60,000 entries, chains average over 100
+/// entries, longer than `__nf_conntrack_confirm` accepts (50 to 80): new
+/// entries are refused ("chain too long", counted as insert_failed, the
+/// packet dropped).
+#[test]
+fn failed_insertions_match_the_kernels_insert_failed_counter() {
+    require_root();
+    if !kprobes() {
+        return;
+    }
+    const SOURCE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 8);
+    let lab = Lab::new("clash", &[SOURCE]).expect("lab");
+    lab.server.exec("nft", &["add table inet ctrace_clash"]).unwrap();
+    lab.server.exec("nft", &["add chain inet ctrace_clash track { type filter hook input priority filter; }"]).unwrap();
+    lab.server.exec("nft", &["add rule inet ctrace_clash track ct state new counter"]).unwrap();
+    let out = TempDir::new("clash");
+    let recording = Recording::start(&out.0.join("r.json"), &["--tier", "kprobe"]).expect("ctrace record");
+    let before = lab.server.conntrack_stat().unwrap();
+    let buckets = Sysctl::set("net.netfilter.nf_conntrack_buckets", "1").unwrap();
+    let max = Sysctl::set("net.netfilter.nf_conntrack_max", "200000").unwrap();
+    let sent = lab.udp_spray(SOURCE, 1..=60_000).unwrap();
+    let after = lab.server.conntrack_stat().unwrap();
+    drop(max);
+    drop(buckets);
+    eprintln!("sent {sent} datagrams; {} entries", after.entries);
+    std::thread::sleep(Duration::from_millis(500));
+    let record = recording.stop().expect("record");
+
+    let kernel_failed = after.insert_failed - before.insert_failed;
+    eprintln!("kernel: {kernel_failed} failed insertions");
+    assert!(kernel_failed > 0, "no insertion failed: the test could not exercise the hook");
+    assert_eq!(record["totals"]["conntrack"]["insert_failed"], kernel_failed, "exact hook count vs the kernel");
+    let failed = events(&record, "insert_failed");
+    let total: u64 = failed.iter().map(|e| e["count"].as_u64().unwrap()).sum();
+    assert_eq!(total, kernel_failed, "per-source failed insertions vs the kernel: {failed:#?}");
+    assert!(failed.iter().all(|e| e["src"] == SOURCE.to_string() && e["proto"] == "udp"), "{failed:#?}");
+    assert_eq!(record["totals"]["lost_events"], 0, "lost events would make the per-source count short");
+}
