@@ -41,6 +41,9 @@ pub mod drop_flags {
     /// The conntrack hooks saw this CPU's allocation fail on a full table
     /// just before this drop: the kernel itself says "table full".
     pub const TABLE_FULL: u8 = 1 << 2;
+    /// The conntrack hooks saw this CPU's confirmation fail (insert_failed)
+    /// just before this drop: conntrack, not a rule, dropped the packet.
+    pub const INSERT_FAILED: u8 = 1 << 3;
 }
 
 /// Address family values as the kernel spells them (`AF_INET`, `AF_INET6`).

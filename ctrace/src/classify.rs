@@ -45,6 +45,21 @@ impl FreedBy {
 /// means a rule dropped it; otherwise conntrack did, and a full table says
 /// why.
 pub fn classify(ct_attached: bool, freed_by: FreedBy, table_at_max: Option<bool>) -> Reason {
+    classify_with_hooks(ct_attached, freed_by, table_at_max, false)
+}
+
+/// [`classify`], plus the hooks' mark that conntrack refused the packet's
+/// entry at confirmation (it carries that entry, so it would look like a
+/// rule's drop otherwise).
+pub fn classify_with_hooks(
+    ct_attached: bool,
+    freed_by: FreedBy,
+    table_at_max: Option<bool>,
+    insert_failed: bool,
+) -> Reason {
+    if insert_failed {
+        return Reason::InsertFailed;
+    }
     if ct_attached || freed_by == FreedBy::RuleEngine {
         return Reason::Ruleset;
     }
@@ -94,7 +109,7 @@ impl Classifier {
             dport: event.dport,
             proto: event.proto,
             state: event.state,
-            reason: classify(event.ct_attached, freed_by, table_at_max),
+            reason: classify_with_hooks(event.ct_attached, freed_by, table_at_max, event.kernel_insert_failed),
         }
     }
 }
@@ -165,6 +180,7 @@ mod tests {
         // `ct state invalid drop` in nftables: no entry, freed by the rule engine.
         assert_eq!(classify(false, RuleEngine, Some(true)), Reason::Ruleset);
         assert_eq!(classify(true, NetfilterCore, Some(true)), Reason::Ruleset);
+        assert_eq!(classify_with_hooks(true, NetfilterCore, None, true), Reason::InsertFailed);
     }
 
     #[test]

@@ -81,6 +81,7 @@ enum Command {
     #[command(after_help = "Reasons:\n  \
         table_full       conntrack dropped a new flow while its namespace's table was at nf_conntrack_max\n  \
         conntrack_other  conntrack dropped it for another reason (allocation failure, tracker verdict)\n  \
+        insert_failed    conntrack refused to insert its new entry (clash, chain too long; hook tiers)\n  \
         ruleset          a rule (nftables/iptables) dropped it\n\n\
         The file also holds the kernel's own counters per namespace (drop, insert_failed, \
         early_drop, invalid) over the same window, to check the attribution against.")]

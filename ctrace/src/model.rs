@@ -29,6 +29,8 @@ pub struct DropEvent {
     pub location: u64,
     /// The conntrack hooks saw this packet's allocation fail on a full table.
     pub kernel_table_full: bool,
+    /// The conntrack hooks saw this packet's entry refused at confirmation.
+    pub kernel_insert_failed: bool,
 }
 
 /// An event of conntrack's own (kprobe tier).
@@ -201,6 +203,9 @@ pub enum Reason {
     /// Conntrack dropped the packet for another reason (allocation failure,
     /// a tracker's verdict), or the table's occupancy was unknown.
     ConntrackOther,
+    /// Conntrack refused to insert the packet's new entry (a clash it could
+    /// not resolve, a chain too long): hook tiers only.
+    InsertFailed,
     /// A rule (nftables/iptables) dropped the packet.
     Ruleset,
 }
@@ -210,6 +215,7 @@ impl Reason {
         match self {
             Reason::TableFull => "table_full",
             Reason::ConntrackOther => "conntrack_other",
+            Reason::InsertFailed => "insert_failed",
             Reason::Ruleset => "ruleset",
         }
     }

@@ -236,6 +236,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         totals: Totals {
             table_full: recorder.table.total(Reason::TableFull),
             conntrack_other: recorder.table.total(Reason::ConntrackOther),
+            insert_failed: recorder.table.total(Reason::InsertFailed),
             ruleset: recorder.table.total(Reason::Ruleset),
             lost_events: kernel.lost_events,
             undecodable: recorder.undecodable,

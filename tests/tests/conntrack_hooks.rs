@@ -155,4 +155,7 @@ fn failed_insertions_match_the_kernels_insert_failed_counter() {
     assert_eq!(total, kernel_failed, "per-source failed insertions vs the kernel: {failed:#?}");
     assert!(failed.iter().all(|e| e["src"] == SOURCE.to_string() && e["proto"] == "udp"), "{failed:#?}");
     assert_eq!(record["totals"]["lost_events"], 0, "lost events would make the per-source count short");
+    // The refused packets were dropped: conntrack's drops, not a rule's.
+    assert_eq!(record["totals"]["insert_failed"], kernel_failed, "drops marked insert_failed");
+    assert_eq!(record["totals"]["ruleset"], 0, "no rule dropped anything here");
 }

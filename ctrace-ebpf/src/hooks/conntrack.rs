@@ -73,6 +73,11 @@ static BORN: LruHashMap<u64, u64> = LruHashMap::with_max_entries(65536, 0);
 #[map]
 pub static TABLE_FULL_PENDING: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
+/// Set when this CPU's confirmation just failed; read and cleared by the
+/// kfree_skb program for the packet conntrack then drops.
+#[map]
+pub static INSERT_FAILED_PENDING: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
 const NF_DROP: u64 = 0; // include/uapi/linux/netfilter.h
 const NF_ACCEPT: u64 = 1;
 const NFCT_PTRMASK: u64 = !7;
@@ -268,7 +273,13 @@ fn on_confirm_return(ret: u64) -> Result<(), i64> {
             let _ = BORN.insert(ct, now(), 0);
             ct_event::INSERT
         }
-        NF_DROP => ct_event::INSERT_FAILED,
+        NF_DROP => {
+            if let Some(slot) = INSERT_FAILED_PENDING.get_ptr_mut(0) {
+                // SAFETY: this CPU's slot.
+                unsafe { *slot = now() };
+            }
+            ct_event::INSERT_FAILED
+        }
         _ => return Ok(()),
     };
     let net: u64 = read::at(ct, l.ct_net)?;

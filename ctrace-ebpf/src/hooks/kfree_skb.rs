@@ -9,12 +9,13 @@
 use aya_ebpf::{
     helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns},
     macros::btf_tracepoint,
+    maps::PerCpuArray,
     programs::BtfTracePointContext,
 };
 use ctrace_common::{counter, drop_flags, family, kind, KfreeSkbLayout, PacketDrop};
 
 use crate::{
-    hooks::conntrack::TABLE_FULL_PENDING,
+    hooks::conntrack::{INSERT_FAILED_PENDING, TABLE_FULL_PENDING},
     maps::{count, submit_flags, EVENTS},
     read,
 };
@@ -66,11 +67,14 @@ fn on_netfilter_drop(layout: &KfreeSkbLayout, skb: u64, location: u64) -> Result
     let mut flags = 0;
     if nfct == 0 {
         count(counter::NETFILTER_DROPS_NO_ENTRY);
-        if table_full_just_now() {
+        if just_now(&TABLE_FULL_PENDING) {
             flags |= drop_flags::TABLE_FULL;
         }
     } else {
         flags |= drop_flags::CT_ATTACHED;
+        if just_now(&INSERT_FAILED_PENDING) {
+            flags |= drop_flags::INSERT_FAILED;
+        }
     }
 
     let mut record = PacketDrop {
@@ -97,12 +101,12 @@ fn on_netfilter_drop(layout: &KfreeSkbLayout, skb: u64, location: u64) -> Result
     Ok(())
 }
 
-/// Did the conntrack hooks just see this CPU's allocation fail on a full
-/// table? The drop of that packet follows on the same CPU within
-/// microseconds; the mark is consumed so it names one drop only.
-fn table_full_just_now() -> bool {
+/// Did the conntrack hooks just mark this CPU (a table-full allocation, a
+/// failed confirmation)? The drop of that packet follows on the same CPU
+/// within microseconds; the mark is consumed so it names one drop only.
+fn just_now(mark: &PerCpuArray<u64>) -> bool {
     const WINDOW_NS: u64 = 10_000_000;
-    let Some(slot) = TABLE_FULL_PENDING.get_ptr_mut(0) else { return false };
+    let Some(slot) = mark.get_ptr_mut(0) else { return false };
     // SAFETY: this CPU's slot of a per-CPU array; no arguments to the helper.
     unsafe {
         let marked = *slot;

@@ -52,6 +52,9 @@ pub struct RecordFile {
 pub struct Totals {
     pub table_full: u64,
     pub conntrack_other: u64,
+    /// Hook tiers: drops of packets whose entry conntrack refused to insert.
+    #[serde(default)]
+    pub insert_failed: u64,
     pub ruleset: u64,
     pub lost_events: u64,
     pub undecodable: u64,

@@ -33,7 +33,7 @@ pub fn render(record: &RecordFile, top: usize) -> String {
         record.hostname, record.kernel, record.tier, record.started_at, record.duration_s
     )
     .map(|_| ());
-    let conntrack = t.table_full + t.conntrack_other;
+    let conntrack = t.table_full + t.conntrack_other + t.insert_failed;
     match first_drop_offset_s(record) {
         Some(offset) => {
             let at = rfc3339_utc(record.started_unix() + offset as u64);
@@ -47,6 +47,9 @@ pub fn render(record: &RecordFile, top: usize) -> String {
     let _ = writeln!(out, "\nTOTALS");
     let _ = writeln!(out, "  table_full        {:>10}", t.table_full);
     let _ = writeln!(out, "  conntrack_other   {:>10}", t.conntrack_other);
+    if t.insert_failed > 0 {
+        let _ = writeln!(out, "  insert_failed     {:>10}", t.insert_failed);
+    }
     let _ = writeln!(out, "  ruleset           {:>10}", t.ruleset);
     let _ = writeln!(
         out,
@@ -54,7 +57,7 @@ pub fn render(record: &RecordFile, top: usize) -> String {
         t.lost_events,
         if t.lost_events > 0 { "  (per-source counts are short by this many)" } else { "" }
     );
-    let accounted = t.table_full + t.conntrack_other + t.ruleset + t.undecodable + t.lost_events;
+    let accounted = t.table_full + t.conntrack_other + t.insert_failed + t.ruleset + t.undecodable + t.lost_events;
     let _ = writeln!(
         out,
         "  kernel saw        {:>10}  NETFILTER_DROP packets ({}; {} without a conntrack entry)",

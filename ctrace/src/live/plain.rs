@@ -76,7 +76,7 @@ pub fn render(header: &Header, snap: &Snapshot, query: &Query) -> String {
     for s in &snap.series {
         let _ = writeln!(
             out,
-            "  {:<16} {:>8}/s  total {:<10} {}",
+            "  {:<18} {:>8}/s  total {:<10} {}",
             s.name,
             short(s.per_s),
             s.total,

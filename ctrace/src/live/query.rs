@@ -68,7 +68,9 @@ impl Filter {
             } else if let Some(ns) = word.strip_prefix("ns=").or_else(|| word.strip_prefix("netns=")) {
                 filter.netns = Some(ns.to_string());
             } else if let Some(reason) =
-                [Reason::TableFull, Reason::ConntrackOther, Reason::Ruleset].into_iter().find(|r| r.as_str() == word)
+                [Reason::TableFull, Reason::ConntrackOther, Reason::InsertFailed, Reason::Ruleset]
+                    .into_iter()
+                    .find(|r| r.as_str() == word)
             {
                 filter.reason = Some(reason);
             } else {

@@ -24,8 +24,19 @@ pub const HISTORY: usize = 60;
 const TREND_WINDOW_S: f64 = 10.0;
 
 /// The series shown as rates, in display order.
-pub const SERIES: [&str; 8] =
-    ["table_full", "conntrack_other", "ruleset", "early_drop", "insert_failed", "invalid", "kernel_drop", "lost"];
+pub const SERIES: [&str; 9] = [
+    "table_full",
+    "conntrack_other",
+    "insert_failed",
+    "ruleset",
+    "kernel_early_drop",
+    "kernel_insert_fail",
+    "kernel_invalid",
+    "kernel_drop",
+    "lost",
+];
+/// Decoded drop reasons come first in SERIES.
+const REASONS: usize = 4;
 
 /// Kernel counters read once per tick for one namespace.
 #[derive(Clone, Debug)]
@@ -94,8 +105,8 @@ pub struct LiveState {
     heavy: SpaceSaving<SourceKey>,
     /// Exact drops per namespace and reason (namespaces are few).
     by_netns: FxHashMap<(u32, Reason), u64>,
-    decoded: [u64; 3],
-    decoded_deltas: [Delta; 3],
+    decoded: [u64; REASONS],
+    decoded_deltas: [Delta; REASONS],
     lost_delta: Delta,
     series: Vec<Series>,
     namespaces: BTreeMap<u32, NetnsState>,
@@ -109,7 +120,8 @@ fn reason_index(reason: Reason) -> usize {
     match reason {
         Reason::TableFull => 0,
         Reason::ConntrackOther => 1,
-        Reason::Ruleset => 2,
+        Reason::InsertFailed => 2,
+        Reason::Ruleset => 3,
     }
 }
 
@@ -123,8 +135,8 @@ impl LiveState {
             heavy: SpaceSaving::new(capacity),
             fills: Fills::default(),
             by_netns: FxHashMap::default(),
-            decoded: [0; 3],
-            decoded_deltas: [Delta::default(); 3],
+            decoded: [0; REASONS],
+            decoded_deltas: [Delta::default(); REASONS],
             lost_delta: Delta::default(),
             series: SERIES.iter().map(|_| Series::new(HISTORY)).collect(),
             namespaces: BTreeMap::new(),
@@ -223,7 +235,7 @@ impl LiveState {
         self.last_tick_ns = input.now_ns;
         self.ticks += 1;
         self.heavy.mark();
-        for i in 0..3 {
+        for i in 0..REASONS {
             let delta = self.decoded_deltas[i].next(self.decoded[i]);
             self.series[i].push(delta);
         }
@@ -255,9 +267,9 @@ impl LiveState {
         let ticks = self.ticks;
         self.namespaces.retain(|_, ns| ns.seen_at_tick == ticks);
         for (i, sum) in kernel_sums.into_iter().enumerate() {
-            self.series[3 + i].push(sum);
+            self.series[REASONS + i].push(sum);
         }
-        self.series[7].push(self.lost_delta.next(input.kernel.lost_events));
+        self.series[REASONS + 4].push(self.lost_delta.next(input.kernel.lost_events));
         self.kernel = input.kernel;
         self.max = input.max;
         self.buckets = input.buckets;
@@ -273,8 +285,8 @@ impl LiveState {
         for ns in self.namespaces.values_mut() {
             ns.trend = Trend::new(TREND_WINDOW_S);
         }
-        self.decoded = [0; 3];
-        self.decoded_deltas = [Delta::default(); 3];
+        self.decoded = [0; REASONS];
+        self.decoded_deltas = [Delta::default(); REASONS];
         self.undecodable = 0;
     }
 

@@ -227,7 +227,7 @@ fn draw_rates(frame: &mut Frame, area: Rect, snap: &Snapshot) {
             Style::new()
         };
         lines.push(Line::from(vec![
-            Span::styled(format!("  {:<16} {:>8}/s  total {:<10} ", s.name, short(s.per_s), s.total), style),
+            Span::styled(format!("  {:<18} {:>8}/s  total {:<10} ", s.name, short(s.per_s), s.total), style),
             Span::styled(sparkline(s.history.iter().copied()), Style::new().fg(Color::Cyan)),
         ]));
     }
@@ -262,7 +262,9 @@ fn draw_top(frame: &mut Frame, area: Rect, snap: &Snapshot, query: &Query) {
             let src = r.src_name.as_ref().map_or(r.src.to_string(), |n| format!("{n} ({})", r.src));
             let reason_style = match r.reason {
                 crate::model::Reason::TableFull => Style::new().fg(Color::Red),
-                crate::model::Reason::ConntrackOther => Style::new().fg(Color::Magenta),
+                crate::model::Reason::ConntrackOther | crate::model::Reason::InsertFailed => {
+                    Style::new().fg(Color::Magenta)
+                }
                 crate::model::Reason::Ruleset => Style::new().fg(Color::Blue),
             };
             Row::new(vec![
