@@ -6,6 +6,7 @@
 //! `export` writes files. `netns` reads the kernel's own counters to compare.
 pub mod aggregate;
 pub mod btf;
+pub mod census;
 pub mod classify;
 pub mod decode;
 pub mod export;

@@ -123,25 +123,30 @@ pub struct StatReader {
     file: File,
 }
 
+/// Opens `/proc/net/<name>` of the namespace at `ns_path`, from a thread
+/// that enters it (setns affects only the calling thread). The open file
+/// stays bound to that namespace.
+pub fn open_in(ns_path: &Path, name: &str) -> io::Result<File> {
+    let ns = File::open(ns_path)?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: setns on a valid namespace fd; only this
+                // short-lived thread moves.
+                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                File::open(Path::new("/proc/thread-self/net").join(name))
+            })
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("namespace thread panicked")))
+    })
+}
+
 impl StatReader {
-    /// Opens the stat file of the namespace at `ns_path`, from a thread that
-    /// enters it (setns affects only the calling thread).
+    /// Opens the stat file of the namespace at `ns_path`.
     pub fn open(ns_path: &Path) -> io::Result<Self> {
-        let ns = File::open(ns_path)?;
-        let file = std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    // SAFETY: setns on a valid namespace fd; only this
-                    // short-lived thread moves.
-                    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                    File::open("/proc/thread-self/net/stat/nf_conntrack")
-                })
-                .join()
-                .unwrap_or_else(|_| Err(io::Error::other("namespace thread panicked")))
-        })?;
-        Ok(StatReader { file })
+        Ok(StatReader { file: open_in(ns_path, "stat/nf_conntrack")? })
     }
 
     pub fn read(&mut self) -> io::Result<ConntrackStats> {
@@ -201,6 +206,11 @@ impl Namespaces {
             self.known.entry(inum).or_insert(ns);
         }
         self.last_scan = Some(Instant::now());
+    }
+
+    /// The path to enter a known namespace by.
+    pub fn path(&self, inum: u32) -> Option<PathBuf> {
+        self.known.get(&inum).map(|ns| ns.path.clone())
     }
 
     pub fn name(&self, inum: u32) -> Option<&str> {

@@ -121,9 +121,6 @@ fn drive_the_view(tmux: &Tmux) {
         let rows = top_rows(s);
         rows.len() >= 2 && rows.iter().take(2).all(|r| r.contains("table_full"))
     });
-    if let Some(keep) = std::env::var_os("CTRACE_KEEP_SCREEN") {
-        std::fs::write(keep, &screen).expect("keep the screen");
-    }
     let rows = top_rows(&screen);
     let leaders: Vec<bool> =
         rows.iter().take(2).map(|r| r.contains(&STORM_A.to_string()) || r.contains(&STORM_B.to_string())).collect();
@@ -133,27 +130,28 @@ fn drive_the_view(tmux: &Tmux) {
     let gauge = screen.lines().find(|l| l.contains("ctrace-live-srv")).unwrap_or_else(|| panic!("no gauge:\n{screen}"));
     assert!(gauge.contains("64/64") && gauge.contains("FULL"), "gauge: {gauge}");
 
-    // Who fills the table: the filler's 64 live entries where the conntrack
-    // hooks run; elsewhere, why the panel is empty.
+    // Who fills the table: the filler's 64 entries, from the kernel's own
+    // table on every tier; where the conntrack hooks run, also its 64
+    // insertions.
     let hooked = screen.contains("tier: kprobe") || screen.contains("tier: fentry");
-    let panel: Vec<&str> = screen.lines().skip_while(|l| !l.starts_with("WHO FILLS THE TABLE")).collect();
-    if hooked {
-        let screen = tmux.wait_for("the filler in the fills panel", |s| {
-            s.lines().skip_while(|l| !l.starts_with("WHO FILLS")).any(|l| l.contains(&FILLER.to_string()))
-        });
-        let row = screen
-            .lines()
-            .skip_while(|l| !l.starts_with("WHO FILLS"))
-            .find(|l| l.contains(&FILLER.to_string()))
-            .unwrap()
-            .to_string();
-        let numbers: Vec<&str> = row.split_whitespace().collect();
-        // SOURCE DPORT PROTO NETNS LIVE INSERTED REMOVED EVICTED
-        assert_eq!(numbers[4], TABLE_MAX.to_string(), "live entries of the filler: {row}");
-        assert_eq!(numbers[5], TABLE_MAX.to_string(), "insertions of the filler: {row}");
-    } else {
-        assert!(panel.iter().any(|l| l.contains("needs the conntrack hooks")), "{screen}");
+    let screen = tmux.wait_for("the filler in the fills panel", |s| {
+        s.lines().skip_while(|l| !l.starts_with("WHO FILLS")).any(|l| l.contains(&FILLER.to_string()))
+    });
+    let row = screen
+        .lines()
+        .skip_while(|l| !l.starts_with("WHO FILLS"))
+        .find(|l| l.contains(&FILLER.to_string()))
+        .unwrap()
+        .to_string();
+    if let Some(keep) = std::env::var_os("CTRACE_KEEP_SCREEN") {
+        std::fs::write(keep, &screen).expect("keep the screen");
     }
+    let words: Vec<&str> = row.split_whitespace().collect();
+    // SOURCE PROTO NETNS ENTRIES INSERTED REMOVED BY-STATE...
+    assert_eq!(words[3], TABLE_MAX.to_string(), "the filler's entries in the table: {row}");
+    assert!(row.contains(&format!("ESTABLISHED {TABLE_MAX}")), "held connections are ESTABLISHED: {row}");
+    let inserted = if hooked { TABLE_MAX.to_string() } else { "-".to_string() };
+    assert_eq!(words[4], inserted, "insertions seen by the hooks: {row}");
 
     // s: sort by the next column.
     tmux.keys(&["s"]);

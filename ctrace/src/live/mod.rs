@@ -37,6 +37,10 @@ use crate::{
     record::{monotonic_ns, DRAIN_EVERY},
 };
 
+/// How often the tables are counted (reading a big table costs about a
+/// second per million entries, on its own thread).
+const CENSUS_EVERY: Duration = Duration::from_secs(5);
+
 /// What the header says about the kernel and the hooks.
 #[derive(Clone, Debug, Serialize)]
 pub struct Header {
@@ -90,11 +94,7 @@ fn header(attached: &Attached) -> Header {
         kernel: read_trimmed("/proc/sys/kernel/osrelease"),
         tier: format!("tier: {}", attached.tier),
         hooks,
-        fills_note: if attached.tier == crate::hooks::Tier::Tracepoint {
-            "needs the conntrack hooks (kprobe/fentry tier; `ctrace probes` says why they are off)".into()
-        } else {
-            "no insertions seen yet".into()
-        },
+        fills_note: "no table has entries yet (tables are counted every 5 s)".into(),
     }
 }
 
@@ -155,8 +155,18 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let mut events = crate::hooks::poll_events(events)?;
     let mut keys_open = tui;
     let mut drain = tokio::time::interval(DRAIN_EVERY);
+    // The table census: read on worker threads, a few seconds apart.
+    let mut census_every = tokio::time::interval(CENSUS_EVERY);
+    let mut censuses: Vec<(u32, std::sync::mpsc::Receiver<Option<crate::census::Census>>)> = Vec::new();
     loop {
         tokio::select! {
+            _ = census_every.tick(), if censuses.is_empty() => {
+                for netns in state.namespaces_with_entries() {
+                    if let Some(path) = classifier.namespaces.path(netns) {
+                        censuses.push((netns, crate::census::spawn(netns, path)));
+                    }
+                }
+            }
             ready = events.readable_mut() => {
                 let mut guard = ready?;
                 consume(guard.get_inner_mut(), &mut classifier, &attached.tcp_states, &mut state);
@@ -164,6 +174,11 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             }
             _ = drain.tick() => consume(events.get_mut(), &mut classifier, &attached.tcp_states, &mut state),
             _ = ticker.tick() => {
+                censuses.retain(|(netns, rx)| match rx.try_recv() {
+                    Ok(Some(census)) => { state.set_census(*netns, census); false }
+                    Ok(None) | Err(std::sync::mpsc::TryRecvError::Disconnected) => false,
+                    Err(std::sync::mpsc::TryRecvError::Empty) => true,
+                });
                 state.tick(sample(&attached, &mut classifier.namespaces));
                 let snap = snapshot(&state, &view, resolver.as_mut());
                 match terminal.as_mut() {

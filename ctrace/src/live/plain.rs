@@ -137,9 +137,38 @@ pub fn render(header: &Header, snap: &Snapshot, query: &Query) -> String {
     out
 }
 
+/// The kernel's table counted by source and state (every tier).
+fn census_lines(census: &crate::live::state::CensusView, max_rows: usize) -> Vec<String> {
+    let mut lines = vec![format!(
+        "{:<24} {:<5} {:<22} {:>8} {:>8} {:>8}  {}",
+        "SOURCE", "PROTO", "NETNS", "ENTRIES", "INSERTED", "REMOVED", "BY STATE"
+    )];
+    let dash = |v: Option<u64>| v.map_or("-".to_string(), |n| n.to_string());
+    for row in census.rows.iter().take(max_rows) {
+        let states: Vec<String> = row.states.iter().take(3).map(|(s, n)| format!("{s} {n}")).collect();
+        lines.push(format!(
+            "{:<24} {:<5} {:<22} {:>8} {:>8} {:>8}  {}",
+            row.src.to_string(),
+            row.proto.to_string(),
+            row.netns_name.clone().unwrap_or_else(|| row.netns.to_string()),
+            row.entries,
+            dash(row.inserted),
+            dash(row.removed),
+            states.join(", ")
+        ));
+    }
+    let states: Vec<String> = census.by_state.iter().map(|(s, n)| format!("{s} {n}")).collect();
+    let truncated = if census.truncated { " (first 500,000 entries of a larger table)" } else { "" };
+    lines.push(format!("{} entries by state: {}{truncated}", census.entries, states.join(", ")));
+    lines
+}
+
 /// The "who fills the table" panel as lines: entries inserted since ctrace
 /// started, per source, with how many are still there; or why it is empty.
 pub fn fills_lines(header: &Header, snap: &Snapshot, max_rows: usize) -> Vec<String> {
+    if let Some(census) = snap.census.as_ref().filter(|c| !c.rows.is_empty()) {
+        return census_lines(census, max_rows);
+    }
     let Some(fills) = snap.fills.as_ref().filter(|f| !f.rows.is_empty()) else {
         return vec![header.fills_note.clone()];
     };

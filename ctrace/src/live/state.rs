@@ -12,6 +12,7 @@ use crate::{
         window::{per_second, Delta, Series},
         SourceKey,
     },
+    census::Census,
     export::metrics::{MetricsInput, NetnsCounts, SourceCount},
     hooks::KernelTotals,
     live::query::{Query, SortBy},
@@ -99,6 +100,8 @@ struct Fills {
 pub struct LiveState {
     started_ns: u64,
     fills: Fills,
+    /// The latest count of each namespace's table (every few seconds).
+    census: std::collections::BTreeMap<u32, Census>,
     last_tick_ns: u64,
     interval_ns: u64,
     ticks: u64,
@@ -134,6 +137,7 @@ impl LiveState {
             ticks: 0,
             heavy: SpaceSaving::new(capacity),
             fills: Fills::default(),
+            census: Default::default(),
             by_netns: FxHashMap::default(),
             decoded: [0; REASONS],
             decoded_deltas: [Delta::default(); REASONS],
@@ -153,6 +157,16 @@ impl LiveState {
         self.heavy.add(key, ts_ns);
         self.decoded[reason_index(key.reason)] += 1;
         *self.by_netns.entry((key.netns, key.reason)).or_default() += 1;
+    }
+
+    /// Replaces a namespace's table census.
+    pub fn set_census(&mut self, netns: u32, census: Census) {
+        self.census.insert(netns, census);
+    }
+
+    /// Namespaces whose tables have entries now (worth a census).
+    pub fn namespaces_with_entries(&self) -> Vec<u32> {
+        self.namespaces.iter().filter(|(_, ns)| ns.entries > 0).map(|(inum, _)| *inum).collect()
     }
 
     /// Counts one conntrack event (hook tiers): who fills the table.
@@ -371,7 +385,48 @@ impl LiveState {
                 removed_by_state: self.fills.removed_by_state.iter().map(|(s, n)| (*s, *n)).collect(),
             }
         });
+        let census = (!self.census.is_empty()).then(|| {
+            let mut by_state: std::collections::BTreeMap<ConnState, u64> = Default::default();
+            let mut rows: Vec<CensusRow> = Vec::new();
+            for (inum, c) in self.census.iter().filter(|(inum, _)| self.namespaces.contains_key(inum)) {
+                for (state, n) in &c.by_state {
+                    *by_state.entry(*state).or_default() += n;
+                }
+                rows.extend(c.by_source.iter().map(|s| CensusRow {
+                    netns: *inum,
+                    netns_name: self.netns_name(*inum).map(str::to_string),
+                    src: s.src,
+                    proto: s.proto,
+                    entries: s.entries,
+                    states: s.states.clone(),
+                    inserted: None,
+                    removed: None,
+                }));
+            }
+            rows.sort_by(|a, b| b.entries.cmp(&a.entries).then(a.src.cmp(&b.src)));
+            rows.truncate(query.limit);
+            if self.fills.active {
+                for row in &mut rows {
+                    let (mut inserted, mut removed) = (0, 0);
+                    for (k, c) in &self.fills.by_source {
+                        if k.netns == row.netns && k.src == row.src && k.proto == row.proto {
+                            inserted += c.inserted;
+                            removed += c.removed;
+                        }
+                    }
+                    row.inserted = Some(inserted);
+                    row.removed = Some(removed);
+                }
+            }
+            CensusView {
+                entries: self.census.values().map(|c| c.entries).sum(),
+                truncated: self.census.values().any(|c| c.truncated),
+                by_state: by_state.into_iter().collect(),
+                rows,
+            }
+        });
         Snapshot {
+            census,
             fills,
             uptime_s: now_ns.saturating_sub(self.started_ns) as f64 / 1e9,
             max: self.max,
@@ -414,6 +469,31 @@ fn sort_rows(rows: &mut [TopRow], by: SortBy, descending: bool) {
     });
 }
 
+/// Who fills the table, from the kernel's own table (all tiers).
+#[derive(Clone, Debug, Serialize)]
+pub struct CensusView {
+    pub entries: u64,
+    /// A table was larger than ctrace reads at once.
+    pub truncated: bool,
+    pub by_state: Vec<(ConnState, u64)>,
+    pub rows: Vec<CensusRow>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct CensusRow {
+    pub netns: u32,
+    pub netns_name: Option<String>,
+    pub src: IpAddr,
+    pub proto: Protocol,
+    /// Entries in the table now.
+    pub entries: u64,
+    /// By TCP state, most first.
+    pub states: Vec<(ConnState, u64)>,
+    /// Hook tiers: insertions and removals seen since ctrace started.
+    pub inserted: Option<u64>,
+    pub removed: Option<u64>,
+}
+
 /// Who fills the table: entries inserted since ctrace started, per source.
 #[derive(Clone, Debug, Serialize)]
 pub struct FillsView {
@@ -438,6 +518,8 @@ pub struct FillRow {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Snapshot {
+    /// Entries per source and state in the kernel's tables (None until read).
+    pub census: Option<CensusView>,
     /// None on the tracepoint tier (no conntrack events).
     pub fills: Option<FillsView>,
     pub uptime_s: f64,
