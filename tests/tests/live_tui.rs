@@ -134,15 +134,12 @@ fn drive_the_view(tmux: &Tmux) {
     // table on every tier; where the conntrack hooks run, also its 64
     // insertions.
     let hooked = screen.contains("tier: kprobe") || screen.contains("tier: fentry");
-    let screen = tmux.wait_for("the filler in the fills panel", |s| {
-        s.lines().skip_while(|l| !l.starts_with("WHO FILLS")).any(|l| l.contains(&FILLER.to_string()))
+    // (Until the first count of the table, the hook tiers show the hooks' own rows.)
+    let census_row = |l: &&str| l.contains(&FILLER.to_string()) && l.contains("ESTABLISHED");
+    let screen = tmux.wait_for("the filler in the table census", |s| {
+        s.lines().skip_while(|l| !l.starts_with("WHO FILLS")).any(|l| census_row(&l))
     });
-    let row = screen
-        .lines()
-        .skip_while(|l| !l.starts_with("WHO FILLS"))
-        .find(|l| l.contains(&FILLER.to_string()))
-        .unwrap()
-        .to_string();
+    let row = screen.lines().skip_while(|l| !l.starts_with("WHO FILLS")).find(census_row).unwrap().to_string();
     if let Some(keep) = std::env::var_os("CTRACE_KEEP_SCREEN") {
         std::fs::write(keep, &screen).expect("keep the screen");
     }
