@@ -66,7 +66,14 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                 let Ok((stream, _)) = accepted else { continue };
                 // Bring the counters up to date so a scrape sees every drop so far.
                 consume(events.get_mut(), &mut classifier, &attached.tcp_states, &mut state);
-                let body = encode_input(&state.metrics(options.top));
+                let mut input = state.metrics(options.top);
+                if let Ok(t) = attached.conntrack_totals() {
+                    if attached.tier != crate::hooks::Tier::Tracepoint {
+                        let names = ["table_full", "alloc_failed", "early_drop", "insert", "insert_failed", "delete"];
+                        input.conntrack_events = names.iter().zip(&t[1..]).map(|(n, v)| (*n, *v)).collect();
+                    }
+                }
+                let body = encode_input(&input);
                 // One request per connection; a slow client gets 2 s.
                 let _ = tokio::time::timeout(Duration::from_secs(2), respond(stream, &body)).await;
             }

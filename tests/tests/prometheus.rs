@@ -130,4 +130,8 @@ fn prometheus_scrapes_per_source_drops_equal_to_the_kernel() {
     let (value, _) =
         query(prom_port, &format!("ctrace_drops_total{{netns=\"{netns}\",reason=\"table_full\"}}")).unwrap();
     assert_eq!(value, truth as f64);
+    // Where the conntrack hooks run, the filler's connections were counted as insertions.
+    if let Some((inserts, _)) = query(prom_port, "ctrace_conntrack_events_total{event=\"insert\"}") {
+        assert_eq!(inserts, TABLE_MAX as f64, "insertions: the 64 filling connections");
+    }
 }

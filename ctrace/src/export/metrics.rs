@@ -52,6 +52,8 @@ pub struct MetricsInput {
     pub max: Option<u64>,
     /// A record file's duration; absent for a live scrape.
     pub duration_s: Option<f64>,
+    /// Hook tiers: conntrack's own events by kind (exact, per-CPU counters).
+    pub conntrack_events: Vec<(&'static str, u64)>,
 }
 
 fn ns_labels(netns: u32, name: &Option<String>) -> Labels {
@@ -121,6 +123,17 @@ pub fn encode_input(input: &MetricsInput) -> String {
             family.get_or_create(&labels).inc_by(value);
         }
         entries.get_or_create(&labels).set(ns.entries as i64);
+    }
+    if !input.conntrack_events.is_empty() {
+        let events = counter_family(
+            &mut registry,
+            "ctrace_conntrack_events",
+            "Conntrack's own events seen by the hooks (kprobe/fentry tiers): insert, insert_failed, \
+             early_drop, delete, table_full, alloc_failed",
+        );
+        for (event, n) in &input.conntrack_events {
+            events.get_or_create(&vec![("event".to_string(), event.to_string())]).inc_by(*n);
+        }
     }
     if let Some(max) = input.max {
         let gauge = Gauge::<i64>::default();
@@ -206,6 +219,21 @@ pub fn from_record(record: &RecordFile, top: usize) -> String {
             .collect(),
         max: record.kernel_counters.iter().find_map(|c| c.max),
         duration_s: Some(record.duration_s),
+        conntrack_events: record
+            .totals
+            .conntrack
+            .as_ref()
+            .map(|c| {
+                vec![
+                    ("table_full", c.table_full),
+                    ("alloc_failed", c.alloc_failed),
+                    ("early_drop", c.early_drop),
+                    ("insert", c.insert),
+                    ("insert_failed", c.insert_failed),
+                    ("delete", c.delete),
+                ]
+            })
+            .unwrap_or_default(),
     };
     encode_input(&input)
 }

@@ -240,6 +240,7 @@ impl LiveState {
                 .collect(),
             max: self.max,
             duration_s: None,
+            conntrack_events: Vec::new(),
         }
     }
 
