@@ -49,12 +49,16 @@ const HEADER_UNSET: u16 = u16::MAX;
 #[btf_tracepoint(function = "kfree_skb")]
 pub fn kfree_skb(ctx: BtfTracePointContext) -> i32 {
     let reason: u64 = ctx.arg(2);
+    // Every freed packet of the machine comes here: compare the reason before
+    // copying the rest of the layout.
     // SAFETY: a read-only global; read_volatile keeps the compiler from
     // folding the placeholder value above into the code.
-    let layout = unsafe { core::ptr::read_volatile(&KFREE_SKB_LAYOUT) };
-    if reason as u32 != layout.netfilter_drop_reason {
+    let netfilter_drop = unsafe { core::ptr::read_volatile(&KFREE_SKB_LAYOUT.netfilter_drop_reason) };
+    if reason as u32 != netfilter_drop {
         return 0;
     }
+    // SAFETY: as above.
+    let layout = unsafe { core::ptr::read_volatile(&KFREE_SKB_LAYOUT) };
     let skb: u64 = ctx.arg(0);
     let location: u64 = ctx.arg(1);
     let _ = on_netfilter_drop(&layout, skb, location);
