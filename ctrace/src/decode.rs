@@ -123,6 +123,7 @@ pub fn encode(raw: &PacketDrop) -> [u8; PacketDrop::SIZE] {
 }
 
 /// The bytes of a conntrack record, as the kernel lays them out.
+#[cfg(test)]
 pub fn encode_conntrack(raw: &ConntrackEvent) -> [u8; ConntrackEvent::SIZE] {
     // SAFETY: as above.
     unsafe { std::mem::transmute_copy(raw) }

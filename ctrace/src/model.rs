@@ -45,17 +45,6 @@ pub enum CtKind {
     Delete,
 }
 
-impl CtKind {
-    pub const ALL: [CtKind; 6] = [
-        CtKind::TableFull,
-        CtKind::AllocFailed,
-        CtKind::EarlyDrop,
-        CtKind::Insert,
-        CtKind::InsertFailed,
-        CtKind::Delete,
-    ];
-}
-
 /// A conntrack event with the entry's original tuple.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CtEvent {

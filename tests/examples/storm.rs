@@ -20,9 +20,7 @@ fn main() -> anyhow::Result<()> {
     let mut addrs = vec![filler];
     addrs.extend(&storm);
     let lab = Lab::new("storm", &addrs)?;
-    lab.server.exec("nft", &["add table inet ctrace_storm"])?;
-    lab.server.exec("nft", &["add chain inet ctrace_storm track { type filter hook input priority filter; }"])?;
-    lab.server.exec("nft", &["add rule inet ctrace_storm track ct state new counter"])?;
+    lab.track_connections("ctrace_storm")?;
     let _listener = lab.listen(8080)?;
     let recording = Recording::start(std::path::Path::new(output), &["--duration", &seconds.to_string()])?;
     let max = Sysctl::set("net.netfilter.nf_conntrack_max", "128")?;

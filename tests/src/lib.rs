@@ -235,6 +235,15 @@ impl Lab {
         })
     }
 
+    /// Turns conntrack on in the server namespace: a `ct state new` rule
+    /// (any conntrack expression registers its hooks there) in table `name`.
+    pub fn track_connections(&self, name: &str) -> anyhow::Result<()> {
+        self.server.exec("nft", &["add", "table", "inet", name])?;
+        self.server.exec("nft", &["add chain inet", name, "track { type filter hook input priority filter; }"])?;
+        self.server.exec("nft", &["add rule inet", name, "track ct state new counter"])?;
+        Ok(())
+    }
+
     /// Sends one datagram from one socket on `src` to each of `ports` on the
     /// server: a new conntrack entry per port, made as fast as sendto goes.
     pub fn udp_spray(&self, src: Ipv4Addr, ports: std::ops::RangeInclusive<u16>) -> std::io::Result<u64> {

@@ -35,9 +35,7 @@ fn early_drops_name_the_evicted_entries_and_match_the_kernel() {
         return;
     }
     let lab = Lab::new("early", &[EVICTEE, NEWCOMER]).expect("lab");
-    lab.server.exec("nft", &["add table inet ctrace_early"]).unwrap();
-    lab.server.exec("nft", &["add chain inet ctrace_early track { type filter hook input priority filter; }"]).unwrap();
-    lab.server.exec("nft", &["add rule inet ctrace_early track ct state new counter"]).unwrap();
+    lab.track_connections("ctrace_early").unwrap();
     let _listener = lab.listen(OPEN_PORT).unwrap();
     let _sink = lab.udp_sink(SINK_PORT).unwrap();
     let out = TempDir::new("early");
@@ -130,9 +128,7 @@ fn failed_insertions_match_the_kernels_insert_failed_counter() {
     }
     const SOURCE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 8);
     let lab = Lab::new("clash", &[SOURCE]).expect("lab");
-    lab.server.exec("nft", &["add table inet ctrace_clash"]).unwrap();
-    lab.server.exec("nft", &["add chain inet ctrace_clash track { type filter hook input priority filter; }"]).unwrap();
-    lab.server.exec("nft", &["add rule inet ctrace_clash track ct state new counter"]).unwrap();
+    lab.track_connections("ctrace_clash").unwrap();
     let out = TempDir::new("clash");
     let recording = Recording::start(&out.0.join("r.json"), &["--tier", "kprobe"]).expect("ctrace record");
     let before = lab.server.conntrack_stat().unwrap();

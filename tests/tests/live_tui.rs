@@ -76,9 +76,7 @@ fn live_view_shows_the_storm_and_answers_keys() {
     require_root();
     assert!(Command::new("tmux").arg("-V").output().is_ok(), "tmux is not installed: run `cargo xtask setup`");
     let lab = Lab::new("live", &[FILLER, STORM_A, STORM_B]).expect("lab");
-    lab.server.exec("nft", &["add table inet ctrace_live"]).unwrap();
-    lab.server.exec("nft", &["add chain inet ctrace_live track { type filter hook input priority filter; }"]).unwrap();
-    lab.server.exec("nft", &["add rule inet ctrace_live track ct state new counter"]).unwrap();
+    lab.track_connections("ctrace_live").unwrap();
     let _listener = lab.listen(PORT).expect("listener");
 
     // ctrace starts first, so the conntrack hooks (where the kernel has them)

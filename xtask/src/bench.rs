@@ -187,9 +187,7 @@ fn storm_cpu(bin: &Path, secs: u64) -> anyhow::Result<Vec<String>> {
     let mut addrs = vec![FILLER];
     addrs.extend(&storm);
     let lab = Lab::new("bench", &addrs)?;
-    lab.server.exec("nft", &["add table inet ctrace_bench"])?;
-    lab.server.exec("nft", &["add chain inet ctrace_bench track { type filter hook input priority filter; }"])?;
-    lab.server.exec("nft", &["add rule inet ctrace_bench track ct state new counter"])?;
+    lab.track_connections("ctrace_bench")?;
     let _listener = lab.listen(PORT)?;
     let _stats = Sysctl::set("kernel.bpf_stats_enabled", "1")?;
     let _tracefs = Tracefs::ensure();
