@@ -30,6 +30,14 @@ pub mod ct_event {
     pub const INSERT_FAILED: u8 = 5;
     /// An entry deleted (timeout, flush, ctnetlink, early drop excluded).
     pub const DELETE: u8 = 6;
+    /// Confirmation met an entry with the same tuple and the kernel resolved
+    /// the clash (the packet goes on with the existing entry, or the new one
+    /// is kept for replies only): the kernel's `clash_resolve` counter.
+    pub const CLASH_RESOLVED: u8 = 7;
+    /// A packet `nf_conntrack_in` left without an entry because it was not
+    /// valid for its protocol (the kernel's `invalid` counter). The tuple is
+    /// the packet's; there is no entry, so no TCP state.
+    pub const INVALID: u8 = 8;
 }
 
 /// Bits of [`PacketDrop::flags`].
@@ -154,6 +162,8 @@ pub struct ConntrackLayout {
     pub ips_confirmed: u32,
     /// `IPS_DYING` mask.
     pub ips_dying: u32,
+    /// `IPS_NAT_CLASH` mask (an entry kept for replies after a clash), or 0.
+    pub ips_nat_clash: u32,
 }
 
 /// Indices into the per-CPU `COUNTERS` array. Summed over CPUs these are exact,
@@ -168,7 +178,7 @@ pub mod counter {
     /// Conntrack events by kind: `CT_BASE + ct_event::X`.
     pub const CT_BASE: u32 = 3;
     /// Number of counters.
-    pub const COUNT: u32 = CT_BASE + 7;
+    pub const COUNT: u32 = CT_BASE + 9;
 }
 
 /// Kernel layout the `kfree_skb` program needs, read from the running kernel's
@@ -221,6 +231,6 @@ mod tests {
         assert_eq!(PacketDrop::SIZE % 8, 0);
         assert_eq!(core::mem::size_of::<KfreeSkbLayout>(), 10 * 4);
         assert_eq!(ConntrackEvent::SIZE, 1 + 1 + 1 + 1 + 4 + 8 + 8 + 4 + 2 + 1 + 1 + 2 + 2 + 4 + 16 + 16);
-        assert_eq!(core::mem::size_of::<ConntrackLayout>(), 15 * 4);
+        assert_eq!(core::mem::size_of::<ConntrackLayout>(), 16 * 4);
     }
 }

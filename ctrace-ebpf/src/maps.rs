@@ -1,6 +1,7 @@
 //! Maps shared by all hooks.
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    helpers::bpf_ktime_get_ns,
     macros::map,
     maps::{PerCpuArray, RingBuf},
 };
@@ -39,4 +40,57 @@ pub fn count(index: u32) {
         // SAFETY: the pointer is this CPU's slot of a map value.
         unsafe { *slot += 1 };
     }
+}
+
+// Per-CPU marks: one hook notes what it saw for the hook that runs next on
+// this CPU for the same packet (a program runs to completion on one CPU, and
+// the packet paths involved run with bottom halves off). A mark holds a
+// value (a time, or the packet's address), 0 when clear; taking it clears it,
+// so it speaks of one packet only.
+
+/// This CPU's conntrack allocation just failed on a full table (the time);
+/// read by the kfree_skb program for the packet that is then dropped.
+#[map]
+pub static TABLE_FULL_PENDING: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// The packet whose confirmation just failed on this CPU (its address);
+/// read by the kfree_skb program when conntrack drops it.
+#[map]
+pub static INSERT_FAILED_PENDING: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// An allocation failed (full table or memory) inside `nf_conntrack_in`
+/// (the time): its NF_DROP is the kernel's `drop`, not an invalid packet.
+#[map]
+pub static ALLOC_FAILED_PENDING: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// The ICMP error handler rejected the packet inside `nf_conntrack_in`
+/// (the time): the kernel counts it as `error`, not `invalid`.
+#[map]
+pub static ICMP_ERROR_PENDING: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Sets this CPU's mark to `value` (nonzero).
+#[inline(always)]
+pub fn set_mark(mark: &PerCpuArray<u64>, value: u64) {
+    if let Some(slot) = mark.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot.
+        unsafe { *slot = value };
+    }
+}
+
+/// Takes this CPU's mark: its value, 0 if it was clear.
+#[inline(always)]
+pub fn take_mark(mark: &PerCpuArray<u64>) -> u64 {
+    let Some(slot) = mark.get_ptr_mut(0) else { return 0 };
+    // SAFETY: as above.
+    unsafe { core::mem::replace(&mut *slot, 0) }
+}
+
+/// A time mark set within the last second. The packet it speaks of follows
+/// within microseconds on bare metal; the margin is for emulated CPUs that
+/// stall (qemu TCG on a busy host). An older mark was left by a path that
+/// never reached its reader (an allocation for ctnetlink, say).
+#[inline(always)]
+pub fn recent(marked_ns: u64) -> bool {
+    // SAFETY: no arguments.
+    marked_ns != 0 && unsafe { bpf_ktime_get_ns() }.saturating_sub(marked_ns) < 1_000_000_000
 }

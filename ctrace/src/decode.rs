@@ -54,6 +54,8 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
                 ct_event::INSERT => CtKind::Insert,
                 ct_event::INSERT_FAILED => CtKind::InsertFailed,
                 ct_event::DELETE => CtKind::Delete,
+                ct_event::CLASH_RESOLVED => CtKind::ClashResolved,
+                ct_event::INVALID => CtKind::Invalid,
                 other => return Err(DecodeError::UnknownEvent(other)),
             };
             let (src, dst) = addresses(raw.family, &raw.src, &raw.dst);

@@ -4,7 +4,7 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 use clap::{CommandFactory, Parser, Subcommand};
 use ctrace::{
     export::{self, json::RecordFile, Format, Output},
-    hooks::{self, TierChoice},
+    hooks::{self, HookChoice, TierChoice},
     live, record, serve,
 };
 
@@ -66,9 +66,8 @@ enum Command {
         /// memory stays bounded.
         #[arg(long, value_name = "N", default_value = "16384", value_parser = clap::value_parser!(u32).range(16..=10_000_000))]
         capacity: u32,
-        /// Which hooks to use: auto picks the best that attaches (see `ctrace probes`).
-        #[arg(long, value_enum, default_value = "auto")]
-        tier: TierChoice,
+        #[command(flatten)]
+        hooks: HookChoice,
         /// Benchmark only: feed this many synthetic records instead of attaching.
         #[arg(long, hide = true, value_name = "N")]
         synthetic_events: Option<u64>,
@@ -100,9 +99,8 @@ enum Command {
         /// Sources in the plot, the text report and the per-source metrics.
         #[arg(long, value_name = "N", default_value = "10", value_parser = clap::value_parser!(u16).range(1..))]
         top: u16,
-        /// Which hooks to use: auto picks the best that attaches (see `ctrace probes`).
-        #[arg(long, value_enum, default_value = "auto")]
-        tier: TierChoice,
+        #[command(flatten)]
+        hooks: HookChoice,
     },
     /// Turn a saved record (JSON) into a text report, CSV, OpenMetrics or an
     /// SVG plot. Offline: needs no privileges.
@@ -139,9 +137,8 @@ enum Command {
         /// Sources tracked at once (see `ctrace live --help`).
         #[arg(long, value_name = "N", default_value = "16384", value_parser = clap::value_parser!(u32).range(16..=10_000_000))]
         capacity: u32,
-        /// Which hooks to use: auto picks the best that attaches (see `ctrace probes`).
-        #[arg(long, value_enum, default_value = "auto")]
-        tier: TierChoice,
+        #[command(flatten)]
+        hooks: HookChoice,
     },
     /// Show, for this kernel, each hook, the tier it uses and why: attaches
     /// and detaches again (root), or only checks what it can (otherwise).
@@ -177,7 +174,7 @@ fn report(file: &std::path::Path, format: Format, top: usize, output: &std::path
 /// Attaches with every tier allowed, reports, detaches.
 fn probes(json: bool) -> anyhow::Result<()> {
     let btf = hooks::kernel_btf()?;
-    let (attached, _events) = hooks::Attached::attach(&btf, TierChoice::Auto)?;
+    let (attached, _events) = hooks::Attached::attach(&btf, HookChoice { tier: TierChoice::Auto, invalid: true })?;
     if json {
         let report = serde_json::json!({ "tier": attached.tier, "hooks": attached.hooks });
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -220,13 +217,13 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Record { duration, output, format, top, tier } => {
-                record::run(record::Options { duration, output, format, top: top as usize, tier }).await
+            Command::Record { duration, output, format, top, hooks } => {
+                record::run(record::Options { duration, output, format, top: top as usize, hooks }).await
             }
             Command::Probes { json } => probes(json),
             Command::Report { file, format, top, output } => report(&file, format, top as usize, &output),
-            Command::Serve { listen, top, capacity, tier } => {
-                serve::run(serve::Options { listen, top: top as usize, capacity: capacity as usize, tier }).await
+            Command::Serve { listen, top, capacity, hooks } => {
+                serve::run(serve::Options { listen, top: top as usize, capacity: capacity as usize, hooks }).await
             }
             Command::Completions { shell } => {
                 clap_complete::generate(shell, &mut Cli::command(), "ctrace", &mut std::io::stdout());
@@ -241,7 +238,7 @@ fn main() -> ExitCode {
                 top,
                 filter,
                 capacity,
-                tier,
+                hooks,
                 synthetic_events,
                 synthetic_sources,
             } => {
@@ -253,7 +250,7 @@ fn main() -> ExitCode {
                     top: top as usize,
                     filter,
                     capacity: capacity as usize,
-                    tier,
+                    hooks,
                     synthetic: synthetic_events
                         .map(|events| live::synthetic::Workload { events, sources: synthetic_sources }),
                 })

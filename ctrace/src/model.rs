@@ -43,6 +43,58 @@ pub enum CtKind {
     Insert,
     InsertFailed,
     Delete,
+    ClashResolved,
+    /// A packet conntrack found invalid (the packet's tuple; no entry).
+    Invalid,
+}
+
+impl CtKind {
+    /// The name files and metrics use.
+    pub fn name(self) -> &'static str {
+        match self {
+            CtKind::TableFull => "table_full",
+            CtKind::AllocFailed => "alloc_failed",
+            CtKind::EarlyDrop => "early_drop",
+            CtKind::Insert => "insert",
+            CtKind::InsertFailed => "insert_failed",
+            CtKind::Delete => "delete",
+            CtKind::ClashResolved => "clash_resolved",
+            CtKind::Invalid => "invalid",
+        }
+    }
+}
+
+/// Conntrack events counted in the kernel (per-CPU counters: exact).
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CtTotals {
+    pub table_full: u64,
+    pub alloc_failed: u64,
+    pub early_drop: u64,
+    pub insert: u64,
+    pub insert_failed: u64,
+    /// Absent from files written before ctrace counted it.
+    #[serde(default)]
+    pub clash_resolved: u64,
+    pub delete: u64,
+    /// Counted only with `--invalid`.
+    #[serde(default)]
+    pub invalid: u64,
+}
+
+impl CtTotals {
+    /// Each count with its event name, in a fixed order.
+    pub fn named(&self) -> [(&'static str, u64); 8] {
+        [
+            (CtKind::TableFull.name(), self.table_full),
+            (CtKind::AllocFailed.name(), self.alloc_failed),
+            (CtKind::EarlyDrop.name(), self.early_drop),
+            (CtKind::Insert.name(), self.insert),
+            (CtKind::InsertFailed.name(), self.insert_failed),
+            (CtKind::ClashResolved.name(), self.clash_resolved),
+            (CtKind::Delete.name(), self.delete),
+            (CtKind::Invalid.name(), self.invalid),
+        ]
+    }
 }
 
 /// A conntrack event with the entry's original tuple.

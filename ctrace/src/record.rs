@@ -14,8 +14,7 @@ use crate::{
     export::{
         self,
         json::{
-            rfc3339_utc, CtRow, CtTotals, LifetimeBin, Lifetimes, NetnsCounters, OccupancySeries, RecordFile, Totals,
-            SCHEMA,
+            rfc3339_utc, CtRow, LifetimeBin, Lifetimes, NetnsCounters, OccupancySeries, RecordFile, Totals, SCHEMA,
         },
         Format, Output,
     },
@@ -39,7 +38,7 @@ pub struct Options {
     pub format: Format,
     /// Sources shown by formats that show a selection.
     pub top: usize,
-    pub tier: crate::hooks::TierChoice,
+    pub hooks: crate::hooks::HookChoice,
 }
 
 /// Turns ring-buffer records into per-source counts.
@@ -137,7 +136,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     // Fail on a bad output path before attaching anything.
     let output = Output::prepare(&options.output)?;
     let btf = kernel_btf()?;
-    let (mut attached, events) = Attached::attach(&btf, options.tier)?;
+    let (mut attached, events) = Attached::attach(&btf, options.hooks)?;
 
     let mut namespaces = Namespaces::new();
     let mut notes = Vec::new();
@@ -202,17 +201,8 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         recorder.on_record(&item);
     }
     let kernel = attached.totals()?;
-    let conntrack = (attached.tier != crate::hooks::Tier::Tracepoint)
-        .then(|| attached.conntrack_totals())
-        .transpose()?
-        .map(|t| CtTotals {
-            table_full: t[1],
-            alloc_failed: t[2],
-            early_drop: t[3],
-            insert: t[4],
-            insert_failed: t[5],
-            delete: t[6],
-        });
+    let conntrack =
+        (attached.tier != crate::hooks::Tier::Tracepoint).then(|| attached.conntrack_totals()).transpose()?;
     if kernel.lost_events > 0 {
         notes.push(format!(
             "{} events were lost (ring buffer full): per-source counts are short by that many; totals.kernel is exact",
@@ -253,10 +243,11 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     };
     output.write(&export::render(&file, options.format, options.top)?)?;
     eprintln!(
-        "ctrace: {} drops ({} table_full, {} conntrack_other, {} ruleset), {} lost; wrote {}",
+        "ctrace: {} drops ({} table_full, {} conntrack_other, {} insert_failed, {} ruleset), {} lost; wrote {}",
         kernel.netfilter_drops,
         file.totals.table_full,
         file.totals.conntrack_other,
+        file.totals.insert_failed,
         file.totals.ruleset,
         kernel.lost_events,
         output.describe()

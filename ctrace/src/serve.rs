@@ -26,7 +26,7 @@ pub struct Options {
     /// Per-source series exported: the heaviest this many.
     pub top: usize,
     pub capacity: usize,
-    pub tier: crate::hooks::TierChoice,
+    pub hooks: crate::hooks::HookChoice,
 }
 
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -36,7 +36,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let listener =
         TcpListener::bind(options.listen).await.with_context(|| format!("cannot listen on {}", options.listen))?;
     let btf = kernel_btf()?;
-    let (attached, events) = Attached::attach(&btf, options.tier)?;
+    let (attached, events) = Attached::attach(&btf, options.hooks)?;
     let mut classifier =
         Classifier::new(Symbols::load(), Namespaces::new()).with_table_full_hooks(attached.table_full_hooked);
     let mut state = LiveState::new(monotonic_ns(), options.capacity);
@@ -69,8 +69,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                 let mut input = state.metrics(options.top);
                 if let Ok(t) = attached.conntrack_totals() {
                     if attached.tier != crate::hooks::Tier::Tracepoint {
-                        let names = ["table_full", "alloc_failed", "early_drop", "insert", "insert_failed", "delete"];
-                        input.conntrack_events = names.iter().zip(&t[1..]).map(|(n, v)| (*n, *v)).collect();
+                        input.conntrack_events = t.named().to_vec();
                     }
                 }
                 let body = encode_input(&input);

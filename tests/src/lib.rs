@@ -15,7 +15,9 @@ use std::{
 };
 
 use anyhow::{bail, Context as _};
-use socket2::{Domain, Socket, Type};
+use socket2::{Domain, Protocol, Socket, Type};
+
+pub mod nfqueue;
 
 /// Privileged tests cannot be faked: without root they fail, saying why.
 pub fn require_root() {
@@ -128,6 +130,8 @@ pub struct ConntrackStat {
     pub insert_failed: u64,
     pub early_drop: u64,
     pub invalid: u64,
+    /// Clashes the kernel resolved without a drop.
+    pub clash_resolve: u64,
 }
 
 impl ConntrackStat {
@@ -150,6 +154,7 @@ impl ConntrackStat {
             insert_failed: col("insert_failed"),
             early_drop: col("early_drop"),
             invalid: col("invalid"),
+            clash_resolve: col("clashres"),
         })
     }
 }
@@ -270,6 +275,25 @@ impl Lab {
         })
     }
 
+    /// Sends `count` bare TCP segments with header `flags` from `src` to the
+    /// server's `port` through a raw socket (no connection behind them), each
+    /// from its own source port. Returns how many left.
+    pub fn tcp_raw(&self, src: Ipv4Addr, port: u16, flags: u8, count: u16) -> std::io::Result<u16> {
+        self.client.enter(|| {
+            let socket = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::TCP))?;
+            socket.bind(&SocketAddr::V4(SocketAddrV4::new(src, 0)).into())?;
+            let dst: socket2::SockAddr = SocketAddr::V4(SocketAddrV4::new(SERVER, 0)).into();
+            let mut sent = 0;
+            for i in 0..count {
+                let segment = tcp_segment(src, SERVER, 40_000 + i, port, flags);
+                if socket.send_to(&segment, &dst).is_ok() {
+                    sent += 1;
+                }
+            }
+            Ok(sent)
+        })
+    }
+
     /// A UDP socket bound in the server namespace: datagrams arrive and get
     /// no answer, so their conntrack entries stay unreplied.
     pub fn udp_sink(&self, port: u16) -> anyhow::Result<Socket> {
@@ -291,6 +315,28 @@ impl Lab {
             Ok(socket)
         })
     }
+}
+
+/// A 20-byte TCP header with a correct checksum (over the IPv4 pseudo-header).
+pub fn tcp_segment(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, flags: u8) -> [u8; 20] {
+    let mut tcp = [0u8; 20];
+    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
+    tcp[2..4].copy_from_slice(&dport.to_be_bytes());
+    tcp[4..8].copy_from_slice(&0x1234_5678u32.to_be_bytes()); // sequence
+    tcp[12] = 5 << 4; // data offset: 5 words
+    tcp[13] = flags;
+    tcp[14..16].copy_from_slice(&65535u16.to_be_bytes()); // window
+    let mut pseudo = Vec::with_capacity(32);
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&[0, 6, 0, 20]); // zero, protocol TCP, length
+    pseudo.extend_from_slice(&tcp);
+    let mut sum: u32 = pseudo.chunks(2).map(|w| u16::from_be_bytes([w[0], w[1]]) as u32).sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    tcp[16..18].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    tcp
 }
 
 /// A child process killed (SIGINT, then SIGKILL) on drop.
@@ -454,5 +500,27 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tcp_checksum_verifies() {
+        let (src, dst) = (Ipv4Addr::new(198, 18, 0, 12), SERVER);
+        let tcp = tcp_segment(src, dst, 40_000, 8082, 0x03);
+        // Summing the pseudo-header and the segment, checksum included, gives all ones.
+        let mut bytes = src.octets().to_vec();
+        bytes.extend_from_slice(&dst.octets());
+        bytes.extend_from_slice(&[0, 6, 0, 20]);
+        bytes.extend_from_slice(&tcp);
+        let mut sum: u32 = bytes.chunks(2).map(|w| u16::from_be_bytes([w[0], w[1]]) as u32).sum();
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        assert_eq!(sum, 0xffff);
+        assert_eq!(tcp[13], 0x03);
     }
 }

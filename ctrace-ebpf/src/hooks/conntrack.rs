@@ -15,13 +15,13 @@
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns},
     macros::{fentry, fexit, kprobe, kretprobe, map},
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{HashMap, LruHashMap},
     programs::{FEntryContext, FExitContext, ProbeContext, RetProbeContext},
 };
 use ctrace_common::{counter, ct_event, kind, ConntrackEvent, ConntrackLayout};
 
 use crate::{
-    maps::{count, submit_flags, EVENTS},
+    maps::{count, set_mark, submit_flags, ALLOC_FAILED_PENDING, EVENTS, INSERT_FAILED_PENDING, TABLE_FULL_PENDING},
     read,
 };
 
@@ -42,6 +42,7 @@ static CONNTRACK_LAYOUT: ConntrackLayout = ConntrackLayout {
     net_inum: 0,
     ips_confirmed: 0,
     ips_dying: 0,
+    ips_nat_clash: 0,
 };
 
 /// An allocation in progress on one task.
@@ -60,35 +61,32 @@ struct Alloc {
 #[map]
 static ALLOCS: HashMap<u64, Alloc> = HashMap::with_max_entries(4096, 0);
 
-/// The entry being confirmed, per task.
+/// A confirmation in progress on one task: the packet and its new entry.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Confirm {
+    skb: u64,
+    ct: u64,
+}
+
 #[map]
-static CONFIRMS: HashMap<u64, u64> = HashMap::with_max_entries(4096, 0);
+static CONFIRMS: HashMap<u64, Confirm> = HashMap::with_max_entries(4096, 0);
 
 /// When ctrace saw each entry inserted, for lifetimes at deletion.
 #[map]
 static BORN: LruHashMap<u64, u64> = LruHashMap::with_max_entries(65536, 0);
-
-/// Set when this CPU's allocation just failed on a full table; read and
-/// cleared by the kfree_skb program for the packet that is then dropped.
-#[map]
-pub static TABLE_FULL_PENDING: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
-
-/// Set when this CPU's confirmation just failed; read and cleared by the
-/// kfree_skb program for the packet conntrack then drops.
-#[map]
-pub static INSERT_FAILED_PENDING: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 const NF_DROP: u64 = 0; // include/uapi/linux/netfilter.h
 const NF_ACCEPT: u64 = 1;
 const NFCT_PTRMASK: u64 = !7;
 const MAX_ERRNO: u64 = 4095;
 
-fn layout() -> ConntrackLayout {
+pub(crate) fn layout() -> ConntrackLayout {
     // SAFETY: a read-only global filled in by the loader.
     unsafe { core::ptr::read_volatile(&CONNTRACK_LAYOUT) }
 }
 
-fn task() -> u64 {
+pub(crate) fn task() -> u64 {
     bpf_get_current_pid_tgid()
 }
 
@@ -222,11 +220,9 @@ fn on_alloc_return(ret: u64) {
     }
     let event = if alloc.early_drop == 2 { ct_event::TABLE_FULL } else { ct_event::ALLOC_FAILED };
     if event == ct_event::TABLE_FULL {
-        if let Some(slot) = TABLE_FULL_PENDING.get_ptr_mut(0) {
-            // SAFETY: this CPU's slot.
-            unsafe { *slot = now() };
-        }
+        set_mark(&TABLE_FULL_PENDING, now());
     }
+    set_mark(&ALLOC_FAILED_PENDING, now());
     let l = layout();
     let _ = emit(&l, event, alloc.tuple, alloc.net, 0, 0);
 }
@@ -250,35 +246,43 @@ fn on_delete(ct: u64) -> Result<(), i64> {
 
 fn on_confirm_entry(skb: u64) -> Result<(), i64> {
     let nfct: u64 = read::at(skb, layout().skb_nfct)?;
-    let _ = CONFIRMS.insert(task(), nfct & NFCT_PTRMASK, 0);
+    let _ = CONFIRMS.insert(task(), Confirm { skb, ct: nfct & NFCT_PTRMASK }, 0);
     Ok(())
 }
 
 fn on_confirm_return(ret: u64) -> Result<(), i64> {
     let key = task();
     // SAFETY: copied out before removal.
-    let Some(ct) = (unsafe { CONFIRMS.get(key) }).copied() else { return Ok(()) };
+    let Some(Confirm { skb, ct }) = (unsafe { CONFIRMS.get(key) }).copied() else { return Ok(()) };
     let _ = CONFIRMS.remove(key);
     if ct == 0 {
         return Ok(());
     }
     let l = layout();
-    let event = match ret {
+    let (event, ct) = match ret {
         NF_ACCEPT => {
-            // Accepted but not confirmed: a clash resolved to the existing entry.
-            let status: u64 = read::at(ct, l.ct_status)?;
-            if status & l.ips_confirmed as u64 == 0 {
-                return Ok(());
+            // A clash resolved to the entry already in the table swaps the
+            // packet's entry (the new one is freed); one resolved by keeping
+            // the new entry for replies marks it IPS_NAT_CLASH.
+            let now_attached = read::at::<u64>(skb, l.skb_nfct)? & NFCT_PTRMASK;
+            if now_attached != ct && now_attached != 0 {
+                (ct_event::CLASH_RESOLVED, now_attached)
+            } else {
+                let status: u64 = read::at(ct, l.ct_status)?;
+                if status & l.ips_confirmed as u64 == 0 {
+                    return Ok(()); // a reply-direction packet: nothing to confirm
+                }
+                if status & l.ips_nat_clash as u64 != 0 {
+                    (ct_event::CLASH_RESOLVED, ct)
+                } else {
+                    let _ = BORN.insert(ct, now(), 0);
+                    (ct_event::INSERT, ct)
+                }
             }
-            let _ = BORN.insert(ct, now(), 0);
-            ct_event::INSERT
         }
         NF_DROP => {
-            if let Some(slot) = INSERT_FAILED_PENDING.get_ptr_mut(0) {
-                // SAFETY: this CPU's slot.
-                unsafe { *slot = now() };
-            }
-            ct_event::INSERT_FAILED
+            set_mark(&INSERT_FAILED_PENDING, skb);
+            (ct_event::INSERT_FAILED, ct)
         }
         _ => return Ok(()),
     };
@@ -289,7 +293,7 @@ fn on_confirm_return(ret: u64) -> Result<(), i64> {
 /// Counts the event and writes its record. `ct` (0 if none) gives the
 /// TCP state and zone. Inlined: BPF calls take at most five arguments.
 #[inline(always)]
-fn emit(l: &ConntrackLayout, event: u8, tuple: u64, net: u64, ct: u64, lifetime_ns: u64) -> Result<(), i64> {
+pub(crate) fn emit(l: &ConntrackLayout, event: u8, tuple: u64, net: u64, ct: u64, lifetime_ns: u64) -> Result<(), i64> {
     count(counter::CT_BASE + event as u32);
     let mut record = ConntrackEvent {
         kind: kind::CONNTRACK,

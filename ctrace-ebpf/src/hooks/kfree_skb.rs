@@ -9,20 +9,18 @@
 use aya_ebpf::{
     helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns},
     macros::btf_tracepoint,
-    maps::PerCpuArray,
     programs::BtfTracePointContext,
 };
 use ctrace_common::{counter, drop_flags, family, kind, KfreeSkbLayout, PacketDrop};
 
 use crate::{
-    hooks::conntrack::{INSERT_FAILED_PENDING, TABLE_FULL_PENDING},
-    maps::{count, submit_flags, EVENTS},
+    maps::{count, recent, submit_flags, take_mark, EVENTS, INSERT_FAILED_PENDING, TABLE_FULL_PENDING},
     read,
 };
 
 /// Filled in by the loader from the running kernel's BTF.
 #[unsafe(no_mangle)]
-static KFREE_SKB_LAYOUT: KfreeSkbLayout = KfreeSkbLayout {
+pub(crate) static KFREE_SKB_LAYOUT: KfreeSkbLayout = KfreeSkbLayout {
     netfilter_drop_reason: u32::MAX,
     skb_head: 0,
     skb_network_header: 0,
@@ -71,12 +69,12 @@ fn on_netfilter_drop(layout: &KfreeSkbLayout, skb: u64, location: u64) -> Result
     let mut flags = 0;
     if nfct == 0 {
         count(counter::NETFILTER_DROPS_NO_ENTRY);
-        if just_now(&TABLE_FULL_PENDING) {
+        if recent(take_mark(&TABLE_FULL_PENDING)) {
             flags |= drop_flags::TABLE_FULL;
         }
     } else {
         flags |= drop_flags::CT_ATTACHED;
-        if just_now(&INSERT_FAILED_PENDING) {
+        if take_mark(&INSERT_FAILED_PENDING) == skb {
             flags |= drop_flags::INSERT_FAILED;
         }
     }
@@ -105,26 +103,9 @@ fn on_netfilter_drop(layout: &KfreeSkbLayout, skb: u64, location: u64) -> Result
     Ok(())
 }
 
-/// Did the conntrack hooks just mark this CPU (a table-full allocation, a
-/// failed confirmation)? The drop of that packet follows on the same CPU
-/// within microseconds; the mark is consumed so it names one drop only.
-fn just_now(mark: &PerCpuArray<u64>) -> bool {
-    const WINDOW_NS: u64 = 10_000_000;
-    let Some(slot) = mark.get_ptr_mut(0) else { return false };
-    // SAFETY: this CPU's slot of a per-CPU array; no arguments to the helper.
-    unsafe {
-        let marked = *slot;
-        if marked == 0 {
-            return false;
-        }
-        *slot = 0;
-        bpf_ktime_get_ns().saturating_sub(marked) < WINDOW_NS
-    }
-}
-
 /// The packet's network namespace: the device's for received packets, the
 /// socket's for locally generated ones that have no device yet.
-fn netns_inum(layout: &KfreeSkbLayout, skb: u64) -> Result<u32, i64> {
+pub(crate) fn netns_inum(layout: &KfreeSkbLayout, skb: u64) -> Result<u32, i64> {
     let dev: u64 = read::at(skb, layout.skb_dev)?;
     let net: u64 = if dev != 0 {
         read::at(dev, layout.dev_net)?
@@ -142,7 +123,7 @@ fn netns_inum(layout: &KfreeSkbLayout, skb: u64) -> Result<u32, i64> {
 }
 
 /// Fills family, protocol, addresses, ports and TCP flags from the packet.
-fn read_headers(layout: &KfreeSkbLayout, skb: u64, record: &mut PacketDrop) -> Result<(), i64> {
+pub(crate) fn read_headers(layout: &KfreeSkbLayout, skb: u64, record: &mut PacketDrop) -> Result<(), i64> {
     let protocol = u16::from_be(read::at::<u16>(skb, layout.skb_protocol)?);
     let head: u64 = read::at(skb, layout.skb_head)?;
     let network_header: u16 = read::at(skb, layout.skb_network_header)?;

@@ -1,3 +1,4 @@
 //! One module per hook family.
 pub mod conntrack;
+pub mod invalid;
 pub mod kfree_skb;

@@ -3,6 +3,7 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::model::CtTotals;
 use crate::{
     aggregate::{Histogram, RateBin, SourceRow},
     hooks::{KernelTotals, Tier},
@@ -91,17 +92,6 @@ pub struct OccupancySeries {
     pub max: Vec<u64>,
 }
 
-/// Conntrack events counted in the kernel (per-CPU counters: exact).
-#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CtTotals {
-    pub table_full: u64,
-    pub alloc_failed: u64,
-    pub early_drop: u64,
-    pub insert: u64,
-    pub insert_failed: u64,
-    pub delete: u64,
-}
-
 /// Conntrack events of one kind for one source key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CtRow {
@@ -126,6 +116,9 @@ pub struct NetnsCounters {
     pub insert_failed: u64,
     pub early_drop: u64,
     pub invalid: u64,
+    /// Clashes resolved without a drop (`clashres`); absent in older files.
+    #[serde(default)]
+    pub clash_resolve: u64,
     /// Entries at the end, and the (global) maximum then.
     pub entries: u64,
     pub max: Option<u64>,
@@ -149,6 +142,7 @@ impl NetnsCounters {
             insert_failed: delta.insert_failed,
             early_drop: delta.early_drop,
             invalid: delta.invalid,
+            clash_resolve: delta.clash_resolve,
             entries: delta.entries,
             max,
             occupancy_peak,

@@ -219,21 +219,7 @@ pub fn from_record(record: &RecordFile, top: usize) -> String {
             .collect(),
         max: record.kernel_counters.iter().find_map(|c| c.max),
         duration_s: Some(record.duration_s),
-        conntrack_events: record
-            .totals
-            .conntrack
-            .as_ref()
-            .map(|c| {
-                vec![
-                    ("table_full", c.table_full),
-                    ("alloc_failed", c.alloc_failed),
-                    ("early_drop", c.early_drop),
-                    ("insert", c.insert),
-                    ("insert_failed", c.insert_failed),
-                    ("delete", c.delete),
-                ]
-            })
-            .unwrap_or_default(),
+        conntrack_events: record.totals.conntrack.as_ref().map(|c| c.named().to_vec()).unwrap_or_default(),
     };
     encode_input(&input)
 }

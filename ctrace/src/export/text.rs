@@ -79,8 +79,9 @@ pub fn render(record: &RecordFile, top: usize) -> String {
         let name = c.name.clone().unwrap_or_else(|| "?".into());
         let _ = writeln!(
             out,
-            "  {name} ({}): kernel drop {} vs ctrace conntrack drops {ours}: {verdict}; insert_failed {}, early_drop {}, invalid {}",
-            c.netns, c.drop, c.insert_failed, c.early_drop, c.invalid
+            "  {name} ({}): kernel drop {} vs ctrace conntrack drops {ours}: {verdict}; insert_failed {}, \
+             early_drop {}, invalid {}, clashres {}",
+            c.netns, c.drop, c.insert_failed, c.early_drop, c.invalid, c.clash_resolve
         );
         let max = c.max.map_or("?".into(), |m| m.to_string());
         let peak = c.occupancy_peak.map_or("not sampled".into(), |p| format!("{}/{}", p.entries, p.max));
@@ -119,14 +120,10 @@ pub fn render(record: &RecordFile, top: usize) -> String {
 
     if let Some(ct) = &record.totals.conntrack {
         let _ = writeln!(out, "\nCONNTRACK EVENTS (hook tier, exact)");
-        let _ = writeln!(
-            out,
-            "  table_full {} · alloc_failed {} · early_drop {} · insert {} · insert_failed {} · delete {}",
-            ct.table_full, ct.alloc_failed, ct.early_drop, ct.insert, ct.insert_failed, ct.delete
-        );
+        let counts: Vec<String> = ct.named().iter().map(|(name, n)| format!("{name} {n}")).collect();
+        let _ = writeln!(out, "  {}", counts.join(" · "));
         for row in record.conntrack_events.iter().take(top) {
-            let event =
-                serde_json::to_value(row.event).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+            let event = row.event.name();
             let _ = writeln!(
                 out,
                 "  {:<40} {:>5} {:<5} {:<11} {:<14} {:>8}",

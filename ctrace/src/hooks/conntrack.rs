@@ -14,7 +14,8 @@ use crate::{
 pub struct Hook {
     /// kprobe or kretprobe program.
     pub kprobe: &'static str,
-    /// fentry or fexit program.
+    /// fentry or fexit program; empty when the fentry tier needs none (an
+    /// fexit program sees the arguments too).
     pub fentry: &'static str,
     /// Runs on return (kretprobe / fexit).
     pub on_return: bool,
@@ -28,6 +29,8 @@ pub struct Hook {
 pub struct Family {
     pub name: &'static str,
     pub hooks: &'static [Hook],
+    /// Runs on every packet conntrack sees: attached only when asked for.
+    pub per_packet: bool,
 }
 
 const fn hook(
@@ -40,7 +43,7 @@ const fn hook(
     Hook { kprobe, fentry, on_return, function, params }
 }
 
-pub const FAMILIES: [Family; 3] = [
+pub const FAMILIES: [Family; 4] = [
     Family {
         name: "table_full",
         hooks: &[
@@ -49,6 +52,7 @@ pub const FAMILIES: [Family; 3] = [
             hook("ct_early_drop", "ct_early_drop_fentry", false, "early_drop", 2),
             hook("ct_early_drop_ret", "ct_early_drop_fexit", true, "early_drop", 2),
         ],
+        per_packet: false,
     },
     Family {
         name: "insert",
@@ -56,9 +60,28 @@ pub const FAMILIES: [Family; 3] = [
             hook("ct_confirm", "ct_confirm_fentry", false, "__nf_conntrack_confirm", 1),
             hook("ct_confirm_ret", "ct_confirm_fexit", true, "__nf_conntrack_confirm", 1),
         ],
+        per_packet: false,
     },
-    Family { name: "delete", hooks: &[hook("ct_delete", "ct_delete_fentry", false, "nf_ct_delete", 3)] },
+    Family {
+        name: "delete",
+        hooks: &[hook("ct_delete", "ct_delete_fentry", false, "nf_ct_delete", 3)],
+        per_packet: false,
+    },
+    // Needs the table_full family: its allocation marks tell a full table's
+    // NF_DROP from an invalid packet's.
+    Family {
+        name: INVALID_FAMILY,
+        hooks: &[
+            hook("ct_in", "", false, "nf_conntrack_in", 2),
+            hook("ct_in_ret", "ct_in_fexit", true, "nf_conntrack_in", 2),
+            hook("ct_icmp_error_ret", "ct_icmp_error_fexit", true, "nf_conntrack_icmpv4_error", 4),
+            hook("ct_icmp6_error_ret", "ct_icmp6_error_fexit", true, "nf_conntrack_icmpv6_error", 4),
+        ],
+        per_packet: true,
+    },
 ];
+
+pub const INVALID_FAMILY: &str = "invalid";
 
 pub const LAYOUT_GLOBAL: &str = "CONNTRACK_LAYOUT";
 pub const MODULE_BTF: &str = "/sys/kernel/btf/nf_conntrack";
@@ -100,6 +123,8 @@ pub fn layout(btf: &Btf) -> Result<ConntrackLayout, BtfError> {
         net_inum: btf.member_offset("net", "ns.inum")?,
         ips_confirmed: mask("IPS_CONFIRMED")?,
         ips_dying: mask("IPS_DYING")?,
+        // Kernels before 5.7 have no NAT clash entries.
+        ips_nat_clash: mask("IPS_NAT_CLASH").unwrap_or(0),
     })
 }
 
@@ -108,9 +133,10 @@ pub fn layout(btf: &Btf) -> Result<ConntrackLayout, BtfError> {
 pub fn event_state(tcp_states: &[(u8, ConnState)], ev: &crate::model::CtEvent) -> ConnState {
     use crate::model::{CtKind, Protocol};
     match (ev.proto, ev.kind) {
-        (Protocol::Tcp, CtKind::EarlyDrop | CtKind::Insert | CtKind::InsertFailed | CtKind::Delete) => {
-            tcp_states.iter().find(|(raw, _)| *raw == ev.raw_tcp_state).map_or(ConnState::Unknown, |(_, s)| *s)
-        }
+        (
+            Protocol::Tcp,
+            CtKind::EarlyDrop | CtKind::Insert | CtKind::InsertFailed | CtKind::ClashResolved | CtKind::Delete,
+        ) => tcp_states.iter().find(|(raw, _)| *raw == ev.raw_tcp_state).map_or(ConnState::Unknown, |(_, s)| *s),
         _ => ConnState::None,
     }
 }

@@ -14,9 +14,13 @@ use aya::{
     programs::{BtfTracePoint, FEntry, FExit, KProbe, ProgramError},
     Ebpf, EbpfError, EbpfLoader,
 };
-use ctrace_common::counter;
+use ctrace_common::{counter, ct_event};
 
-use crate::{btf::Btf, model::ConnState, privileges};
+use crate::{
+    btf::Btf,
+    model::{ConnState, CtTotals},
+    privileges,
+};
 
 /// The kernel programs, built by build.rs and embedded in the binary.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ctrace"));
@@ -66,6 +70,20 @@ pub enum TierChoice {
     Tracepoint,
     Kprobe,
     Fentry,
+}
+
+/// Which hooks to attach (the flags of record, live and serve).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::Args)]
+pub struct HookChoice {
+    /// Which hooks to use: auto picks the best that attaches (see `ctrace probes`).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub tier: TierChoice,
+    /// Also attribute invalid packets (the kernel's `invalid` counter) to
+    /// sources: hooks nf_conntrack_in, which runs on every packet conntrack
+    /// sees, so it costs on the fast path (hook tiers only; see
+    /// docs/limitations.md).
+    #[arg(long)]
+    pub invalid: bool,
 }
 
 /// One hook family: attached or not, and why.
@@ -142,7 +160,8 @@ impl Attached {
     /// Loads the programs with this kernel's layout and attaches them: the
     /// drop tracepoint always, the conntrack hooks where `choice` allows and
     /// the kernel has them. The ring buffer is handed out separately.
-    pub fn attach(btf: &Btf, choice: TierChoice) -> anyhow::Result<(Self, Events)> {
+    pub fn attach(btf: &Btf, wanted: HookChoice) -> anyhow::Result<(Self, Events)> {
+        let choice = wanted.tier;
         if OBJECT.is_empty() {
             bail!("this ctrace was built without its kernel programs (AYA_BUILD_SKIP was set); rebuild it");
         }
@@ -203,6 +222,16 @@ impl Attached {
                 hooks.push(HookReport { hook: family.name, tier: None, detail: why.clone() });
                 continue;
             }
+            if family.per_packet && !wanted.invalid {
+                let detail = "runs on every packet conntrack sees; --invalid turns it on".into();
+                hooks.push(HookReport { hook: family.name, tier: None, detail });
+                continue;
+            }
+            if family.name == conntrack::INVALID_FAMILY && !table_full_hooked {
+                let detail = "needs the table_full hooks, which tell a full table's drops from invalid packets".into();
+                hooks.push(HookReport { hook: family.name, tier: None, detail });
+                continue;
+            }
             let mut whys = Vec::new();
             let mut attached = None;
             if try_fentry {
@@ -258,14 +287,21 @@ impl Attached {
     }
 
     /// Exact per-CPU counts of conntrack events by `ct_event` kind (index 0 unused).
-    pub fn conntrack_totals(&self) -> anyhow::Result<[u64; 7]> {
-        let mut totals = [0u64; 7];
-        for (i, total) in totals.iter_mut().enumerate().skip(1) {
-            let values =
-                self.counters.get(&(counter::CT_BASE + i as u32), 0).context("reading the per-CPU counters")?;
-            *total = values.iter().sum();
-        }
-        Ok(totals)
+    pub fn conntrack_totals(&self) -> anyhow::Result<CtTotals> {
+        let sum = |event: u8| -> anyhow::Result<u64> {
+            let index = counter::CT_BASE + event as u32;
+            Ok(self.counters.get(&index, 0).context("reading the per-CPU counters")?.iter().sum())
+        };
+        Ok(CtTotals {
+            table_full: sum(ct_event::TABLE_FULL)?,
+            alloc_failed: sum(ct_event::ALLOC_FAILED)?,
+            early_drop: sum(ct_event::EARLY_DROP)?,
+            insert: sum(ct_event::INSERT)?,
+            insert_failed: sum(ct_event::INSERT_FAILED)?,
+            clash_resolved: sum(ct_event::CLASH_RESOLVED)?,
+            delete: sum(ct_event::DELETE)?,
+            invalid: sum(ct_event::INVALID)?,
+        })
     }
 
     /// Detaches the programs; the maps stay readable so the ring buffer can
@@ -313,7 +349,7 @@ fn attach_family(
         }
     }
     let mut done: Vec<&conntrack::Hook> = Vec::new();
-    for hook in family.hooks {
+    for hook in family.hooks.iter().filter(|h| tier != Tier::Fentry || !h.fentry.is_empty()) {
         if let Err(err) = load_and_attach(ebpf, hook, tier, aya_btf) {
             for undo in done {
                 unload(ebpf, undo, tier);

@@ -68,7 +68,7 @@ pub struct Options {
     pub top: usize,
     pub filter: Option<String>,
     pub capacity: usize,
-    pub tier: crate::hooks::TierChoice,
+    pub hooks: crate::hooks::HookChoice,
     /// Feed this many synthetic records instead of attaching (benchmarks).
     pub synthetic: Option<synthetic::Workload>,
 }
@@ -125,7 +125,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let tui = !options.plain && options.format == Format::Text && std::io::stdout().is_terminal();
 
     let btf = kernel_btf()?;
-    let (attached, events) = Attached::attach(&btf, options.tier)?;
+    let (attached, events) = Attached::attach(&btf, options.hooks)?;
     let header = header(&attached);
     let mut classifier =
         Classifier::new(Symbols::load(), Namespaces::new()).with_table_full_hooks(attached.table_full_hooked);

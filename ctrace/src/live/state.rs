@@ -193,7 +193,11 @@ impl LiveState {
                 }
                 *fills.removed_by_state.entry(state).or_default() += 1;
             }
-            CtKind::TableFull | CtKind::AllocFailed | CtKind::InsertFailed => {}
+            CtKind::TableFull
+            | CtKind::AllocFailed
+            | CtKind::InsertFailed
+            | CtKind::ClashResolved
+            | CtKind::Invalid => {}
         }
     }
 
