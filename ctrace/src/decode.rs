@@ -213,6 +213,22 @@ mod tests {
         assert_eq!(ev.kind, CtKind::EarlyDrop);
         assert_eq!(ev.src.to_string(), "198.18.0.9");
         assert_eq!((ev.sport, ev.dport, ev.raw_tcp_state, ev.lifetime_ns), (1234, 80, 7, 2_000_000_000));
+        // Every event number the kernel programs write has a name.
+        for (event, kind) in [
+            (ct_event::TABLE_FULL, CtKind::TableFull),
+            (ct_event::ALLOC_FAILED, CtKind::AllocFailed),
+            (ct_event::INSERT, CtKind::Insert),
+            (ct_event::INSERT_FAILED, CtKind::InsertFailed),
+            (ct_event::DELETE, CtKind::Delete),
+            (ct_event::CLASH_RESOLVED, CtKind::ClashResolved),
+            (ct_event::INVALID, CtKind::Invalid),
+        ] {
+            raw.event = event;
+            let Record::Conntrack(ev) = decode(&encode_conntrack(&raw)).unwrap() else { panic!("not conntrack") };
+            assert_eq!(ev.kind, kind);
+            let serialized = serde_json::to_value(kind).unwrap();
+            assert_eq!(serialized, kind.name(), "file and metric names agree");
+        }
         raw.event = 99;
         assert_eq!(decode(&encode_conntrack(&raw)), Err(DecodeError::UnknownEvent(99)));
         let bytes = encode_conntrack(&raw);

@@ -82,8 +82,10 @@ enum Command {
         conntrack_other  conntrack dropped it for another reason (allocation failure, tracker verdict)\n  \
         insert_failed    conntrack refused to insert its new entry (clash, chain too long; hook tiers)\n  \
         ruleset          a rule (nftables/iptables) dropped it\n\n\
+        On hook tiers it also holds conntrack's own events per source: insert, insert_failed, \
+        clash_resolved, early_drop, delete, table_full, and invalid with --invalid.\n\n\
         The file also holds the kernel's own counters per namespace (drop, insert_failed, \
-        early_drop, invalid) over the same window, to check the attribution against.")]
+        early_drop, invalid, clashres) over the same window, to check the attribution against.")]
     Record {
         /// Seconds to record; without it, records until Ctrl-C or SIGTERM.
         /// Ctrl-C always ends early and still writes a complete file.

@@ -129,7 +129,7 @@ pub fn encode_input(input: &MetricsInput) -> String {
             &mut registry,
             "ctrace_conntrack_events",
             "Conntrack's own events seen by the hooks (kprobe/fentry tiers): insert, insert_failed, \
-             early_drop, delete, table_full, alloc_failed",
+             clash_resolved, early_drop, delete, table_full, alloc_failed, invalid (with --invalid)",
         );
         for (event, n) in &input.conntrack_events {
             events.get_or_create(&vec![("event".to_string(), event.to_string())]).inc_by(*n);
