@@ -321,3 +321,64 @@ fn invalid_packets_are_attributed_and_match_the_kernels_invalid_counter() {
     let notes = record["notes"].to_string();
     assert!(!notes.contains("hook invalid off"), "{notes}");
 }
+
+/// Deletions: UDP entries left to time out. The kernel keeps no deletion
+/// counter, but its entry count is ground truth: entries inserted while
+/// recording, then all gone with no early drop, were each deleted once.
+/// Reading /proc/net/nf_conntrack reaps expired entries at once, so the test
+/// need not wait for the garbage collector.
+#[test]
+fn deletions_account_for_every_entry_that_left_the_table() {
+    require_root();
+    if !kprobes() {
+        return;
+    }
+    const SOURCE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 13);
+    const SINK_PORT: u16 = 9;
+    const FLOWS: u64 = 20;
+    let lab = Lab::new("delete", &[SOURCE]).expect("lab");
+    lab.track_connections("ctrace_delete").unwrap();
+    let _sink = lab.udp_sink(SINK_PORT).unwrap();
+    // Per-namespace sysctl, gone with the namespace.
+    lab.server
+        .enter(|| std::fs::write("/proc/sys/net/netfilter/nf_conntrack_udp_timeout", "1"))
+        .expect("UDP timeout in the server namespace");
+    let out = TempDir::new("delete");
+    let recording = Recording::start(&out.0.join("r.json"), &[]).expect("ctrace record");
+    let before = lab.server.conntrack_stat().unwrap();
+    for _ in 0..FLOWS {
+        lab.udp_send(SOURCE, SINK_PORT).unwrap();
+    }
+    let full = lab.server.conntrack_stat().unwrap();
+    assert_eq!(full.entries, before.entries + FLOWS, "one entry per datagram");
+    std::thread::sleep(Duration::from_millis(2500));
+    let reap = || lab.server.enter(|| std::fs::read_to_string("/proc/net/nf_conntrack")).unwrap();
+    let mut after = lab.server.conntrack_stat().unwrap();
+    for _ in 0..20 {
+        reap();
+        after = lab.server.conntrack_stat().unwrap();
+        if after.entries == before.entries {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let record = recording.stop().expect("record");
+
+    assert_eq!(after.entries, before.entries, "every entry timed out and left the table (kernel)");
+    assert_eq!(after.early_drop, before.early_drop, "none was evicted: each left by deletion");
+    let deleted = full.entries - after.entries;
+    eprintln!("tier {}; kernel: {deleted} entries left the table", record["tier"]);
+    assert_eq!(record["totals"]["conntrack"]["delete"], deleted, "exact hook count vs the kernel's entry count");
+    assert_eq!(count_from(&record, "delete", SOURCE), deleted, "per source");
+    assert_eq!(count_from(&record, "insert", SOURCE), deleted);
+    // Lifetimes: every deleted entry was inserted while recording, and lived
+    // at least its one-second timeout.
+    let lifetimes = record["lifetimes"].as_array().unwrap();
+    let none = lifetimes.iter().find(|l| l["state"] == "NONE").expect("lifetimes of the UDP entries");
+    assert_eq!(none["entries"], deleted, "{none}");
+    for bin in none["bins"].as_array().unwrap() {
+        if bin["entries"].as_u64().unwrap() > 0 {
+            assert!(bin["to_s"].as_f64().unwrap() > 1.0, "an entry deleted before its timeout: {bin}");
+        }
+    }
+}

@@ -64,6 +64,10 @@ enum Task {
         /// Seconds of storm per tool.
         #[arg(long, default_value = "5")]
         storm_secs: u64,
+        /// Only the storm (for guest kernels, where emulated CPUs make the
+        /// synthetic throughput figures meaningless and slow).
+        #[arg(long)]
+        storm_only: bool,
     },
 }
 
@@ -71,7 +75,7 @@ fn main() -> ExitCode {
     let result = match Cli::parse().task {
         Task::Setup => setup::setup(),
         Task::Test { no_setup, no_vm } => test(no_setup, no_vm),
-        Task::Bench { storm_secs } => bench::bench(storm_secs),
+        Task::Bench { storm_secs, storm_only } => bench::bench(storm_secs, storm_only),
         Task::Install { prefix } => install(&prefix),
         Task::VmRun { kernel, timeout_min, command } => vm_run(kernel, timeout_min, &command),
         Task::VmTest { kernel } => vm_test(kernel),
