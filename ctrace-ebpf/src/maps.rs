@@ -28,6 +28,18 @@ pub fn submit_flags() -> u64 {
     }
 }
 
+/// Writes one record to the ring buffer, or counts it lost when it is full.
+#[inline(always)]
+pub fn output<T: 'static>(record: T) {
+    match EVENTS.reserve::<T>(0) {
+        Some(mut entry) => {
+            entry.write(record);
+            entry.submit(submit_flags());
+        }
+        None => count(counter::RINGBUF_FULL),
+    }
+}
+
 /// Exact per-CPU event counters, indexed by `ctrace_common::counter`.
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);

@@ -146,36 +146,31 @@ impl Queue {
 }
 
 /// Netlink messages in a datagram: (type, payload after the 16-byte header).
-fn messages(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    std::iter::from_fn(move || {
-        if buf.len() < 16 {
-            return None;
-        }
-        let len = u32::from_ne_bytes(buf[..4].try_into().ok()?) as usize;
-        if len < 16 || len > buf.len() {
-            return None;
-        }
-        let kind = u16::from_ne_bytes(buf[4..6].try_into().ok()?);
-        let payload = &buf[16..len];
-        buf = &buf[len.next_multiple_of(4).min(buf.len())..];
-        Some((kind, payload))
-    })
+fn messages(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    let length = |b: &[u8]| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as usize;
+    records(buf, 16, length).map(|(head, body)| (u16::from_ne_bytes([head[4], head[5]]), body))
 }
 
 /// Attributes after the nfgenmsg header: (type without flag bits, value).
-fn attributes(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+fn attributes(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    let length = |b: &[u8]| u16::from_ne_bytes([b[0], b[1]]) as usize;
+    records(buf, 4, length).map(|(head, value)| (u16::from_ne_bytes([head[2], head[3]]) & 0x3fff, value))
+}
+
+/// Length-prefixed records padded to 4 bytes, as netlink nests them:
+/// (header, body). Stops at the first record that does not fit.
+fn records(mut buf: &[u8], header: usize, length: fn(&[u8]) -> usize) -> impl Iterator<Item = (&[u8], &[u8])> {
     std::iter::from_fn(move || {
-        if buf.len() < 4 {
+        if buf.len() < header {
             return None;
         }
-        let len = u16::from_ne_bytes(buf[..2].try_into().ok()?) as usize;
-        if len < 4 || len > buf.len() {
+        let len = length(buf);
+        if len < header || len > buf.len() {
             return None;
         }
-        let kind = u16::from_ne_bytes(buf[2..4].try_into().ok()?) & 0x3fff;
-        let value = &buf[4..len];
+        let record = (&buf[..header], &buf[header..len]);
         buf = &buf[len.next_multiple_of(4).min(buf.len())..];
-        Some((kind, value))
+        Some(record)
     })
 }
 

@@ -21,7 +21,7 @@ use aya_ebpf::{
 use ctrace_common::{counter, ct_event, kind, ConntrackEvent, ConntrackLayout};
 
 use crate::{
-    maps::{count, set_mark, submit_flags, ALLOC_FAILED_PENDING, EVENTS, INSERT_FAILED_PENDING, TABLE_FULL_PENDING},
+    maps::{count, output, set_mark, ALLOC_FAILED_PENDING, INSERT_FAILED_PENDING, TABLE_FULL_PENDING},
     read,
 };
 
@@ -319,12 +319,6 @@ pub(crate) fn emit(l: &ConntrackLayout, event: u8, tuple: u64, net: u64, ct: u64
             record.zone = read::at(ct, l.ct_zone).unwrap_or(0);
         }
     }
-    match EVENTS.reserve::<ConntrackEvent>(0) {
-        Some(mut entry) => {
-            entry.write(record);
-            entry.submit(submit_flags());
-        }
-        None => count(counter::RINGBUF_FULL),
-    }
+    output(record);
     Ok(())
 }

@@ -24,7 +24,7 @@ use crate::{
         conntrack::{layout, task},
         kfree_skb::{netns_inum, read_headers, KFREE_SKB_LAYOUT},
     },
-    maps::{count, recent, set_mark, submit_flags, take_mark, ALLOC_FAILED_PENDING, EVENTS, ICMP_ERROR_PENDING},
+    maps::{count, output, recent, set_mark, take_mark, ALLOC_FAILED_PENDING, ICMP_ERROR_PENDING},
     read,
 };
 
@@ -158,12 +158,6 @@ fn on_return(skb: u64, verdict: u32) -> Result<(), i64> {
         dst: packet.dst,
         ..ConntrackEvent::default()
     };
-    match EVENTS.reserve::<ConntrackEvent>(0) {
-        Some(mut entry) => {
-            entry.write(record);
-            entry.submit(submit_flags());
-        }
-        None => count(counter::RINGBUF_FULL),
-    }
+    output(record);
     Ok(())
 }

@@ -14,7 +14,7 @@ use aya_ebpf::{
 use ctrace_common::{counter, drop_flags, family, kind, KfreeSkbLayout, PacketDrop};
 
 use crate::{
-    maps::{count, recent, submit_flags, take_mark, EVENTS, INSERT_FAILED_PENDING, TABLE_FULL_PENDING},
+    maps::{count, output, recent, take_mark, INSERT_FAILED_PENDING, TABLE_FULL_PENDING},
     read,
 };
 
@@ -93,13 +93,7 @@ fn on_netfilter_drop(layout: &KfreeSkbLayout, skb: u64, location: u64) -> Result
         record.flags |= drop_flags::NO_HEADER;
     }
 
-    match EVENTS.reserve::<PacketDrop>(0) {
-        Some(mut entry) => {
-            entry.write(record);
-            entry.submit(submit_flags());
-        }
-        None => count(counter::RINGBUF_FULL),
-    }
+    output(record);
     Ok(())
 }
 
