@@ -140,6 +140,8 @@ pub struct ConntrackLayout {
     pub ct_tuple: u32,
     /// `nf_conn.status` (unsigned long).
     pub ct_status: u32,
+    /// `nf_conn.timeout` (u32 jiffies when the entry expires).
+    pub ct_timeout: u32,
     /// `nf_conn.proto.tcp.state` (u8).
     pub ct_tcp_state: u32,
     /// `nf_conn.ct_net.net` (struct net *).
@@ -231,6 +233,6 @@ mod tests {
         assert_eq!(PacketDrop::SIZE % 8, 0);
         assert_eq!(core::mem::size_of::<KfreeSkbLayout>(), 10 * 4);
         assert_eq!(ConntrackEvent::SIZE, 1 + 1 + 1 + 1 + 4 + 8 + 8 + 4 + 2 + 1 + 1 + 2 + 2 + 4 + 16 + 16);
-        assert_eq!(core::mem::size_of::<ConntrackLayout>(), 16 * 4);
+        assert_eq!(core::mem::size_of::<ConntrackLayout>(), 17 * 4);
     }
 }

@@ -267,9 +267,14 @@ impl Lab {
 
     /// Sends one UDP datagram from `src` (a fresh source port) to the server.
     pub fn udp_send(&self, src: Ipv4Addr, port: u16) -> std::io::Result<()> {
+        self.udp_send_from(src, 0, port)
+    }
+
+    /// Sends one UDP datagram from `src`:`sport` (0: any) to the server.
+    pub fn udp_send_from(&self, src: Ipv4Addr, sport: u16, port: u16) -> std::io::Result<()> {
         self.client.enter(|| {
             let socket = Socket::new(Domain::IPV4, Type::DGRAM, None)?;
-            socket.bind(&SocketAddr::V4(SocketAddrV4::new(src, 0)).into())?;
+            socket.bind(&SocketAddr::V4(SocketAddrV4::new(src, sport)).into())?;
             socket.send_to(b"ctrace", &SocketAddr::V4(SocketAddrV4::new(SERVER, port)).into())?;
             Ok(())
         })

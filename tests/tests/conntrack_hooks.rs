@@ -382,3 +382,107 @@ fn deletions_account_for_every_entry_that_left_the_table() {
         }
     }
 }
+
+/// One recording of a whole incident, every kind of event in it, each
+/// checked against the kernel: a table filled with unreplied UDP flows,
+/// newcomers that evict them (early drops), the rest timing out
+/// (deletions), then a table of established connections that a SYN storm
+/// cannot get into (table-full drops).
+#[test]
+fn a_storm_record_accounts_for_every_entry_and_drop() {
+    require_root();
+    if !kprobes() {
+        return;
+    }
+    const FILLER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 14);
+    const STORM: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 15);
+    let lab = Lab::new("incident", &[EVICTEE, FILLER, STORM]).expect("lab");
+    lab.track_connections("ctrace_incident").unwrap();
+    let _listener = lab.listen(OPEN_PORT).unwrap();
+    let _sink = lab.udp_sink(SINK_PORT).unwrap();
+    lab.server
+        .enter(|| std::fs::write("/proc/sys/net/netfilter/nf_conntrack_udp_timeout", "6"))
+        .expect("UDP timeout in the server namespace");
+    let out = TempDir::new("incident");
+    let recording = Recording::start(&out.0.join("r.json"), &[]).expect("ctrace record");
+    let before = lab.server.conntrack_stat().unwrap();
+    assert_eq!(before.entries, 0);
+    let buckets = Sysctl::set("net.netfilter.nf_conntrack_buckets", "64").unwrap();
+    let max = Sysctl::set("net.netfilter.nf_conntrack_max", &TABLE_MAX.to_string()).unwrap();
+
+    // 1. Unreplied UDP flows fill the table, one at a time so that each
+    // datagram is one new entry (own source port; landed before the next).
+    let mut udp_sent = 0;
+    while udp_sent < TABLE_MAX {
+        lab.udp_send_from(EVICTEE, 30_000 + udp_sent as u16, SINK_PORT).unwrap();
+        udp_sent += 1;
+        let landed = (0..200).any(|_| {
+            let done = lab.server.conntrack_stat().unwrap().entries == udp_sent;
+            if !done {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            done
+        });
+        assert!(landed, "datagram {udp_sent} made no entry");
+    }
+    // 2. Connections that only get in by evicting a UDP flow.
+    let mut held: Vec<_> =
+        (0..TABLE_MAX / 2).filter_map(|_| lab.connect(FILLER, OPEN_PORT, Duration::from_millis(300)).ok()).collect();
+    // 3. The UDP flows left time out (long enough that none does before
+    // the newcomers came, even on an emulated CPU); reading the table reaps them.
+    std::thread::sleep(Duration::from_secs(7));
+    let reap = || lab.server.enter(|| std::fs::read_to_string("/proc/net/nf_conntrack")).unwrap();
+    for _ in 0..20 {
+        reap();
+        if lab.server.conntrack_stat().unwrap().entries == held.len() as u64 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    // 4. Established (assured) connections fill the table: nothing to evict.
+    while (held.len() as u64) < TABLE_MAX {
+        held.push(lab.connect(FILLER, OPEN_PORT, Duration::from_secs(2)).expect("room for the filler"));
+    }
+    // 5. The storm: every SYN dropped, table full.
+    let storm_sent = lab.syn_burst(STORM, OPEN_PORT, 30);
+    std::thread::sleep(Duration::from_millis(300));
+    let after = lab.server.conntrack_stat().unwrap();
+    drop(max);
+    drop(buckets);
+    let record = recording.stop().expect("record");
+    drop(held);
+    // The record as an on-call engineer reads it, in the test's output.
+    let report = Command::new(ctrace_bin()).arg("report").arg(out.0.join("r.json")).output().unwrap();
+    eprintln!("{}", String::from_utf8_lossy(&report.stdout));
+
+    // The kernel's side.
+    let early = after.early_drop - before.early_drop;
+    let drops = after.drop - before.drop;
+    let inserted = udp_sent + TABLE_MAX; // every datagram, every connection that got in
+    let deleted = before.entries + inserted - early - after.entries;
+    eprintln!(
+        "tier {}; kernel: {udp_sent} + {TABLE_MAX} inserted, {early} early drops, {deleted} deleted, {drops} drops",
+        record["tier"]
+    );
+    assert!(early > 0 && deleted > 0 && drops >= storm_sent, "every phase happened");
+    assert_eq!(after.entries, TABLE_MAX);
+
+    // ctrace's side, per source.
+    let ct = &record["totals"]["conntrack"];
+    assert_eq!(ct["early_drop"], early);
+    assert_eq!(ct["delete"], deleted);
+    assert_eq!(ct["insert"], inserted);
+    assert_eq!(ct["table_full"], drops, "each dropped packet's allocation failed on a full table");
+    assert_eq!(count_from(&record, "insert", EVICTEE), udp_sent);
+    assert_eq!(count_from(&record, "insert", FILLER), TABLE_MAX);
+    assert_eq!(count_from(&record, "early_drop", EVICTEE), early);
+    assert_eq!(count_from(&record, "delete", EVICTEE), deleted);
+    let drops_from = |src: Ipv4Addr| -> u64 {
+        let sources = record["sources"].as_array().unwrap();
+        sources.iter().filter(|s| s["src"] == src.to_string()).map(|s| s["drops"].as_u64().unwrap()).sum()
+    };
+    assert_eq!(drops_from(STORM), storm_sent, "every storm SYN dropped");
+    assert_eq!(drops_from(STORM) + drops_from(FILLER), drops, "per-source drops vs the kernel's drop counter");
+    assert_eq!(record["totals"]["table_full"], drops, "all of them table_full, from the hooks");
+    assert_eq!(record["totals"]["lost_events"], 0);
+}

@@ -13,7 +13,7 @@
 //! The thin entry points below only move arguments; the shared functions do
 //! the work, so a fentry tier can reuse them.
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns},
+    helpers::{bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_jiffies64, bpf_ktime_get_ns},
     macros::{fentry, fexit, kprobe, kretprobe, map},
     maps::{HashMap, LruHashMap},
     programs::{FEntryContext, FExitContext, ProbeContext, RetProbeContext},
@@ -29,6 +29,7 @@ use crate::{
 static CONNTRACK_LAYOUT: ConntrackLayout = ConntrackLayout {
     ct_tuple: 0,
     ct_status: 0,
+    ct_timeout: 0,
     ct_tcp_state: 0,
     ct_net: 0,
     ct_zone: u32::MAX,
@@ -233,8 +234,12 @@ fn on_delete(ct: u64) -> Result<(), i64> {
     if status & l.ips_dying as u64 != 0 {
         return Ok(()); // already on its way out: this call deletes nothing
     }
+    // Inside early_drop, an entry found expired is reaped as any expiry
+    // (the kernel does not count it as an early drop); only a live one is
+    // evicted.
     // SAFETY: copied out.
-    let evicting = unsafe { ALLOCS.get(task()) }.is_some_and(|a| a.in_early_drop == 1);
+    let in_early_drop = unsafe { ALLOCS.get(task()) }.is_some_and(|a| a.in_early_drop == 1);
+    let evicting = in_early_drop && !expired(ct, &l)?;
     // SAFETY: copied out before removal.
     let born = unsafe { BORN.get(ct) }.copied().unwrap_or(0);
     let _ = BORN.remove(ct);
@@ -242,6 +247,14 @@ fn on_delete(ct: u64) -> Result<(), i64> {
     let event = if evicting { ct_event::EARLY_DROP } else { ct_event::DELETE };
     let net: u64 = read::at(ct, l.ct_net)?;
     emit(&l, event, ct + l.ct_tuple as u64, net, ct, lifetime)
+}
+
+/// `nf_ct_is_expired`: the entry's timeout (jiffies, 32 bits) has passed.
+fn expired(ct: u64, l: &ConntrackLayout) -> Result<bool, i64> {
+    let timeout: u32 = read::at(ct, l.ct_timeout)?;
+    // SAFETY: no arguments.
+    let now = unsafe { bpf_jiffies64() } as u32;
+    Ok(timeout.wrapping_sub(now) as i32 <= 0)
 }
 
 fn on_confirm_entry(skb: u64) -> Result<(), i64> {

@@ -109,6 +109,7 @@ pub fn layout(btf: &Btf) -> Result<ConntrackLayout, BtfError> {
     Ok(ConntrackLayout {
         ct_tuple: tuple,
         ct_status: btf.member_offset("nf_conn", "status")?,
+        ct_timeout: btf.member_offset("nf_conn", "timeout")?,
         ct_tcp_state: btf.member_offset("nf_conn", "proto.tcp.state")?,
         ct_net: btf.member_offset("nf_conn", "ct_net.net")?,
         // Zones are optional (CONFIG_NF_CONNTRACK_ZONES).
