@@ -97,7 +97,7 @@ impl PacketDrop {
 }
 
 /// One event from conntrack's insertion, eviction and deletion paths: the
-/// entry's original tuple and state. 72 bytes, no holes.
+/// entry's original tuple and state. 80 bytes, no holes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConntrackEvent {
@@ -121,9 +121,14 @@ pub struct ConntrackEvent {
     pub _pad0: u8,
     pub sport: u16,
     pub dport: u16,
-    pub _pad1: [u8; 4],
+    /// For [`ct_event::TABLE_FULL`]: the namespace's entry count when the
+    /// kernel refused the allocation (0 when unknown or another event).
+    pub table_count: u32,
     pub src: [u8; 16],
     pub dst: [u8; 16],
+    /// For [`ct_event::TABLE_FULL`]: `nf_conntrack_max` then (0 when unknown).
+    pub table_max: u32,
+    pub _pad1: u32,
 }
 
 impl ConntrackEvent {
@@ -166,6 +171,17 @@ pub struct ConntrackLayout {
     pub ips_dying: u32,
     /// `IPS_NAT_CLASH` mask (an entry kept for replies after a clash), or 0.
     pub ips_nat_clash: u32,
+    /// The table's fill at a refusal lives in `struct nf_conntrack_net`,
+    /// the namespace's slot `net->gen->ptr[nf_conntrack_net_id]`:
+    /// `net.gen`, `net_generic.ptr`, `nf_conntrack_net.count` (u32::MAX
+    /// where this kernel has no such member).
+    pub net_gen: u32,
+    pub net_generic_ptr: u32,
+    pub cnet_count: u32,
+    /// Kernel addresses (from kallsyms) of `nf_conntrack_net_id` and
+    /// `nf_conntrack_max`; 0 when unknown (then the fill is not read).
+    pub net_id_addr: u64,
+    pub max_addr: u64,
 }
 
 /// Indices into the per-CPU `COUNTERS` array. Summed over CPUs these are exact,
@@ -232,7 +248,7 @@ mod tests {
         assert_eq!(PacketDrop::SIZE, 1 + 1 + 1 + 1 + 4 + 8 + 8 + 4 + 2 + 2 + 16 + 16 + 1 + 7);
         assert_eq!(PacketDrop::SIZE % 8, 0);
         assert_eq!(core::mem::size_of::<KfreeSkbLayout>(), 10 * 4);
-        assert_eq!(ConntrackEvent::SIZE, 1 + 1 + 1 + 1 + 4 + 8 + 8 + 4 + 2 + 1 + 1 + 2 + 2 + 4 + 16 + 16);
-        assert_eq!(core::mem::size_of::<ConntrackLayout>(), 17 * 4);
+        assert_eq!(ConntrackEvent::SIZE, 1 + 1 + 1 + 1 + 4 + 8 + 8 + 4 + 2 + 1 + 1 + 2 + 2 + 4 + 16 + 16 + 4 + 4);
+        assert_eq!(core::mem::size_of::<ConntrackLayout>(), 20 * 4 + 2 * 8);
     }
 }

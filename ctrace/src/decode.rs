@@ -8,7 +8,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use ctrace_common::{ct_event, drop_flags, family, kind, ConntrackEvent, PacketDrop};
 use thiserror::Error;
 
-use crate::model::{ConnState, CtEvent, CtKind, DropEvent, Protocol};
+use crate::{
+    model::{ConnState, CtEvent, CtKind, DropEvent, Protocol},
+    netns::Occupancy,
+};
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum DecodeError {
@@ -71,6 +74,8 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
                 raw_tcp_state: raw.tcp_state,
                 zone: raw.zone,
                 lifetime_ns: raw.lifetime_ns,
+                table: (raw.table_max != 0)
+                    .then_some(Occupancy { entries: raw.table_count as u64, max: raw.table_max as u64 }),
             }))
         }
         other => Err(DecodeError::UnknownKind(other)),
@@ -213,6 +218,11 @@ mod tests {
         assert_eq!(ev.kind, CtKind::EarlyDrop);
         assert_eq!(ev.src.to_string(), "198.18.0.9");
         assert_eq!((ev.sport, ev.dport, ev.raw_tcp_state, ev.lifetime_ns), (1234, 80, 7, 2_000_000_000));
+        assert_eq!(ev.table, None, "no fill: not a refusal");
+        raw.table_count = 64;
+        raw.table_max = 64;
+        let Record::Conntrack(ev) = decode(&encode_conntrack(&raw)).unwrap() else { panic!("not conntrack") };
+        assert_eq!(ev.table, Some(Occupancy { entries: 64, max: 64 }));
         // Every event number the kernel programs write has a name.
         for (event, kind) in [
             (ct_event::TABLE_FULL, CtKind::TableFull),

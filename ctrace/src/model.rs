@@ -112,6 +112,9 @@ pub struct CtEvent {
     pub raw_tcp_state: u8,
     pub zone: u16,
     pub lifetime_ns: u64,
+    /// For table_full: the namespace's entry count and `nf_conntrack_max`
+    /// when the kernel refused, as the hook read them (None if it could not).
+    pub table: Option<crate::netns::Occupancy>,
 }
 
 /// IP protocol, named where conntrack has a tracker for it.

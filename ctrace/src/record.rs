@@ -20,7 +20,7 @@ use crate::{
     },
     hooks::{kernel_btf, Attached},
     model::{ConnState, CtKind, Protocol, Reason},
-    netns::{self, ConntrackStats, Namespaces},
+    netns::{self, ConntrackStats, Namespaces, Occupancy},
     privileges,
 };
 
@@ -51,6 +51,8 @@ pub struct Recorder {
     tcp_states: Vec<(u8, ConnState)>,
     /// Seconds removed entries lived, by final state.
     lifetimes: HashMap<ConnState, Vec<f64>>,
+    /// Per namespace, the table's fill at the last refusal (hook tiers).
+    pub at_table_full: HashMap<u32, Occupancy>,
     pub undecodable: u64,
 }
 
@@ -64,6 +66,7 @@ impl Recorder {
             conntrack: HashMap::new(),
             tcp_states,
             lifetimes: HashMap::new(),
+            at_table_full: HashMap::new(),
             undecodable: 0,
         }
     }
@@ -80,6 +83,9 @@ impl Recorder {
                     self.lifetimes.entry(state).or_default().push(ev.lifetime_ns as f64 / 1e9);
                 }
                 *self.conntrack.entry((ev.netns, ev.src, ev.dport, ev.proto, state, ev.kind)).or_default() += 1;
+                if let Some(table) = ev.table {
+                    self.at_table_full.insert(ev.netns, table);
+                }
             }
             Err(_) => self.undecodable += 1,
         }
@@ -214,7 +220,10 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let rows = recorder.table.finish(end_ns);
     let duration_s = (end_ns - start_ns) as f64 / 1e9;
     let seen: Vec<u32> = rows.iter().map(|r| r.key.netns).collect();
-    let kernel_counters = counters_report(&start_stats, &end_stats, &seen, &recorder.classifier.namespaces);
+    let mut kernel_counters = counters_report(&start_stats, &end_stats, &seen, &recorder.classifier.namespaces);
+    for c in &mut kernel_counters {
+        c.at_table_full = recorder.at_table_full.get(&c.netns).copied();
+    }
 
     let file = RecordFile {
         schema: SCHEMA.into(),

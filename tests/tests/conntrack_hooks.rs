@@ -484,5 +484,11 @@ fn a_storm_record_accounts_for_every_entry_and_drop() {
     assert_eq!(drops_from(STORM), storm_sent, "every storm SYN dropped");
     assert_eq!(drops_from(STORM) + drops_from(FILLER), drops, "per-source drops vs the kernel's drop counter");
     assert_eq!(record["totals"]["table_full"], drops, "all of them table_full, from the hooks");
+    // The kernel's own count and maximum at the refusals, read by the hook.
+    let server = lab.server.inode();
+    let counters = record["kernel_counters"].as_array().unwrap();
+    let ns = counters.iter().find(|c| c["netns"] == server).expect("the server's counters");
+    assert_eq!(ns["at_table_full"]["max"], TABLE_MAX, "{ns}");
+    assert_eq!(ns["at_table_full"]["entries"], TABLE_MAX, "a refusal happens at a full table: {ns}");
     assert_eq!(record["totals"]["lost_events"], 0);
 }

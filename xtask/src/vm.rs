@@ -146,6 +146,7 @@ const BUILTIN_OPTIONS: &[&str] = &[
     "PERF_EVENTS",
     "TRACEPOINTS",
     "KALLSYMS",
+    "KALLSYMS_ALL",
     "PCI",
     "VIRTIO_MENU",
     "VIRTIO",

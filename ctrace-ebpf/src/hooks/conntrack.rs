@@ -44,6 +44,11 @@ static CONNTRACK_LAYOUT: ConntrackLayout = ConntrackLayout {
     ips_confirmed: 0,
     ips_dying: 0,
     ips_nat_clash: 0,
+    net_gen: 0,
+    net_generic_ptr: 0,
+    cnet_count: 0,
+    net_id_addr: 0,
+    max_addr: 0,
 };
 
 /// An allocation in progress on one task.
@@ -225,7 +230,25 @@ fn on_alloc_return(ret: u64) {
     }
     set_mark(&ALLOC_FAILED_PENDING, now());
     let l = layout();
-    let _ = emit(&l, event, alloc.tuple, alloc.net, 0, 0);
+    let Ok(mut record) = event_record(&l, event, alloc.tuple, alloc.net, 0) else { return };
+    if event == ct_event::TABLE_FULL {
+        (record.table_count, record.table_max) = table_fill(&l, alloc.net).unwrap_or((0, 0));
+    }
+    output(record);
+}
+
+/// The namespace's entry count and `nf_conntrack_max`, read where the
+/// kernel keeps them: `nf_ct_pernet(net)->count` and the global.
+fn table_fill(l: &ConntrackLayout, net: u64) -> Result<(u32, u32), i64> {
+    if l.net_id_addr == 0 || l.max_addr == 0 {
+        return Err(0);
+    }
+    let id: u32 = read::at(l.net_id_addr, 0)?;
+    let generic: u64 = read::at(net, l.net_gen)?;
+    let pernet: u64 = read::at(generic + l.net_generic_ptr as u64 + 8 * (id & 0xffff) as u64, 0)?;
+    let count: u32 = read::at(pernet, l.cnet_count)?;
+    let max: u32 = read::at(l.max_addr, 0)?;
+    Ok((count, max))
 }
 
 fn on_delete(ct: u64) -> Result<(), i64> {
@@ -246,7 +269,10 @@ fn on_delete(ct: u64) -> Result<(), i64> {
     let lifetime = if born == 0 { 0 } else { now().saturating_sub(born) };
     let event = if evicting { ct_event::EARLY_DROP } else { ct_event::DELETE };
     let net: u64 = read::at(ct, l.ct_net)?;
-    emit(&l, event, ct + l.ct_tuple as u64, net, ct, lifetime)
+    let mut record = event_record(&l, event, ct + l.ct_tuple as u64, net, ct)?;
+    record.lifetime_ns = lifetime;
+    output(record);
+    Ok(())
 }
 
 /// `nf_ct_is_expired`: the entry's timeout (jiffies, 32 bits) has passed.
@@ -300,19 +326,19 @@ fn on_confirm_return(ret: u64) -> Result<(), i64> {
         _ => return Ok(()),
     };
     let net: u64 = read::at(ct, l.ct_net)?;
-    emit(&l, event, ct + l.ct_tuple as u64, net, ct, 0)
+    output(event_record(&l, event, ct + l.ct_tuple as u64, net, ct)?);
+    Ok(())
 }
 
-/// Counts the event and writes its record. `ct` (0 if none) gives the
-/// TCP state and zone. Inlined: BPF calls take at most five arguments.
+/// Counts the event and fills its record from the tuple; `ct` (0 if none)
+/// gives the TCP state and zone. Inlined: the record is returned by value.
 #[inline(always)]
-pub(crate) fn emit(l: &ConntrackLayout, event: u8, tuple: u64, net: u64, ct: u64, lifetime_ns: u64) -> Result<(), i64> {
+fn event_record(l: &ConntrackLayout, event: u8, tuple: u64, net: u64, ct: u64) -> Result<ConntrackEvent, i64> {
     count(counter::CT_BASE + event as u32);
     let mut record = ConntrackEvent {
         kind: kind::CONNTRACK,
         event,
         ts_ns: now(),
-        lifetime_ns,
         // SAFETY: no arguments.
         cpu: unsafe { bpf_get_smp_processor_id() },
         ..ConntrackEvent::default()
@@ -332,6 +358,5 @@ pub(crate) fn emit(l: &ConntrackLayout, event: u8, tuple: u64, net: u64, ct: u64
             record.zone = read::at(ct, l.ct_zone).unwrap_or(0);
         }
     }
-    output(record);
-    Ok(())
+    Ok(record)
 }

@@ -125,6 +125,10 @@ pub struct NetnsCounters {
     /// The fullest the table was seen when ctrace sampled it to classify
     /// conntrack's drops (absent if it never needed to).
     pub occupancy_peak: Option<Occupancy>,
+    /// Hook tiers: the entry count and maximum the kernel itself had when it
+    /// last refused an allocation here (absent without table-full events).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_table_full: Option<Occupancy>,
 }
 
 impl NetnsCounters {
@@ -146,6 +150,7 @@ impl NetnsCounters {
             entries: delta.entries,
             max,
             occupancy_peak,
+            at_table_full: None,
         }
     }
 }

@@ -85,7 +85,10 @@ pub fn render(record: &RecordFile, top: usize) -> String {
         );
         let max = c.max.map_or("?".into(), |m| m.to_string());
         let peak = c.occupancy_peak.map_or("not sampled".into(), |p| format!("{}/{}", p.entries, p.max));
-        let _ = writeln!(out, "      entries at end {}/{max}; fullest seen {peak}", c.entries);
+        let refusal = c
+            .at_table_full
+            .map_or(String::new(), |t| format!("; at the kernel's last refusal {}/{}", t.entries, t.max));
+        let _ = writeln!(out, "      entries at end {}/{max}; fullest seen {peak}{refusal}", c.entries);
     }
     if record.kernel_counters.len() > 1 {
         let _ = writeln!(out, "  all namespaces: kernel drop {total_kernel_drop} vs ctrace {conntrack}");

@@ -126,7 +126,31 @@ pub fn layout(btf: &Btf) -> Result<ConntrackLayout, BtfError> {
         ips_dying: mask("IPS_DYING")?,
         // Kernels before 5.7 have no NAT clash entries.
         ips_nat_clash: mask("IPS_NAT_CLASH").unwrap_or(0),
+        // The table's fill at a refusal is a bonus: u32::MAX where unknown.
+        net_gen: btf.member_offset("net", "gen").unwrap_or(u32::MAX),
+        net_generic_ptr: btf.member_offset("net_generic", "ptr").unwrap_or(u32::MAX),
+        cnet_count: btf.member_offset("nf_conntrack_net", "count").unwrap_or(u32::MAX),
+        net_id_addr: 0,
+        max_addr: 0,
     })
+}
+
+/// Adds the kernel addresses the table-fill read needs (kallsyms: root, and
+/// kptr_restrict below 2). Left 0, the programs do not read the fill.
+pub fn with_symbol_addresses(mut layout: ConntrackLayout) -> ConntrackLayout {
+    let kallsyms = std::fs::read_to_string("/proc/kallsyms").unwrap_or_default();
+    let address = |wanted: &str| {
+        kallsyms.lines().find_map(|l| {
+            let mut f = l.split_whitespace();
+            let (addr, _, name) = (f.next()?, f.next()?, f.next()?);
+            (name == wanted).then(|| u64::from_str_radix(addr, 16).ok()).flatten()
+        })
+    };
+    if [layout.net_gen, layout.net_generic_ptr, layout.cnet_count].iter().all(|o| *o != u32::MAX) {
+        layout.net_id_addr = address("nf_conntrack_net_id").unwrap_or(0);
+        layout.max_addr = address("nf_conntrack_max").unwrap_or(0);
+    }
+    layout
 }
 
 /// The TCP state of a conntrack event's entry. Allocation failures have

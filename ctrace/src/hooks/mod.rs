@@ -181,7 +181,7 @@ impl Attached {
             if let (None, Ok(Some(ct_btf))) = (&blocker, &ct_btf) {
                 match conntrack::layout(ct_btf) {
                     Ok(l) => {
-                        ct_layout = l;
+                        ct_layout = conntrack::with_symbol_addresses(l);
                         tcp_states = conntrack::tcp_states(ct_btf);
                     }
                     Err(e) => blocker = Some(format!("conntrack's layout cannot be read from BTF: {e}")),
@@ -264,6 +264,13 @@ impl Attached {
                         tier = t;
                     }
                     table_full_hooked |= family.name == "table_full";
+                    let mut detail = detail;
+                    if family.name == "table_full" && (ct_layout.net_id_addr == 0 || ct_layout.max_addr == 0) {
+                        detail.push_str(
+                            "; the table's fill at a refusal is not read (nf_conntrack_net_id or nf_conntrack_max \
+                             not in /proc/kallsyms: kptr_restrict, or a kernel without CONFIG_KALLSYMS_ALL)",
+                        );
+                    }
                     hooks.push(HookReport { hook: family.name, tier: Some(t), detail });
                 }
                 None => hooks.push(HookReport { hook: family.name, tier: None, detail: whys.join("; ") }),

@@ -680,6 +680,7 @@ mod tests {
             raw_tcp_state: 0,
             zone: 0,
             lifetime_ns,
+            table: None,
         };
         assert!(s.snapshot(&Query::default(), 1).fills.is_none(), "no hooks, no panel");
         for _ in 0..5 {
