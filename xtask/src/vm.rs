@@ -172,7 +172,12 @@ fn prepare_builtin() -> anyhow::Result<Kernel> {
     let dir = cache_dir().join(format!("builtin-6.12-{key:016x}"));
     let src = dir.join("src");
     if !dir.join("ready").exists() {
-        let _ = std::fs::remove_dir_all(&dir);
+        // Builds for other sources or options are stale: 2-3 GB each.
+        for entry in std::fs::read_dir(cache_dir()).into_iter().flatten().flatten() {
+            if entry.file_name().to_string_lossy().starts_with("builtin-6.12-") {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
         std::fs::create_dir_all(&src)?;
         let started = Instant::now();
         eprintln!("xtask: building the 6.12-builtin kernel from linux-source {version} in {}", dir.display());
