@@ -132,7 +132,9 @@ fn test(no_setup: bool, no_vm: bool) -> anyhow::Result<()> {
     let bin = root().join("target/debug/ctrace");
     // One test at a time: the end-to-end tests share kernel state
     // (nf_conntrack_max is global).
-    run(cargo().args(["test", "--", "--test-threads=1"]).env("CTRACE_BIN", bin))?;
+    // --nocapture: a test that cannot run here says why (SKIPPED, NOT
+    // EXERCISED) in the log even when it passes.
+    run(cargo().args(["test", "--", "--test-threads=1", "--nocapture"]).env("CTRACE_BIN", bin))?;
     if no_vm {
         eprintln!("xtask: NOT RUN: guest-kernel tests (--no-vm); CI runs them");
         return Ok(());
@@ -210,7 +212,7 @@ fn vm_test(selection: VmSelection) -> anyhow::Result<()> {
     // One shell line: every test binary runs, the exit code says whether any failed.
     let mut script = String::from("fail=0; ");
     for bin in &bins {
-        script.push_str(&format!("{} --test-threads=1 --color never || fail=1; ", bin.display()));
+        script.push_str(&format!("{} --test-threads=1 --nocapture --color never || fail=1; ", bin.display()));
     }
     script.push_str("exit $fail");
     let env = [("CTRACE_BIN".to_string(), root().join("target/debug/ctrace").display().to_string())];
