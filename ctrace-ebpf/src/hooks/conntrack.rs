@@ -92,8 +92,17 @@ pub(crate) fn layout() -> ConntrackLayout {
     unsafe { core::ptr::read_volatile(&CONNTRACK_LAYOUT) }
 }
 
+/// The key pairing a function's entry with its return: the task. Every
+/// CPU's idle task has pid 0, and a softirq that interrupts one runs as it,
+/// so two CPUs handling packets at once would share that key: pid 0 is
+/// keyed by CPU instead (an idle task never migrates).
 pub(crate) fn task() -> u64 {
-    bpf_get_current_pid_tgid()
+    let id = bpf_get_current_pid_tgid();
+    if id as u32 != 0 {
+        return id;
+    }
+    // SAFETY: no arguments.
+    (1 << 63) | unsafe { bpf_get_smp_processor_id() } as u64
 }
 
 fn now() -> u64 {
