@@ -56,7 +56,8 @@ pub struct Recorder {
     pub undecodable: u64,
 }
 
-pub type CtRowKey = (u32, std::net::IpAddr, u16, Protocol, ConnState, CtKind);
+/// netns, source, destination port, protocol, state, event, zone.
+pub type CtRowKey = (u32, std::net::IpAddr, u16, Protocol, ConnState, CtKind, u16);
 
 impl Recorder {
     pub fn new(start_ns: u64, classifier: Classifier, tcp_states: Vec<(u8, ConnState)>) -> Self {
@@ -82,7 +83,8 @@ impl Recorder {
                 if matches!(ev.kind, CtKind::Delete | CtKind::EarlyDrop) && ev.lifetime_ns > 0 {
                     self.lifetimes.entry(state).or_default().push(ev.lifetime_ns as f64 / 1e9);
                 }
-                *self.conntrack.entry((ev.netns, ev.src, ev.dport, ev.proto, state, ev.kind)).or_default() += 1;
+                *self.conntrack.entry((ev.netns, ev.src, ev.dport, ev.proto, state, ev.kind, ev.zone)).or_default() +=
+                    1;
                 if let Some(table) = ev.table {
                     self.at_table_full.insert(ev.netns, table);
                 }
@@ -114,18 +116,21 @@ impl Recorder {
         let mut rows: Vec<CtRow> = self
             .conntrack
             .iter()
-            .map(|(&(netns, src, dport, proto, state, event), &count)| CtRow {
+            .map(|(&(netns, src, dport, proto, state, event, zone), &count)| CtRow {
                 netns,
                 src,
                 dport,
                 proto,
                 state,
                 event,
+                zone,
                 count,
             })
             .collect();
         rows.sort_by(|a, b| {
-            b.count.cmp(&a.count).then((a.netns, a.src, a.dport, a.event).cmp(&(b.netns, b.src, b.dport, b.event)))
+            b.count
+                .cmp(&a.count)
+                .then((a.netns, a.src, a.dport, a.event, a.zone).cmp(&(b.netns, b.src, b.dport, b.event, b.zone)))
         });
         rows
     }
@@ -347,4 +352,57 @@ fn counters_report(
 
 fn read_trimmed(path: &str) -> String {
     std::fs::read_to_string(path).map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use ctrace_common::{ct_event, family, kind, ConntrackEvent};
+
+    use super::*;
+    use crate::{
+        classify::{Classifier, Symbols},
+        decode::encode_conntrack,
+    };
+
+    fn event(event: u8, src: u8, zone: u16) -> ConntrackEvent {
+        let mut raw = ConntrackEvent {
+            kind: kind::CONNTRACK,
+            event,
+            family: family::INET,
+            proto: 17,
+            netns: 7,
+            dport: 53,
+            zone,
+            ..Default::default()
+        };
+        raw.src[..4].copy_from_slice(&[198, 18, 0, src]);
+        raw
+    }
+
+    #[test]
+    fn conntrack_rows_per_source_event_and_zone_and_the_last_fill_per_namespace() {
+        let classifier = Classifier::new(Symbols::parse(""), Namespaces::new());
+        let mut recorder = Recorder::new(0, classifier, Vec::new());
+        for _ in 0..3 {
+            recorder.on_record(&encode_conntrack(&event(ct_event::INSERT, 2, 0)));
+        }
+        recorder.on_record(&encode_conntrack(&event(ct_event::INSERT, 2, 5)));
+        recorder.on_record(&encode_conntrack(&event(ct_event::CLASH_RESOLVED, 2, 0)));
+        let mut full = event(ct_event::TABLE_FULL, 3, 0);
+        (full.table_count, full.table_max) = (63, 64);
+        recorder.on_record(&encode_conntrack(&full));
+        (full.table_count, full.table_max) = (64, 64);
+        recorder.on_record(&encode_conntrack(&full));
+
+        let rows = recorder.conntrack_rows();
+        let count = |ev: CtKind, src: &str, zone: u16| {
+            rows.iter().find(|r| r.event == ev && r.src.to_string() == src && r.zone == zone).map(|r| r.count)
+        };
+        assert_eq!(count(CtKind::Insert, "198.18.0.2", 0), Some(3));
+        assert_eq!(count(CtKind::Insert, "198.18.0.2", 5), Some(1), "zones are separate rows");
+        assert_eq!(count(CtKind::ClashResolved, "198.18.0.2", 0), Some(1));
+        assert_eq!(count(CtKind::TableFull, "198.18.0.3", 0), Some(2));
+        assert_eq!(rows[0].count, 3, "most frequent first");
+        assert_eq!(recorder.at_table_full.get(&7), Some(&Occupancy { entries: 64, max: 64 }), "the last refusal");
+    }
 }

@@ -102,6 +102,9 @@ pub struct CtRow {
     /// The entry's TCP state when the event happened (`NONE` for other protocols).
     pub state: ConnState,
     pub event: CtKind,
+    /// Conntrack zone of the entry (0 without zones); absent in older files.
+    #[serde(default)]
+    pub zone: u16,
     pub count: u64,
 }
 
