@@ -317,7 +317,7 @@ fn invalid_packets_are_attributed_and_match_the_kernels_invalid_counter() {
         assert_eq!(e["dport"], PORT);
         assert_eq!(e["proto"], "tcp");
     }
-    // Without --invalid the hook stays off, and the file says so.
+    // With --invalid the hook attached: no note says it was off.
     let notes = record["notes"].to_string();
     assert!(!notes.contains("hook invalid off"), "{notes}");
 }
