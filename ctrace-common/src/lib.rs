@@ -136,7 +136,8 @@ impl ConntrackEvent {
 }
 
 /// Kernel layout the conntrack hooks need, from BTF (vmlinux, or the
-/// nf_conntrack module's split BTF). Offsets in bytes; `u32::MAX` marks a
+/// nf_conntrack module's split BTF). The `sk_buff` and `net` offsets they
+/// share with the drop program are in [`KfreeSkbLayout`]. Offsets in bytes; `u32::MAX` marks a
 /// field this kernel does not have.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -161,10 +162,6 @@ pub struct ConntrackLayout {
     pub tuple_dst_addr: u32,
     pub tuple_dst_port: u32,
     pub tuple_protonum: u32,
-    /// `sk_buff._nfct`.
-    pub skb_nfct: u32,
-    /// `net.ns.inum`.
-    pub net_inum: u32,
     /// `IPS_CONFIRMED` mask of `enum ip_conntrack_status`.
     pub ips_confirmed: u32,
     /// `IPS_DYING` mask.
@@ -249,6 +246,6 @@ mod tests {
         assert_eq!(PacketDrop::SIZE % 8, 0);
         assert_eq!(core::mem::size_of::<KfreeSkbLayout>(), 10 * 4);
         assert_eq!(ConntrackEvent::SIZE, 1 + 1 + 1 + 1 + 4 + 8 + 8 + 4 + 2 + 1 + 1 + 2 + 2 + 4 + 16 + 16 + 4 + 4);
-        assert_eq!(core::mem::size_of::<ConntrackLayout>(), 20 * 4 + 2 * 8);
+        assert_eq!(core::mem::size_of::<ConntrackLayout>(), 18 * 4 + 2 * 8);
     }
 }

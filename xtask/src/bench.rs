@@ -30,18 +30,13 @@ pub fn bench(storm_secs: u64, storm_only: bool) -> anyhow::Result<()> {
         &[]
     } else {
         &[
-            ("storm, 100 sources", 20_000_000, 100),
-            ("spoofed flood, every record a new source", 20_000_000, 20_000_000),
+            ("throughput (storm, 100 sources)", 20_000_000, 100),
+            ("throughput (spoofed flood, every record a new source)", 20_000_000, 20_000_000),
             ("memory (10 M distinct sources)", 10_000_000, 10_000_000),
         ]
     };
     for (label, events, sources) in synthetic_runs {
-        let line = synthetic(&bin, *events, *sources)?;
-        if label.starts_with("memory") {
-            report.push(format!("{label}: {line}"));
-        } else {
-            report.push(format!("throughput ({label}): {line}"));
-        }
+        report.push(format!("{label}: {}", synthetic(&bin, *events, *sources)?));
     }
 
     // SAFETY: geteuid has no preconditions.

@@ -21,6 +21,7 @@ use aya_ebpf::{
 use ctrace_common::{counter, ct_event, kind, ConntrackEvent, ConntrackLayout};
 
 use crate::{
+    hooks::kfree_skb::{net_inum_offset, skb_nfct_offset},
     maps::{count, output, set_mark, ALLOC_FAILED_PENDING, INSERT_FAILED_PENDING, TABLE_FULL_PENDING},
     read,
 };
@@ -39,8 +40,6 @@ static CONNTRACK_LAYOUT: ConntrackLayout = ConntrackLayout {
     tuple_dst_addr: 0,
     tuple_dst_port: 0,
     tuple_protonum: 0,
-    skb_nfct: 0,
-    net_inum: 0,
     ips_confirmed: 0,
     ips_dying: 0,
     ips_nat_clash: 0,
@@ -87,7 +86,7 @@ const NF_ACCEPT: u64 = 1;
 const NFCT_PTRMASK: u64 = !7;
 const MAX_ERRNO: u64 = 4095;
 
-pub(crate) fn layout() -> ConntrackLayout {
+fn layout() -> ConntrackLayout {
     // SAFETY: a read-only global filled in by the loader.
     unsafe { core::ptr::read_volatile(&CONNTRACK_LAYOUT) }
 }
@@ -254,7 +253,7 @@ fn table_fill(l: &ConntrackLayout, net: u64) -> Result<(u32, u32), i64> {
     }
     let id: u32 = read::at(l.net_id_addr, 0)?;
     let generic: u64 = read::at(net, l.net_gen)?;
-    let pernet: u64 = read::at(generic + l.net_generic_ptr as u64 + 8 * (id & 0xffff) as u64, 0)?;
+    let pernet: u64 = read::at(generic + l.net_generic_ptr as u64 + 8 * id as u64, 0)?;
     let count: u32 = read::at(pernet, l.cnet_count)?;
     let max: u32 = read::at(l.max_addr, 0)?;
     Ok((count, max))
@@ -293,7 +292,7 @@ fn expired(ct: u64, l: &ConntrackLayout) -> Result<bool, i64> {
 }
 
 fn on_confirm_entry(skb: u64) -> Result<(), i64> {
-    let nfct: u64 = read::at(skb, layout().skb_nfct)?;
+    let nfct: u64 = read::at(skb, skb_nfct_offset())?;
     let _ = CONFIRMS.insert(task(), Confirm { skb, ct: nfct & NFCT_PTRMASK }, 0);
     Ok(())
 }
@@ -312,7 +311,7 @@ fn on_confirm_return(ret: u64) -> Result<(), i64> {
             // A clash resolved to the entry already in the table swaps the
             // packet's entry (the new one is freed); one resolved by keeping
             // the new entry for replies marks it IPS_NAT_CLASH.
-            let now_attached = read::at::<u64>(skb, l.skb_nfct)? & NFCT_PTRMASK;
+            let now_attached = read::at::<u64>(skb, skb_nfct_offset())? & NFCT_PTRMASK;
             if now_attached != ct && now_attached != 0 {
                 (ct_event::CLASH_RESOLVED, now_attached)
             } else {
@@ -359,7 +358,7 @@ fn event_record(l: &ConntrackLayout, event: u8, tuple: u64, net: u64, ct: u64) -
     record.sport = u16::from_be(read::at(tuple, l.tuple_src_port)?);
     record.dport = u16::from_be(read::at(tuple, l.tuple_dst_port)?);
     if net != 0 {
-        record.netns = read::at(net, l.net_inum).unwrap_or(0);
+        record.netns = read::at(net, net_inum_offset()).unwrap_or(0);
     }
     if ct != 0 {
         record.tcp_state = read::at(ct, l.ct_tcp_state).unwrap_or(0);

@@ -14,15 +14,15 @@
 use aya_ebpf::{
     helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns},
     macros::{fexit, kprobe, kretprobe, map},
-    maps::HashMap,
+    maps::LruHashMap,
     programs::{FExitContext, ProbeContext, RetProbeContext},
 };
 use ctrace_common::{counter, ct_event, kind, ConntrackEvent, PacketDrop};
 
 use crate::{
     hooks::{
-        conntrack::{layout, task},
-        kfree_skb::{netns_inum, read_headers, KFREE_SKB_LAYOUT},
+        conntrack::task,
+        kfree_skb::{netns_inum, read_headers, skb_nfct_offset, KFREE_SKB_LAYOUT},
     },
     maps::{count, output, recent, set_mark, take_mark, ALLOC_FAILED_PENDING, ICMP_ERROR_PENDING},
     read,
@@ -33,7 +33,9 @@ const NF_ACCEPT: u32 = 1;
 const DEPTH: usize = 4;
 
 /// Packets inside `nf_conntrack_in` on one task, innermost last: a softirq
-/// can run the function again on top of a task that is inside it.
+/// can run the function again on top of a task that is inside it. Entries
+/// stay when the stack empties (no delete and re-insert per packet); the LRU
+/// drops those of tasks that are gone.
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct Calls {
@@ -42,7 +44,7 @@ struct Calls {
 }
 
 #[map]
-static CALLS: HashMap<u64, Calls> = HashMap::with_max_entries(4096, 0);
+static CALLS: LruHashMap<u64, Calls> = LruHashMap::with_max_entries(4096, 0);
 
 #[kprobe]
 pub fn ct_in(ctx: ProbeContext) -> u32 {
@@ -78,9 +80,6 @@ pub fn ct_in_ret(ctx: RetProbeContext) -> u32 {
     calls.depth -= 1;
     let depth = calls.depth as usize;
     let skb = if depth < DEPTH { calls.skbs[depth] } else { 0 };
-    if calls.depth == 0 {
-        let _ = CALLS.remove(key);
-    }
     if skb != 0 {
         let _ = on_return(skb, ctx.ret::<u64>() as u32);
     }
@@ -128,14 +127,13 @@ fn on_icmp_error_return(ret: i32) {
 }
 
 fn on_return(skb: u64, verdict: u32) -> Result<(), i64> {
-    let l = layout();
     // Take both marks whatever happens, so none outlives its packet.
     let icmp_error = recent(take_mark(&ICMP_ERROR_PENDING));
     let alloc_failed = recent(take_mark(&ALLOC_FAILED_PENDING));
     if verdict != NF_ACCEPT && verdict != NF_DROP {
         return Ok(());
     }
-    if read::at::<u64>(skb, l.skb_nfct)? != 0 || icmp_error || (verdict == NF_DROP && alloc_failed) {
+    if read::at::<u64>(skb, skb_nfct_offset())? != 0 || icmp_error || (verdict == NF_DROP && alloc_failed) {
         return Ok(());
     }
     count(counter::CT_BASE + ct_event::INVALID as u32);

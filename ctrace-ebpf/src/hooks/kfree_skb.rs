@@ -33,6 +33,20 @@ pub(crate) static KFREE_SKB_LAYOUT: KfreeSkbLayout = KfreeSkbLayout {
     net_inum: 0,
 };
 
+/// `sk_buff._nfct`'s offset, for the conntrack hooks too (one definition).
+#[inline(always)]
+pub(crate) fn skb_nfct_offset() -> u32 {
+    // SAFETY: a read-only global filled in by the loader.
+    unsafe { core::ptr::read_volatile(&KFREE_SKB_LAYOUT.skb_nfct) }
+}
+
+/// `net.ns.inum`'s offset, for the conntrack hooks too.
+#[inline(always)]
+pub(crate) fn net_inum_offset() -> u32 {
+    // SAFETY: as above.
+    unsafe { core::ptr::read_volatile(&KFREE_SKB_LAYOUT.net_inum) }
+}
+
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const IPPROTO_TCP: u8 = 6;

@@ -45,7 +45,7 @@ const fn hook(
 
 pub const FAMILIES: [Family; 4] = [
     Family {
-        name: "table_full",
+        name: TABLE_FULL_FAMILY,
         hooks: &[
             hook("ct_alloc", "ct_alloc_fentry", false, "__nf_conntrack_alloc", 6),
             hook("ct_alloc_ret", "ct_alloc_fexit", true, "__nf_conntrack_alloc", 6),
@@ -81,6 +81,7 @@ pub const FAMILIES: [Family; 4] = [
     },
 ];
 
+pub const TABLE_FULL_FAMILY: &str = "table_full";
 pub const INVALID_FAMILY: &str = "invalid";
 
 pub const LAYOUT_GLOBAL: &str = "CONNTRACK_LAYOUT";
@@ -120,8 +121,6 @@ pub fn layout(btf: &Btf) -> Result<ConntrackLayout, BtfError> {
         tuple_dst_addr: btf.member_offset("nf_conntrack_tuple", "dst.u3")?,
         tuple_dst_port: btf.member_offset("nf_conntrack_tuple", "dst.u.all")?,
         tuple_protonum: btf.member_offset("nf_conntrack_tuple", "dst.protonum")?,
-        skb_nfct: btf.member_offset("sk_buff", "_nfct")?,
-        net_inum: btf.member_offset("net", "ns.inum")?,
         ips_confirmed: mask("IPS_CONFIRMED")?,
         ips_dying: mask("IPS_DYING")?,
         // Kernels before 5.7 have no NAT clash entries.
@@ -135,17 +134,11 @@ pub fn layout(btf: &Btf) -> Result<ConntrackLayout, BtfError> {
     })
 }
 
-/// Adds the kernel addresses the table-fill read needs (kallsyms: root, and
-/// kptr_restrict below 2). Left 0, the programs do not read the fill.
-pub fn with_symbol_addresses(mut layout: ConntrackLayout) -> ConntrackLayout {
-    let kallsyms = std::fs::read_to_string("/proc/kallsyms").unwrap_or_default();
-    let address = |wanted: &str| {
-        kallsyms.lines().find_map(|l| {
-            let mut f = l.split_whitespace();
-            let (addr, _, name) = (f.next()?, f.next()?, f.next()?);
-            (name == wanted).then(|| u64::from_str_radix(addr, 16).ok()).flatten()
-        })
-    };
+/// Adds the kernel addresses the table-fill read needs, from the text of
+/// /proc/kallsyms (root, and kptr_restrict below 2). Left 0, the programs
+/// do not read the fill.
+pub fn with_symbol_addresses(mut layout: ConntrackLayout, kallsyms: &str) -> ConntrackLayout {
+    let address = |wanted: &str| symbols(kallsyms).find(|s| s.2 == wanted).map(|s| s.0).filter(|a| *a != 0);
     if [layout.net_gen, layout.net_generic_ptr, layout.cnet_count].iter().all(|o| *o != u32::MAX) {
         layout.net_id_addr = address("nf_conntrack_net_id").unwrap_or(0);
         layout.max_addr = address("nf_conntrack_max").unwrap_or(0);
@@ -184,21 +177,54 @@ pub fn tcp_states(btf: &Btf) -> Vec<(u8, ConnState)> {
     names.iter().filter_map(|(name, state)| Some((btf.enum_value("tcp_conntrack", name).ok()? as u8, *state))).collect()
 }
 
-/// Function symbols of the running kernel (`t`/`T` in /proc/kallsyms),
-/// module ones included. An inlined or renamed (`.constprop.0`) function is
-/// absent under its own name, which is what matters for a kprobe.
-pub fn kernel_functions() -> HashSet<String> {
-    std::fs::read_to_string("/proc/kallsyms")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            let (_, kind, name) = (f.next()?, f.next()?, f.next()?);
-            matches!(kind, "t" | "T").then(|| name.to_string())
-        })
-        .collect()
+/// Function symbols of the running kernel (`t`/`T` in the text of
+/// /proc/kallsyms), module ones included. An inlined or renamed
+/// (`.constprop.0`) function is absent under its own name, which is what
+/// matters for a kprobe.
+pub fn kernel_functions(kallsyms: &str) -> HashSet<String> {
+    symbols(kallsyms).filter(|s| matches!(s.1, "t" | "T")).map(|s| s.2.to_string()).collect()
+}
+
+/// Lines of /proc/kallsyms: (address, type, name).
+fn symbols(kallsyms: &str) -> impl Iterator<Item = (u64, &str, &str)> {
+    kallsyms.lines().filter_map(|l| {
+        let mut f = l.split_whitespace();
+        let (addr, kind, name) = (f.next()?, f.next()?, f.next()?);
+        Some((u64::from_str_radix(addr, 16).ok()?, kind, name))
+    })
 }
 
 pub fn kprobes_supported() -> bool {
     Path::new("/sys/bus/event_source/devices/kprobe").exists()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KALLSYMS: &str = "\
+ffffffffc0a01000 t __nf_conntrack_alloc\t[nf_conntrack]
+ffffffffc0a02000 t early_drop.constprop.0\t[nf_conntrack]
+ffffffffc0a10000 b nf_conntrack_net_id\t[nf_conntrack]
+ffffffffc0a10010 d nf_conntrack_max\t[nf_conntrack]
+";
+
+    #[test]
+    fn functions_by_their_own_name_and_data_addresses_from_kallsyms() {
+        let functions = kernel_functions(KALLSYMS);
+        assert!(functions.contains("__nf_conntrack_alloc"));
+        assert!(!functions.contains("early_drop"), "a renamed copy is not the function");
+        assert!(!functions.contains("nf_conntrack_max"), "data is not a function");
+
+        let known = ConntrackLayout { net_gen: 8, net_generic_ptr: 0, cnet_count: 0, ..Default::default() };
+        let l = with_symbol_addresses(known, KALLSYMS);
+        assert_eq!((l.net_id_addr, l.max_addr), (0xffffffffc0a10000, 0xffffffffc0a10010));
+        // kptr_restrict: addresses read as zero, so the fill is not read.
+        let hidden: String = KALLSYMS.lines().map(|l| format!("0000000000000000{}\n", &l[16..])).collect();
+        let l = with_symbol_addresses(known, &hidden);
+        assert_eq!((l.net_id_addr, l.max_addr), (0, 0));
+        // A kernel without nf_conntrack_net: no addresses either.
+        let l = with_symbol_addresses(ConntrackLayout { cnet_count: u32::MAX, ..known }, KALLSYMS);
+        assert_eq!((l.net_id_addr, l.max_addr), (0, 0));
+    }
 }

@@ -170,8 +170,11 @@ impl Attached {
         let aya_btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
 
         // The conntrack layout, when a hook tier is wanted and possible.
-        let functions =
-            if choice != TierChoice::Tracepoint { conntrack::kernel_functions() } else { Default::default() };
+        let kallsyms = match choice {
+            TierChoice::Tracepoint => String::new(),
+            _ => std::fs::read_to_string("/proc/kallsyms").unwrap_or_default(),
+        };
+        let functions = conntrack::kernel_functions(&kallsyms);
         let mut blocker = None;
         let mut ct_layout = ctrace_common::ConntrackLayout::default();
         let mut tcp_states = Vec::new();
@@ -181,7 +184,7 @@ impl Attached {
             if let (None, Ok(Some(ct_btf))) = (&blocker, &ct_btf) {
                 match conntrack::layout(ct_btf) {
                     Ok(l) => {
-                        ct_layout = conntrack::with_symbol_addresses(l);
+                        ct_layout = conntrack::with_symbol_addresses(l, &kallsyms);
                         tcp_states = conntrack::tcp_states(ct_btf);
                     }
                     Err(e) => blocker = Some(format!("conntrack's layout cannot be read from BTF: {e}")),
@@ -263,9 +266,11 @@ impl Attached {
                     if tier == Tier::Tracepoint || t == Tier::Fentry {
                         tier = t;
                     }
-                    table_full_hooked |= family.name == "table_full";
+                    table_full_hooked |= family.name == conntrack::TABLE_FULL_FAMILY;
                     let mut detail = detail;
-                    if family.name == "table_full" && (ct_layout.net_id_addr == 0 || ct_layout.max_addr == 0) {
+                    if family.name == conntrack::TABLE_FULL_FAMILY
+                        && (ct_layout.net_id_addr == 0 || ct_layout.max_addr == 0)
+                    {
                         detail.push_str(
                             "; the table's fill at a refusal is not read (nf_conntrack_net_id or nf_conntrack_max \
                              not in /proc/kallsyms: kptr_restrict, or a kernel without CONFIG_KALLSYMS_ALL)",
