@@ -239,9 +239,16 @@ impl Btf {
         self.types.get(id as usize).map(|t| &t.kind)
     }
 
-    /// Finds a named type of the same kind as `like` (variant only).
+    /// The name at `off` is `name`: compares bytes in place (a kernel has
+    /// 100,000+ types to look through; no need to measure each name).
+    fn name_is(&self, off: u32, name: &str) -> bool {
+        let (start, len) = (off as usize, name.len());
+        self.strings.get(start..start + len) == Some(name.as_bytes()) && self.strings.get(start + len) == Some(&0)
+    }
+
+    /// Finds a named type whose kind `want` accepts.
     fn find(&self, name: &str, want: fn(&Kind) -> bool) -> Option<TypeId> {
-        self.types.iter().position(|t| want(&t.kind) && self.name_at(t.name_off) == name).map(|i| i as TypeId)
+        self.types.iter().position(|t| self.name_is(t.name_off, name) && want(&t.kind)).map(|i| i as TypeId)
     }
 
     /// Skips typedefs and qualifiers.

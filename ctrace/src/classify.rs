@@ -7,10 +7,11 @@
 //!   by the netfilter core (`nf_hook_slow`), while the rule engines
 //!   (`nft_do_chain`, `ipt_do_table`, ...) show up themselves on some kernels;
 //! - whether the namespace's table was at `nf_conntrack_max`.
-use std::{collections::HashMap, fs};
+use std::{collections::HashMap, sync::Arc};
 
 use crate::{
     aggregate::SourceKey,
+    kallsyms::Kallsyms,
     model::{DropEvent, Reason},
     netns::Namespaces,
 };
@@ -114,53 +115,35 @@ impl Classifier {
     }
 }
 
-/// Kernel text symbols, for naming drop locations.
+/// Drop locations named by the kernel's symbols, cached per address, since
+/// a storm has only a handful of distinct locations.
 pub struct Symbols {
-    /// Sorted by address.
-    text: Vec<(u64, String)>,
+    kallsyms: Arc<Kallsyms>,
     cache: HashMap<u64, FreedBy>,
 }
 
 impl Symbols {
-    /// Reads `/proc/kallsyms`. Without root the addresses read as zero and
-    /// nothing resolves; classification then relies on the other facts.
-    pub fn load() -> Self {
-        let text = fs::read_to_string("/proc/kallsyms").unwrap_or_default();
-        Self::parse(&text)
+    pub fn new(kallsyms: Arc<Kallsyms>) -> Self {
+        Symbols { kallsyms, cache: HashMap::new() }
     }
 
-    pub fn parse(kallsyms: &str) -> Self {
-        let mut text: Vec<(u64, String)> = kallsyms
-            .lines()
-            .filter_map(|line| {
-                let mut fields = line.split_whitespace();
-                let addr = u64::from_str_radix(fields.next()?, 16).ok()?;
-                let kind = fields.next()?;
-                let name = fields.next()?;
-                (addr != 0 && matches!(kind, "t" | "T")).then(|| (addr, name.to_string()))
-            })
-            .collect();
-        text.sort_unstable();
-        Symbols { text, cache: HashMap::new() }
+    /// No symbols: every location is Unknown (synthetic feeds, tests).
+    pub fn unresolved() -> Self {
+        Self::new(Arc::new(Kallsyms::parse(String::new())))
     }
 
+    /// No location can be resolved (kallsyms unreadable or hidden): the
+    /// classification then relies on the other facts.
     pub fn is_empty(&self) -> bool {
-        self.text.is_empty()
+        self.kallsyms.addresses_hidden()
     }
 
-    /// The function containing `addr` (the nearest symbol at or below it).
-    pub fn symbol(&self, addr: u64) -> Option<&str> {
-        let i = self.text.partition_point(|(a, _)| *a <= addr);
-        i.checked_sub(1).map(|i| self.text[i].1.as_str())
-    }
-
-    /// Who freed a packet dropped at `addr`; cached per address, since a storm
-    /// has only a handful of distinct locations.
+    /// Who freed a packet dropped at `addr`.
     pub fn freed_by(&mut self, addr: u64) -> FreedBy {
         if let Some(known) = self.cache.get(&addr) {
             return *known;
         }
-        let freed_by = self.symbol(addr).map_or(FreedBy::Unknown, FreedBy::from_symbol);
+        let freed_by = self.kallsyms.function_at(addr).map_or(FreedBy::Unknown, FreedBy::from_symbol);
         self.cache.insert(addr, freed_by);
         freed_by
     }
@@ -184,27 +167,25 @@ mod tests {
     }
 
     #[test]
-    fn resolves_locations_inside_functions() {
-        let mut syms = Symbols::parse(
+    fn drop_locations_name_who_freed_the_packet() {
+        let mut syms = Symbols::new(Arc::new(Kallsyms::parse(
             "ffffffff81f2af50 T nf_hook_slow\n\
              ffffffff81f2b100 T nf_hook_slow_list\n\
              ffffffff81f653d0 T nft_do_chain\n\
-             ffffffff81f65e00 t nft_other\n\
-             ffffffff82000000 D some_data\n\
-             0000000000000000 T hidden\n",
-        );
-        assert_eq!(syms.symbol(0xffffffff81f2af50 + 0x7d), Some("nf_hook_slow"));
-        assert_eq!(syms.symbol(0xffffffff81f653d0 + 0x10), Some("nft_do_chain"));
-        assert_eq!(syms.symbol(0x1000), None);
+             ffffffff81f65e00 t nft_other\n"
+                .into(),
+        )));
+        assert!(!syms.is_empty());
         assert_eq!(syms.freed_by(0xffffffff81f2af50 + 0x7d), FreedBy::NetfilterCore);
         assert_eq!(syms.freed_by(0xffffffff81f653d0 + 0x10), FreedBy::RuleEngine);
+        assert_eq!(syms.freed_by(0x1000), FreedBy::Unknown);
         assert_eq!(FreedBy::from_symbol("ipt_do_table"), FreedBy::RuleEngine);
         assert_eq!(FreedBy::from_symbol("ip_rcv"), FreedBy::Unknown);
     }
 
     #[test]
     fn restricted_kallsyms_resolves_nothing() {
-        let syms = Symbols::parse("0000000000000000 T nf_hook_slow\n");
+        let syms = Symbols::new(Arc::new(Kallsyms::parse("0000000000000000 T nf_hook_slow\n".into())));
         assert!(syms.is_empty());
     }
 }

@@ -11,6 +11,7 @@ pub mod classify;
 pub mod decode;
 pub mod export;
 pub mod hooks;
+pub mod kallsyms;
 pub mod live;
 pub mod model;
 pub mod netns;

@@ -155,7 +155,8 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         notes.push("no CAP_SYS_ADMIN: other namespaces' counters and occupancy could not be read".into());
     }
     let start_stats = namespaces.snapshot_all();
-    let classifier = Classifier::new(Symbols::load(), namespaces).with_table_full_hooks(attached.table_full_hooked);
+    let classifier = Classifier::new(Symbols::new(attached.kallsyms.clone()), namespaces)
+        .with_table_full_hooks(attached.table_full_hooked);
     if !classifier.symbols_resolved() {
         notes.push("kernel symbols unreadable (kptr_restrict): drop locations were not used".into());
     }
@@ -221,6 +222,18 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         ));
     }
 
+    match kernel.program_misses {
+        Some(0) => {}
+        Some(misses) => notes.push(format!(
+            "the kernel skipped {misses} runs of ctrace's programs (another BPF program was running on that CPU): \
+             hook events are missing by up to that many"
+        )),
+        None => notes.push(
+            "this kernel does not count skipped kprobe runs (Linux 6.7+ does): a run skipped because another BPF \
+             program was running on that CPU would go unnoticed"
+                .into(),
+        ),
+    }
     let end_stats = recorder.classifier.namespaces.snapshot_all();
     let rows = recorder.table.finish(end_ns);
     let duration_s = (end_ns - start_ns) as f64 / 1e9;
@@ -381,7 +394,7 @@ mod tests {
 
     #[test]
     fn conntrack_rows_per_source_event_and_zone_and_the_last_fill_per_namespace() {
-        let classifier = Classifier::new(Symbols::parse(""), Namespaces::new());
+        let classifier = Classifier::new(Symbols::unresolved(), Namespaces::new());
         let mut recorder = Recorder::new(0, classifier, Vec::new());
         for _ in 0..3 {
             recorder.on_record(&encode_conntrack(&event(ct_event::INSERT, 2, 0)));

@@ -37,8 +37,8 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         TcpListener::bind(options.listen).await.with_context(|| format!("cannot listen on {}", options.listen))?;
     let btf = kernel_btf()?;
     let (attached, events) = Attached::attach(&btf, options.hooks)?;
-    let mut classifier =
-        Classifier::new(Symbols::load(), Namespaces::new()).with_table_full_hooks(attached.table_full_hooked);
+    let mut classifier = Classifier::new(Symbols::new(attached.kallsyms.clone()), Namespaces::new())
+        .with_table_full_hooks(attached.table_full_hooked);
     let mut state = LiveState::new(monotonic_ns(), options.capacity);
     state.tick(sample(&attached, &mut classifier.namespaces));
     eprintln!(

@@ -46,6 +46,8 @@ pub struct MetricsInput {
     /// Exact kernel-side count of NETFILTER_DROP packets.
     pub netfilter_drops: u64,
     pub lost_events: u64,
+    /// Runs of ctrace's programs the kernel skipped (None: not counted).
+    pub program_misses: Option<u64>,
     /// Per-source counters: only the top sources, to bound label cardinality.
     pub sources: Vec<SourceCount>,
     pub namespaces: Vec<NetnsCounts>,
@@ -91,6 +93,16 @@ pub fn encode_input(input: &MetricsInput) -> String {
     let lost = Counter::<u64>::default();
     registry.register("ctrace_lost_events", "Drop records lost because the ring buffer was full", lost.clone());
     lost.inc_by(input.lost_events);
+    if let Some(misses) = input.program_misses {
+        let missed = Counter::<u64>::default();
+        registry.register(
+            "ctrace_program_misses",
+            "Runs of ctrace's kernel programs the kernel skipped (another BPF program was running on that CPU): \
+             their events are missing",
+            missed.clone(),
+        );
+        missed.inc_by(misses);
+    }
 
     let sources = counter_family(
         &mut registry,
@@ -190,6 +202,7 @@ pub fn from_record(record: &RecordFile, top: usize) -> String {
         drops,
         netfilter_drops: record.totals.kernel.netfilter_drops,
         lost_events: record.totals.lost_events,
+        program_misses: record.totals.kernel.program_misses,
         sources: record
             .sources
             .iter()

@@ -57,6 +57,19 @@ pub fn render(record: &RecordFile, top: usize) -> String {
         t.lost_events,
         if t.lost_events > 0 { "  (per-source counts are short by this many)" } else { "" }
     );
+    match t.kernel.program_misses {
+        Some(0) => {}
+        Some(misses) => {
+            let _ = writeln!(
+                out,
+                "  missed runs       {misses:>10}  (the kernel skipped ctrace's programs: events missing)"
+            );
+        }
+        None if record.tier == crate::hooks::Tier::Kprobe => {
+            let _ = writeln!(out, "  missed runs       {:>10}  (this kernel does not count skipped kprobe runs)", "?");
+        }
+        None => {}
+    }
     let accounted = t.table_full + t.conntrack_other + t.insert_failed + t.ruleset + t.undecodable + t.lost_events;
     let _ = writeln!(
         out,

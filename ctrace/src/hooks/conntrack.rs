@@ -1,12 +1,13 @@
 //! Loader side of the conntrack hooks (kprobe tier): where conntrack's types
 //! are described (vmlinux or the module's split BTF), the layout the
 //! programs read, and which kernel functions each hook family needs.
-use std::{collections::HashSet, path::Path};
+use std::path::Path;
 
 use ctrace_common::ConntrackLayout;
 
 use crate::{
     btf::{Btf, BtfError},
+    kallsyms::Kallsyms,
     model::ConnState,
 };
 
@@ -95,12 +96,12 @@ pub fn built_in() -> bool {
 /// conntrack's types: the module's split BTF when it is a module, else
 /// vmlinux when it is built in. None when it is not loaded (vmlinux may
 /// still describe `struct nf_conn`: the functions are what tell).
-pub fn conntrack_btf(vmlinux: &Btf, functions: &HashSet<String>) -> Result<Option<Btf>, BtfError> {
+pub fn conntrack_btf(vmlinux: &Btf, kallsyms: &Kallsyms) -> Result<Option<Btf>, BtfError> {
     if Path::new(MODULE_BTF).exists() {
         let bytes = std::fs::read(MODULE_BTF).map_err(|source| BtfError::Read { path: MODULE_BTF.into(), source })?;
         return Btf::parse(&bytes, Some(vmlinux)).map(Some);
     }
-    Ok(functions.contains("nf_conntrack_in").then(|| vmlinux.clone()))
+    Ok(kallsyms.has_function("nf_conntrack_in").then(|| vmlinux.clone()))
 }
 
 /// Every offset and mask the conntrack programs use.
@@ -134,11 +135,11 @@ pub fn layout(btf: &Btf) -> Result<ConntrackLayout, BtfError> {
     })
 }
 
-/// Adds the kernel addresses the table-fill read needs, from the text of
+/// Adds the kernel addresses the table-fill read needs, from
 /// /proc/kallsyms (root, and kptr_restrict below 2). Left 0, the programs
 /// do not read the fill.
-pub fn with_symbol_addresses(mut layout: ConntrackLayout, kallsyms: &str) -> ConntrackLayout {
-    let address = |wanted: &str| symbols(kallsyms).find(|s| s.2 == wanted).map(|s| s.0).filter(|a| *a != 0);
+pub fn with_symbol_addresses(mut layout: ConntrackLayout, kallsyms: &Kallsyms) -> ConntrackLayout {
+    let address = |wanted: &str| kallsyms.data_address(wanted);
     if [layout.net_gen, layout.net_generic_ptr, layout.cnet_count].iter().all(|o| *o != u32::MAX) {
         layout.net_id_addr = address("nf_conntrack_net_id").unwrap_or(0);
         layout.max_addr = address("nf_conntrack_max").unwrap_or(0);
@@ -177,23 +178,6 @@ pub fn tcp_states(btf: &Btf) -> Vec<(u8, ConnState)> {
     names.iter().filter_map(|(name, state)| Some((btf.enum_value("tcp_conntrack", name).ok()? as u8, *state))).collect()
 }
 
-/// Function symbols of the running kernel (`t`/`T` in the text of
-/// /proc/kallsyms), module ones included. An inlined or renamed
-/// (`.constprop.0`) function is absent under its own name, which is what
-/// matters for a kprobe.
-pub fn kernel_functions(kallsyms: &str) -> HashSet<String> {
-    symbols(kallsyms).filter(|s| matches!(s.1, "t" | "T")).map(|s| s.2.to_string()).collect()
-}
-
-/// Lines of /proc/kallsyms: (address, type, name).
-fn symbols(kallsyms: &str) -> impl Iterator<Item = (u64, &str, &str)> {
-    kallsyms.lines().filter_map(|l| {
-        let mut f = l.split_whitespace();
-        let (addr, kind, name) = (f.next()?, f.next()?, f.next()?);
-        Some((u64::from_str_radix(addr, 16).ok()?, kind, name))
-    })
-}
-
 pub fn kprobes_supported() -> bool {
     Path::new("/sys/bus/event_source/devices/kprobe").exists()
 }
@@ -203,28 +187,22 @@ mod tests {
     use super::*;
 
     const KALLSYMS: &str = "\
-ffffffffc0a01000 t __nf_conntrack_alloc\t[nf_conntrack]
-ffffffffc0a02000 t early_drop.constprop.0\t[nf_conntrack]
 ffffffffc0a10000 b nf_conntrack_net_id\t[nf_conntrack]
 ffffffffc0a10010 d nf_conntrack_max\t[nf_conntrack]
 ";
 
     #[test]
-    fn functions_by_their_own_name_and_data_addresses_from_kallsyms() {
-        let functions = kernel_functions(KALLSYMS);
-        assert!(functions.contains("__nf_conntrack_alloc"));
-        assert!(!functions.contains("early_drop"), "a renamed copy is not the function");
-        assert!(!functions.contains("nf_conntrack_max"), "data is not a function");
-
+    fn table_fill_addresses_from_kallsyms() {
+        let kallsyms = Kallsyms::parse(KALLSYMS.into());
         let known = ConntrackLayout { net_gen: 8, net_generic_ptr: 0, cnet_count: 0, ..Default::default() };
-        let l = with_symbol_addresses(known, KALLSYMS);
+        let l = with_symbol_addresses(known, &kallsyms);
         assert_eq!((l.net_id_addr, l.max_addr), (0xffffffffc0a10000, 0xffffffffc0a10010));
         // kptr_restrict: addresses read as zero, so the fill is not read.
         let hidden: String = KALLSYMS.lines().map(|l| format!("0000000000000000{}\n", &l[16..])).collect();
-        let l = with_symbol_addresses(known, &hidden);
+        let l = with_symbol_addresses(known, &Kallsyms::parse(hidden));
         assert_eq!((l.net_id_addr, l.max_addr), (0, 0));
         // A kernel without nf_conntrack_net: no addresses either.
-        let l = with_symbol_addresses(ConntrackLayout { cnet_count: u32::MAX, ..known }, KALLSYMS);
+        let l = with_symbol_addresses(ConntrackLayout { cnet_count: u32::MAX, ..known }, &kallsyms);
         assert_eq!((l.net_id_addr, l.max_addr), (0, 0));
     }
 }

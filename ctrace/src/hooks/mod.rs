@@ -6,7 +6,12 @@
 pub mod conntrack;
 pub mod kfree_skb;
 
-use std::{fmt, io, path::Path};
+use std::{
+    fmt, io,
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
+    path::Path,
+    sync::Arc,
+};
 
 use anyhow::{bail, Context as _};
 use aya::{
@@ -18,6 +23,7 @@ use ctrace_common::{counter, ct_event};
 
 use crate::{
     btf::Btf,
+    kallsyms::Kallsyms,
     model::{ConnState, CtTotals},
     privileges,
 };
@@ -105,6 +111,13 @@ pub struct KernelTotals {
     pub netfilter_drops_no_entry: u64,
     /// Records the ring buffer had no room for.
     pub lost_events: u64,
+    /// Runs of ctrace's programs the kernel skipped because another BPF
+    /// program was already running on that CPU (a softirq interrupting
+    /// one, or a map syscall in progress): their events are missing and
+    /// nothing else counts them. None where the kernel does not count such
+    /// misses for a program ctrace attached (kprobes before Linux 6.7).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub program_misses: Option<u64>,
 }
 
 /// The ring buffer of event records.
@@ -128,6 +141,11 @@ pub struct Attached {
     pub table_full_hooked: bool,
     /// Raw TCP state values to states, from BTF.
     pub tcp_states: Vec<(u8, ConnState)>,
+    /// The kernel's symbols, read once at start-up (classification uses them).
+    pub kallsyms: Arc<Kallsyms>,
+    /// The kernel counts kprobe programs' skipped runs (Linux 6.7+).
+    kprobe_misses_counted: bool,
+    misses_at_detach: Option<Option<u64>>,
     counters: PerCpuArray<MapData, u64>,
     ebpf: Option<Ebpf>,
 }
@@ -170,16 +188,13 @@ impl Attached {
         let aya_btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
 
         // The conntrack layout, when a hook tier is wanted and possible.
-        let kallsyms = match choice {
-            TierChoice::Tracepoint => String::new(),
-            _ => std::fs::read_to_string("/proc/kallsyms").unwrap_or_default(),
-        };
-        let functions = conntrack::kernel_functions(&kallsyms);
+        // Read once: the hooks need function names, classification locations.
+        let kallsyms = Arc::new(Kallsyms::read());
         let mut blocker = None;
         let mut ct_layout = ctrace_common::ConntrackLayout::default();
         let mut tcp_states = Vec::new();
         if choice != TierChoice::Tracepoint {
-            let ct_btf = conntrack::conntrack_btf(btf, &functions);
+            let ct_btf = conntrack::conntrack_btf(btf, &kallsyms);
             blocker = conntrack_blocker(&ct_btf);
             if let (None, Ok(Some(ct_btf))) = (&blocker, &ct_btf) {
                 match conntrack::layout(ct_btf) {
@@ -243,7 +258,7 @@ impl Attached {
                         "fentry: conntrack is a module (aya 0.14 cannot fentry-attach to module functions)".into(),
                     );
                 } else {
-                    match attach_family(&mut ebpf, family, Tier::Fentry, &functions, btf, &aya_btf) {
+                    match attach_family(&mut ebpf, family, Tier::Fentry, &kallsyms, btf, &aya_btf) {
                         Ok(detail) => attached = Some((Tier::Fentry, detail)),
                         Err(why) => whys.push(format!("fentry: {why}")),
                     }
@@ -255,7 +270,7 @@ impl Attached {
                         "kprobe: this kernel has no kprobes (/sys/bus/event_source/devices/kprobe is missing)".into(),
                     );
                 } else {
-                    match attach_family(&mut ebpf, family, Tier::Kprobe, &functions, btf, &aya_btf) {
+                    match attach_family(&mut ebpf, family, Tier::Kprobe, &kallsyms, btf, &aya_btf) {
                         Ok(detail) => attached = Some((Tier::Kprobe, detail)),
                         Err(why) => whys.push(format!("kprobe: {why}")),
                     }
@@ -295,7 +310,21 @@ impl Attached {
 
         let events = RingBuf::try_from(ebpf.take_map("EVENTS").context("no EVENTS map")?)?;
         let counters = PerCpuArray::try_from(ebpf.take_map("COUNTERS").context("no COUNTERS map")?)?;
-        Ok((Attached { tier, hooks, table_full_hooked, tcp_states, counters, ebpf: Some(ebpf) }, events))
+        // The same 6.7 series made trace_call_bpf count skipped runs and
+        // added `missed` to the kprobe link info: the field tells.
+        let kprobe_misses_counted = btf.member_offset("bpf_link_info", "perf_event.kprobe.missed").is_ok();
+        let attached = Attached {
+            tier,
+            hooks,
+            table_full_hooked,
+            tcp_states,
+            kallsyms,
+            kprobe_misses_counted,
+            misses_at_detach: None,
+            counters,
+            ebpf: Some(ebpf),
+        };
+        Ok((attached, events))
     }
 
     /// Exact per-CPU counts of conntrack events by `ct_event` kind (index 0 unused).
@@ -319,6 +348,7 @@ impl Attached {
     /// Detaches the programs; the maps stay readable so the ring buffer can
     /// be drained and the counters read after the last event.
     pub fn detach(&mut self) {
+        self.misses_at_detach = Some(self.program_misses());
         self.ebpf = None;
     }
 
@@ -331,8 +361,55 @@ impl Attached {
             netfilter_drops: sum(counter::NETFILTER_DROPS)?,
             netfilter_drops_no_entry: sum(counter::NETFILTER_DROPS_NO_ENTRY)?,
             lost_events: sum(counter::RINGBUF_FULL)?,
+            program_misses: self.program_misses(),
         })
     }
+
+    /// The kernel's count of skipped runs, summed over ctrace's programs
+    /// (`recursion_misses` in each program's info), where it counts them
+    /// all. After `detach`, the count taken then.
+    fn program_misses(&self) -> Option<u64> {
+        if let Some(at_detach) = self.misses_at_detach {
+            return at_detach;
+        }
+        if self.tier == Tier::Kprobe && !self.kprobe_misses_counted {
+            return None;
+        }
+        let mut total = 0;
+        for (_, program) in self.ebpf.as_ref()?.programs() {
+            // Programs of families that did not attach are not loaded.
+            let Ok(fd) = program.fd() else { continue };
+            total += recursion_misses(fd.as_fd()).ok()?;
+        }
+        Some(total)
+    }
+}
+
+/// A program's `recursion_misses` (Linux 5.12+; 0 before), from
+/// BPF_OBJ_GET_INFO_BY_FD. aya 0.14 keeps that field of its program info
+/// private, hence the call here.
+fn recursion_misses(program: BorrowedFd<'_>) -> io::Result<u64> {
+    use aya_obj::generated::{bpf_attr, bpf_cmd, bpf_prog_info};
+    // SAFETY: both are plain C structs for which all-zero is valid.
+    let mut info: bpf_prog_info = unsafe { std::mem::zeroed() };
+    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    attr.info.bpf_fd = program.as_raw_fd() as u32;
+    attr.info.info_len = std::mem::size_of::<bpf_prog_info>() as u32;
+    attr.info.info = &mut info as *mut bpf_prog_info as u64;
+    // SAFETY: the kernel writes at most info_len bytes into `info`, which
+    // lives until the call returns; `attr` is a valid bpf_attr.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            bpf_cmd::BPF_OBJ_GET_INFO_BY_FD as libc::c_long,
+            &mut attr as *mut bpf_attr,
+            std::mem::size_of::<bpf_attr>(),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(info.recursion_misses)
 }
 
 /// Loads and attaches every program of a family on one tier, or none: on
@@ -342,12 +419,12 @@ fn attach_family(
     ebpf: &mut Ebpf,
     family: &conntrack::Family,
     tier: Tier,
-    functions: &std::collections::HashSet<String>,
+    kallsyms: &Kallsyms,
     btf: &Btf,
     aya_btf: &aya::Btf,
 ) -> Result<String, String> {
     for hook in family.hooks {
-        if !functions.contains(hook.function) {
+        if !kallsyms.has_function(hook.function) {
             return Err(format!(
                 "`{}` is not a function in this kernel (inlined, or renamed such as .constprop.0)",
                 hook.function

@@ -124,11 +124,15 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     }
     let tui = !options.plain && options.format == Format::Text && std::io::stdout().is_terminal();
 
+    if tui {
+        // Attaching takes a moment (seconds on a slow or emulated CPU): say so.
+        eprintln!("ctrace: attaching (reading the kernel's BTF and symbols, loading programs)...");
+    }
     let btf = kernel_btf()?;
     let (attached, events) = Attached::attach(&btf, options.hooks)?;
     let header = header(&attached);
-    let mut classifier =
-        Classifier::new(Symbols::load(), Namespaces::new()).with_table_full_hooks(attached.table_full_hooked);
+    let mut classifier = Classifier::new(Symbols::new(attached.kallsyms.clone()), Namespaces::new())
+        .with_table_full_hooks(attached.table_full_hooked);
     let mut state = LiveState::new(monotonic_ns(), options.capacity);
     let mut resolver = options.resolve.then(Resolver::start);
     // The first tick sets the counters' baselines.
@@ -148,6 +152,10 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         drop(keys_tx);
     }
     let mut view = ViewState::new(query);
+    if let Some(screen) = terminal.as_mut() {
+        // The first frame at once, not a tick later: attached, nothing yet.
+        screen.draw(&header, &snapshot(&state, &view, resolver.as_mut()), &view)?;
+    }
     if !tui {
         eprintln!("ctrace: {} attached; a snapshot every {:?} (Ctrl-C to stop)", attached.tier, options.interval);
     }

@@ -90,6 +90,13 @@ pub fn render(header: &Header, snap: &Snapshot, query: &Query) -> String {
             snap.kernel.lost_events
         );
     }
+    if let Some(misses @ 1..) = snap.kernel.program_misses {
+        let _ = writeln!(
+            out,
+            "  !! {misses} program runs skipped by the kernel (another BPF program was running on that CPU): \
+             hook events are missing"
+        );
+    }
     let filter = if query.filter.is_empty() { "none".to_string() } else { query.filter.text().to_string() };
     let _ = writeln!(
         out,

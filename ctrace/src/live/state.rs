@@ -216,6 +216,7 @@ impl LiveState {
             drops,
             netfilter_drops: self.kernel.netfilter_drops,
             lost_events: self.kernel.lost_events,
+            program_misses: self.kernel.program_misses,
             sources: heaviest
                 .into_iter()
                 .take(top)

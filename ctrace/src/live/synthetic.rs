@@ -44,7 +44,7 @@ pub fn run(workload: Workload, capacity: usize, query: &Query) -> anyhow::Result
     anyhow::ensure!(workload.sources > 0, "--synthetic-sources must be positive");
     // Symbols and namespaces as on a machine where nothing resolves: the
     // lookups still happen per event, as in a real run.
-    let mut classifier = Classifier::new(Symbols::parse(""), Namespaces::new());
+    let mut classifier = Classifier::new(Symbols::unresolved(), Namespaces::new());
     let mut state = LiveState::new(0, capacity);
     // Records are made in batches, as they sit in the ring buffer, so the
     // timing covers decoding and aggregation, not record making.

@@ -407,7 +407,12 @@ mod tests {
             namespaces: vec![ns(64, 50)],
             max: Some(64),
             buckets: Some(8),
-            kernel: KernelTotals { netfilter_drops: 55, netfilter_drops_no_entry: 50, lost_events: 0 },
+            kernel: KernelTotals {
+                netfilter_drops: 55,
+                netfilter_drops_no_entry: 50,
+                lost_events: 0,
+                program_misses: Some(0),
+            },
         });
         (header, state)
     }
