@@ -11,13 +11,36 @@ use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::mpsc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context as _};
 use socket2::{Domain, Protocol, Socket, Type};
 
 pub mod nfqueue;
+
+/// How long a wait may last before the test calls it a hang. Waits end on
+/// readiness (a line printed, a counter moved, a screen drawn), never on a
+/// guessed time: under CI's emulated CPUs everything takes 10-50 times
+/// longer, so this limit only catches what would never finish.
+pub const HANG: Duration = Duration::from_secs(600);
+
+/// How long a connection that must get in (a table with room) may take:
+/// only a failure waits this long.
+pub const FILL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Polls `ready` until it gives a value; fails, saying what was awaited,
+/// only after [`HANG`].
+pub fn wait_for<T>(what: &str, mut ready: impl FnMut() -> Option<T>) -> T {
+    let started = Instant::now();
+    loop {
+        if let Some(value) = ready() {
+            return value;
+        }
+        assert!(started.elapsed() < HANG, "waited {HANG:?} for {what}: a hang");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
 
 /// Privileged tests cannot be faked: without root they fail, saying why.
 pub fn require_root() {
@@ -108,9 +131,24 @@ impl Netns {
         })
     }
 
+    /// Reads `/proc/net/NAME` of this namespace. (Through thread-self: a
+    /// plain /proc/net names the main thread's namespace, not this one's.)
+    pub fn proc_net(&self, name: &str) -> anyhow::Result<String> {
+        let path = Path::new("/proc/thread-self/net").join(name);
+        self.enter(|| std::fs::read_to_string(&path)).with_context(|| format!("read {name} in {}", self.name))
+    }
+
     /// The namespace's `/proc/net/stat/nf_conntrack`, summed over CPUs.
     pub fn conntrack_stat(&self) -> anyhow::Result<ConntrackStat> {
-        ConntrackStat::parse(&self.exec("cat", &["/proc/net/stat/nf_conntrack"])?)
+        ConntrackStat::parse(&self.proc_net("stat/nf_conntrack")?)
+    }
+
+    /// Lists the namespace's table, which removes the entries that have
+    /// timed out (the kernel reaps them as it lists), and returns the
+    /// counters after that.
+    pub fn reap_expired(&self) -> anyhow::Result<ConntrackStat> {
+        self.proc_net("nf_conntrack")?;
+        self.conntrack_stat()
     }
 }
 
@@ -251,8 +289,27 @@ impl Lab {
 
     /// Sends one datagram from one socket on `src` to each of `ports` on the
     /// server: a new conntrack entry per port, made as fast as sendto goes.
+    /// Returns when the server's kernel has processed every one of them.
+    ///
+    /// Readiness: the packets cross the veth through the sending CPU's
+    /// backlog, in order, but under load the kernel may leave that backlog
+    /// to ksoftirqd after sendto returned. So the sender stays on one CPU
+    /// and ends with a datagram on a flow conntrack already knows (no new
+    /// entry, so it cannot fail to insert); once the server has received
+    /// it, everything sent before it has been through conntrack.
     pub fn udp_spray(&self, src: Ipv4Addr, ports: std::ops::RangeInclusive<u16>) -> std::io::Result<u64> {
+        const MARKER_PORT: u16 = 65_000;
+        assert!(!ports.contains(&MARKER_PORT));
+        let marker_sink = self.udp_sink(MARKER_PORT).map_err(std::io::Error::other)?;
+        marker_sink.set_read_timeout(Some(HANG))?;
+        let marker_dst: socket2::SockAddr = SocketAddr::V4(SocketAddrV4::new(SERVER, MARKER_PORT)).into();
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 16];
         self.client.enter(|| {
+            pin_to_first_cpu()?;
+            let marker = Socket::new(Domain::IPV4, Type::DGRAM, None)?;
+            marker.bind(&SocketAddr::V4(SocketAddrV4::new(src, 0)).into())?;
+            marker.send_to(b"marker", &marker_dst)?;
+            marker_sink.recv(&mut buf)?; // the marker's flow is in the table
             let socket = Socket::new(Domain::IPV4, Type::DGRAM, None)?;
             socket.bind(&SocketAddr::V4(SocketAddrV4::new(src, 0)).into())?;
             let mut sent = 0;
@@ -261,6 +318,8 @@ impl Lab {
                     sent += 1;
                 }
             }
+            marker.send_to(b"marker", &marker_dst)?;
+            marker_sink.recv(&mut buf)?;
             Ok(sent)
         })
     }
@@ -320,6 +379,24 @@ impl Lab {
             Ok(socket)
         })
     }
+}
+
+/// Keeps the calling thread on the first CPU it may use.
+fn pin_to_first_cpu() -> std::io::Result<()> {
+    // SAFETY: cpu_set_t is plain data; the calls get valid pointers and sizes.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let first = (0..libc::CPU_SETSIZE as usize).find(|&c| libc::CPU_ISSET(c, &set)).unwrap_or(0);
+        libc::CPU_ZERO(&mut set);
+        libc::CPU_SET(first, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// A 20-byte TCP header with a correct checksum (over the IPv4 pseudo-header).
@@ -439,14 +516,19 @@ impl Recording {
             }
         });
         let mut recording = Recording { child: Some(child), output: output.to_path_buf(), stderr_lines: rx };
+        let started = Instant::now();
         loop {
-            match recording.stderr_lines.recv_timeout(Duration::from_secs(30)) {
-                Ok(line) if line.contains("attached") => return Ok(recording),
-                Ok(_) => continue,
-                Err(_) => {
-                    let status = recording.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
-                    bail!("ctrace did not attach (exit status {status:?})");
+            match recording.stderr_lines.recv_timeout(HANG.saturating_sub(started.elapsed())) {
+                Ok(line) if line.contains("attached") => {
+                    eprintln!("ctrace record attached after {:.1} s", started.elapsed().as_secs_f64());
+                    return Ok(recording);
                 }
+                Ok(_) => continue,
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let status = recording.child.as_mut().map(|c| c.wait()).transpose()?;
+                    bail!("ctrace exited before it attached ({status:?})");
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => bail!("ctrace did not attach within {HANG:?}: a hang"),
             }
         }
     }

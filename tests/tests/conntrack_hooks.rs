@@ -8,7 +8,9 @@ use std::{
     time::Duration,
 };
 
-use ctrace_tests::{ctrace_bin, nfqueue::Queue, require_root, Lab, Recording, Sysctl, TempDir, SERVER};
+use ctrace_tests::{
+    ctrace_bin, nfqueue::Queue, require_root, wait_for, Lab, Recording, Sysctl, TempDir, FILL_TIMEOUT, SERVER,
+};
 use serde_json::Value;
 use socket2::{Domain, Socket, Type};
 
@@ -33,6 +35,12 @@ fn events<'a>(record: &'a Value, event: &str) -> Vec<&'a Value> {
 /// A table full of unreplied flows (UDP datagrams nobody answers: not
 /// assured, so evictable), then new flows: early drop evicts old entries to
 /// make room.
+///
+/// One eviction scan can free more than one slot: `early_drop_list` deletes
+/// every evictable entry of the chain it looks at and adds them all to the
+/// kernel's `early_drop`. So evictions and newcomers need not pair up one
+/// to one (the 6.1 guest once saw 28 evictions for 27 newcomers, the table
+/// left at 63); the kernel's entry count says how many came in.
 #[test]
 fn early_drops_name_the_evicted_entries_and_match_the_kernel() {
     require_root();
@@ -43,6 +51,11 @@ fn early_drops_name_the_evicted_entries_and_match_the_kernel() {
     lab.track_connections("ctrace_early").unwrap();
     let _listener = lab.listen(OPEN_PORT).unwrap();
     let _sink = lab.udp_sink(SINK_PORT).unwrap();
+    // No entry may time out during the test (per namespace, gone with it):
+    // then entries change only by insertion and eviction.
+    lab.server
+        .enter(|| std::fs::write("/proc/sys/net/netfilter/nf_conntrack_udp_timeout", "600"))
+        .expect("UDP timeout in the server namespace");
     let out = TempDir::new("early");
     let recording = Recording::start(&out.0.join("r.json"), &["--tier", "kprobe"]).expect("ctrace record");
     let before = lab.server.conntrack_stat().unwrap();
@@ -55,18 +68,27 @@ fn early_drops_name_the_evicted_entries_and_match_the_kernel() {
         lab.udp_send(EVICTEE, SINK_PORT).unwrap();
         sent += 1;
     }
-    assert_eq!(lab.server.conntrack_stat().unwrap().entries, TABLE_MAX, "could not fill the table");
+    let full = lab.server.conntrack_stat().unwrap();
+    assert_eq!(full.entries, TABLE_MAX, "could not fill the table");
+    // Each connect returns once its SYN was dropped or its entry confirmed.
     let held: Vec<_> =
         (0..40).filter_map(|_| lab.connect(NEWCOMER, OPEN_PORT, Duration::from_millis(300)).ok()).collect();
     let after = lab.server.conntrack_stat().unwrap();
     drop(max);
     drop(buckets);
-    std::thread::sleep(Duration::from_millis(200));
     let record = recording.stop().expect("record");
-    drop(held);
 
     let kernel_early = after.early_drop - before.early_drop;
-    eprintln!("kernel: {kernel_early} early drops; {} drops", after.drop - before.drop);
+    // Entries went from full to after: +1 per newcomer in, -1 per eviction.
+    let kernel_newcomers = after.entries + kernel_early - full.entries;
+    eprintln!(
+        "kernel: {kernel_early} early drops, {kernel_newcomers} newcomers in ({} connected), table {}/{TABLE_MAX}; \
+         {} drops",
+        held.len(),
+        after.entries,
+        after.drop - before.drop
+    );
+    drop(held);
     assert!(kernel_early > 0, "no early drop happened: the test could not exercise the hook");
     assert_eq!(record["totals"]["conntrack"]["early_drop"], kernel_early, "exact hook count vs the kernel");
     let evicted = events(&record, "early_drop");
@@ -81,16 +103,10 @@ fn early_drops_name_the_evicted_entries_and_match_the_kernel() {
     let lifetimes = record["lifetimes"].as_array().unwrap();
     let none = lifetimes.iter().find(|l| l["state"] == "NONE").expect("lifetimes of the UDP entries");
     assert!(none["entries"].as_u64().unwrap() >= kernel_early, "{none}");
-    // Each newcomer that got in was inserted; the evictee's entries were too.
-    let inserted = |src: Ipv4Addr| -> u64 {
-        events(&record, "insert")
-            .iter()
-            .filter(|e| e["src"] == src.to_string())
-            .map(|e| e["count"].as_u64().unwrap())
-            .sum()
-    };
-    assert!(inserted(EVICTEE) >= TABLE_MAX, "the filling entries were inserted");
-    assert_eq!(inserted(NEWCOMER), kernel_early, "every eviction made room for one newcomer");
+    // Every newcomer the kernel let in was an insertion ctrace saw; the
+    // evictee's entries were too.
+    assert!(count_from(&record, "insert", EVICTEE) >= TABLE_MAX, "the filling entries were inserted");
+    assert_eq!(count_from(&record, "insert", NEWCOMER), kernel_newcomers, "newcomers inserted vs the kernel");
 }
 
 /// On a machine without kprobes, `ctrace probes` says which hooks are off
@@ -147,7 +163,6 @@ fn failed_insertions_match_the_kernels_insert_failed_counter() {
     drop(max);
     drop(buckets);
     eprintln!("sent {sent} datagrams; {} entries", after.entries);
-    std::thread::sleep(Duration::from_millis(500));
     let record = recording.stop().expect("record");
 
     let kernel_failed = after.insert_failed - before.insert_failed;
@@ -238,10 +253,11 @@ fn held_packets_clash_and_ctrace_counts_them_as_the_kernel_does() {
             })
         })
         .collect();
+    // A verdict reinjects its packet within the call: when accept returns,
+    // conntrack has confirmed, resolved or refused it.
     for id in queue.hold(2 * FLOWS as usize, Duration::from_secs(10)).expect("SYNs and their retransmissions") {
         queue.accept(id).unwrap();
     }
-    std::thread::sleep(Duration::from_millis(300));
     let after = lab.server.conntrack_stat().unwrap();
     let record = recording.stop().expect("record");
 
@@ -301,8 +317,11 @@ fn invalid_packets_are_attributed_and_match_the_kernels_invalid_counter() {
     let recording = Recording::start(&out.0.join("r.json"), &["--invalid"]).expect("ctrace record");
     let before = lab.server.conntrack_stat().unwrap();
     assert_eq!(lab.tcp_raw(SOURCE, PORT, SYN_FIN, SEGMENTS).unwrap(), SEGMENTS);
-    std::thread::sleep(Duration::from_millis(300));
-    let after = lab.server.conntrack_stat().unwrap();
+    // The segments may still wait in the softirq backlog when sendto returns.
+    let after = wait_for("the kernel to see every segment", || {
+        let stat = lab.server.conntrack_stat().unwrap();
+        (stat.invalid - before.invalid >= SEGMENTS as u64).then_some(stat)
+    });
     let record = recording.stop().expect("record");
 
     let kernel_invalid = after.invalid - before.invalid;
@@ -351,17 +370,11 @@ fn deletions_account_for_every_entry_that_left_the_table() {
     }
     let full = lab.server.conntrack_stat().unwrap();
     assert_eq!(full.entries, before.entries + FLOWS, "one entry per datagram");
-    std::thread::sleep(Duration::from_millis(2500));
-    let reap = || lab.server.enter(|| std::fs::read_to_string("/proc/net/nf_conntrack")).unwrap();
-    let mut after = lab.server.conntrack_stat().unwrap();
-    for _ in 0..20 {
-        reap();
-        after = lab.server.conntrack_stat().unwrap();
-        if after.entries == before.entries {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    // Each entry leaves once its second has passed and the table is read.
+    let after = wait_for("every entry to time out", || {
+        let stat = lab.server.reap_expired().unwrap();
+        (stat.entries == before.entries).then_some(stat)
+    });
     let record = recording.stop().expect("record");
 
     assert_eq!(after.entries, before.entries, "every entry timed out and left the table (kernel)");
@@ -410,43 +423,36 @@ fn a_storm_record_accounts_for_every_entry_and_drop() {
     let buckets = Sysctl::set("net.netfilter.nf_conntrack_buckets", "64").unwrap();
     let max = Sysctl::set("net.netfilter.nf_conntrack_max", &TABLE_MAX.to_string()).unwrap();
 
-    // 1. Unreplied UDP flows fill the table, one at a time so that each
-    // datagram is one new entry (own source port; landed before the next).
-    let mut udp_sent = 0;
-    while udp_sent < TABLE_MAX {
-        lab.udp_send_from(EVICTEE, 30_000 + udp_sent as u16, SINK_PORT).unwrap();
-        udp_sent += 1;
-        let landed = (0..200).any(|_| {
-            let done = lab.server.conntrack_stat().unwrap().entries == udp_sent;
-            if !done {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            done
-        });
-        assert!(landed, "datagram {udp_sent} made no entry");
+    // 1. Unreplied UDP flows fill the table exactly: each datagram from
+    // its own source port, one new entry each.
+    let started = std::time::Instant::now();
+    let udp_sent = TABLE_MAX;
+    for sport in 30_000..30_000 + udp_sent as u16 {
+        lab.udp_send_from(EVICTEE, sport, SINK_PORT).unwrap();
     }
+    wait_for("the datagrams' entries", || (lab.server.conntrack_stat().unwrap().entries == udp_sent).then_some(()));
     // 2. Connections that only get in by evicting a UDP flow.
     let mut held: Vec<_> =
         (0..TABLE_MAX / 2).filter_map(|_| lab.connect(FILLER, OPEN_PORT, Duration::from_millis(300)).ok()).collect();
     // 3. The UDP flows left time out (long enough that none does before
-    // the newcomers came, even on an emulated CPU); reading the table reaps them.
-    std::thread::sleep(Duration::from_secs(7));
-    let reap = || lab.server.enter(|| std::fs::read_to_string("/proc/net/nf_conntrack")).unwrap();
-    for _ in 0..20 {
-        reap();
-        if lab.server.conntrack_stat().unwrap().entries == held.len() as u64 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    // the newcomers came: the test says how long that took); reading the
+    // table reaps them.
+    eprintln!("filled and evicted in {:.1} s (UDP timeout 6 s)", started.elapsed().as_secs_f64());
+    wait_for("the UDP flows to time out", || {
+        (lab.server.reap_expired().unwrap().entries == held.len() as u64).then_some(())
+    });
     // 4. Established (assured) connections fill the table: nothing to evict.
     while (held.len() as u64) < TABLE_MAX {
-        held.push(lab.connect(FILLER, OPEN_PORT, Duration::from_secs(2)).expect("room for the filler"));
+        held.push(lab.connect(FILLER, OPEN_PORT, FILL_TIMEOUT).expect("room for the filler"));
     }
-    // 5. The storm: every SYN dropped, table full.
+    // 5. The storm: every SYN dropped, table full (the last SYNs may still
+    // wait in the softirq backlog when connect returns).
+    let before_storm = lab.server.conntrack_stat().unwrap();
     let storm_sent = lab.syn_burst(STORM, OPEN_PORT, 30);
-    std::thread::sleep(Duration::from_millis(300));
-    let after = lab.server.conntrack_stat().unwrap();
+    let after = wait_for("the kernel to drop every storm SYN", || {
+        let stat = lab.server.conntrack_stat().unwrap();
+        (stat.drop - before_storm.drop >= storm_sent).then_some(stat)
+    });
     drop(max);
     drop(buckets);
     let record = recording.stop().expect("record");

@@ -4,11 +4,12 @@ use std::{
     io::{BufRead, BufReader},
     net::Ipv4Addr,
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use ctrace_tests::{
-    ctrace_bin, free_port, http_get, nft_counter, require_root, url_encode, Daemon, Lab, Sysctl, TempDir,
+    ctrace_bin, free_port, http_get, nft_counter, require_root, url_encode, wait_for, Daemon, Lab, Sysctl, TempDir,
+    FILL_TIMEOUT,
 };
 
 const FILLER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
@@ -86,17 +87,15 @@ fn prometheus_scrapes_per_source_drops_equal_to_the_kernel() {
             .stderr(Stdio::null()),
     )
     .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !matches!(http_get(prom_port, "/-/ready"), Ok((200, _))) {
+    wait_for("prometheus to be ready", || {
         prometheus.check_running().unwrap();
-        assert!(Instant::now() < deadline, "prometheus not ready within 60 s");
-        std::thread::sleep(Duration::from_millis(250));
-    }
+        matches!(http_get(prom_port, "/-/ready"), Ok((200, _))).then_some(())
+    });
 
     // The incident: a full table, then a storm from one source.
     let max = Sysctl::set("net.netfilter.nf_conntrack_max", &TABLE_MAX.to_string()).unwrap();
     let room = TABLE_MAX - lab.server.conntrack_stat().unwrap().entries;
-    let held: Vec<_> = (0..room).map(|_| lab.connect(FILLER, PORT, Duration::from_secs(2)).expect("fill")).collect();
+    let held: Vec<_> = (0..room).map(|_| lab.connect(FILLER, PORT, FILL_TIMEOUT).expect("fill")).collect();
     for _ in 0..40 {
         assert!(lab.connect(STORM, PORT, Duration::from_millis(30)).is_err(), "SYN got through a full table");
     }
@@ -107,17 +106,10 @@ fn prometheus_scrapes_per_source_drops_equal_to_the_kernel() {
 
     // Wait for a scrape that happened after the storm had been counted.
     let per_source = format!("ctrace_source_drops_total{{src=\"{STORM}\",reason=\"table_full\",dport=\"{PORT}\"}}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let scraped = loop {
+    let scraped = wait_for("a scrape after the storm", || {
         ctrace.check_running().unwrap();
-        if let Some((value, at)) = query(prom_port, &per_source) {
-            if at > storm_end + 2.0 {
-                break value;
-            }
-        }
-        assert!(Instant::now() < deadline, "no scrape after the storm within 30 s");
-        std::thread::sleep(Duration::from_millis(500));
-    };
+        query(prom_port, &per_source).filter(|(_, at)| *at > storm_end + 2.0).map(|(value, _)| value)
+    });
     drop(held);
     eprintln!("ground truth {truth} SYNs from {STORM}; Prometheus has {scraped}");
     assert_eq!(scraped, truth as f64, "Prometheus's per-source counter vs the raw-table SYN counter");
