@@ -1,6 +1,7 @@
 //! Project tasks: `cargo xtask setup`, `cargo xtask test`.
 mod bench;
 mod setup;
+mod tally;
 mod vm;
 
 use std::{
@@ -10,6 +11,7 @@ use std::{
 
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
+use tally::Tally;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "ctrace's setup, test and benchmark tasks")]
@@ -34,6 +36,11 @@ enum Task {
         /// Skip the guest-kernel runs (`vm-test`); they are part of the suite.
         #[arg(long)]
         no_vm: bool,
+        /// Run the privileged end-to-end suites (host, then each guest)
+        /// this many times and report each test's passes: stability,
+        /// measured. Fails if any test failed once.
+        #[arg(long, default_value = "1", value_parser = clap::value_parser!(u32).range(1..))]
+        repeat: u32,
     },
     /// Run a command as root inside a guest kernel under qemu (host files
     /// visible read-only, writes discarded); exits with the command's code.
@@ -50,6 +57,10 @@ enum Task {
     VmTest {
         #[arg(long, value_enum, default_value = "all")]
         kernel: VmSelection,
+        /// Run the suite this many times in each guest and report each
+        /// test's passes.
+        #[arg(long, default_value = "1", value_parser = clap::value_parser!(u32).range(1..))]
+        repeat: u32,
     },
     /// Build the release binary and install it with its man pages and shell
     /// completions (bash, zsh, fish) under a prefix.
@@ -74,11 +85,16 @@ enum Task {
 fn main() -> ExitCode {
     let result = match Cli::parse().task {
         Task::Setup => setup::setup(),
-        Task::Test { no_setup, no_vm } => test(no_setup, no_vm),
+        Task::Test { no_setup, no_vm, repeat } => test(no_setup, no_vm, repeat),
         Task::Bench { storm_secs, storm_only } => bench::bench(storm_secs, storm_only),
         Task::Install { prefix } => install(&prefix),
         Task::VmRun { kernel, timeout_min, command } => vm_run(kernel, timeout_min, &command),
-        Task::VmTest { kernel } => vm_test(kernel),
+        Task::VmTest { kernel, repeat } => {
+            let mut tally = Tally::default();
+            let result = vm_test(kernel, repeat, &mut tally);
+            eprint!("\nxtask: end-to-end tests, passes per run:\n{}", tally.report());
+            result
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -114,7 +130,7 @@ fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
 
-fn test(no_setup: bool, no_vm: bool) -> anyhow::Result<()> {
+fn test(no_setup: bool, no_vm: bool, repeat: u32) -> anyhow::Result<()> {
     if !no_setup {
         setup::setup()?;
     }
@@ -128,18 +144,79 @@ fn test(no_setup: bool, no_vm: bool) -> anyhow::Result<()> {
         .args(["--target-dir", "target/ebpf-clippy", "--", "-D", "warnings"])
         .env_remove("RUSTC")
         .env_remove("CARGO"))?;
-    run(cargo().args(["build", "--bin", "ctrace"]))?;
-    let bin = root().join("target/debug/ctrace");
-    // One test at a time: the end-to-end tests share kernel state
-    // (nf_conntrack_max is global).
-    // --nocapture: a test that cannot run here says why (SKIPPED, NOT
-    // EXERCISED) in the log even when it passes.
-    run(cargo().args(["test", "--", "--test-threads=1", "--nocapture"]).env("CTRACE_BIN", bin))?;
+    // Unit tests: no privileges, no shared kernel state.
+    run(cargo().args(["test", "--lib", "--bins"]))?;
+    let mut tally = Tally::default();
+    let result = e2e_rounds(no_vm, repeat, &mut tally);
+    eprint!("\nxtask: end-to-end tests, passes per run:\n{}", tally.report());
+    result?;
     if no_vm {
         eprintln!("xtask: NOT RUN: guest-kernel tests (--no-vm); CI runs them");
-        return Ok(());
     }
-    vm_test(VmSelection::All)
+    Ok(())
+}
+
+/// The privileged suites `repeat` times: on the host, then in each guest.
+fn e2e_rounds(no_vm: bool, repeat: u32, tally: &mut Tally) -> anyhow::Result<()> {
+    run(cargo().args(["build", "--bin", "ctrace"]))?;
+    let bins = e2e_test_binaries()?;
+    let ctrace = root().join("target/debug/ctrace");
+    let mut failed_rounds = 0;
+    for round in 1..=repeat {
+        if repeat > 1 {
+            eprintln!("xtask: host end-to-end tests, run {round} of {repeat}");
+        }
+        for bin in &bins {
+            // One test at a time: the end-to-end tests share kernel state
+            // (nf_conntrack_max is global). --nocapture: a test that cannot
+            // run here says why (SKIPPED, NOT EXERCISED) in the log even
+            // when it passes.
+            let (ok, stdout) =
+                run_echoing(Command::new(bin).args(["--test-threads=1", "--nocapture"]).env("CTRACE_BIN", &ctrace))?;
+            let found = tally::outcomes(&stdout);
+            if found.is_empty() {
+                tally.add_broken_run("host", &suite_name(bin));
+            }
+            tally.add("host", &suite_name(bin), &found);
+            failed_rounds += u32::from(!ok);
+        }
+    }
+    if !no_vm {
+        vm_test(VmSelection::All, repeat, tally)?;
+    }
+    if failed_rounds > 0 {
+        bail!("end-to-end tests failed on the host ({failed_rounds} test binary runs)");
+    }
+    Ok(())
+}
+
+/// A test binary's suite name: `conntrack_hooks-0123abcd` -> `conntrack_hooks`.
+fn suite_name(bin: &Path) -> String {
+    let stem = bin.file_name().unwrap_or_default().to_string_lossy();
+    stem.rsplit_once('-').map_or(stem.to_string(), |(name, _)| name.to_string())
+}
+
+/// Runs a command in the workspace root with its standard output echoed
+/// and kept; returns whether it succeeded, and that output.
+fn run_echoing(cmd: &mut Command) -> anyhow::Result<(bool, String)> {
+    use std::io::{BufRead, Write};
+    eprintln!("xtask: $ {}", describe(cmd));
+    let mut child = cmd
+        .current_dir(root())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run {}", describe(cmd)))?;
+    let mut kept = String::new();
+    let stdout = child.stdout.take().expect("piped");
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line?;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+        kept.push_str(&line);
+        kept.push('\n');
+    }
+    Ok((child.wait()?.success(), kept))
 }
 
 fn install(prefix: &Path) -> anyhow::Result<()> {
@@ -200,7 +277,10 @@ fn e2e_test_binaries() -> anyhow::Result<Vec<PathBuf>> {
     Ok(bins)
 }
 
-fn vm_test(selection: VmSelection) -> anyhow::Result<()> {
+/// Marks where each test binary's output starts in a guest's output.
+const SUITE_MARK: &str = "xtask-suite ";
+
+fn vm_test(selection: VmSelection, repeat: u32, tally: &mut Tally) -> anyhow::Result<()> {
     run(cargo().args(["build", "--bin", "ctrace"]))?;
     let bins = e2e_test_binaries()?;
     let kernels: Vec<vm::KernelChoice> = match selection {
@@ -212,22 +292,41 @@ fn vm_test(selection: VmSelection) -> anyhow::Result<()> {
     // One shell line: every test binary runs, the exit code says whether any failed.
     let mut script = String::from("fail=0; ");
     for bin in &bins {
-        script.push_str(&format!("{} --test-threads=1 --nocapture --color never || fail=1; ", bin.display()));
+        script.push_str(&format!(
+            "echo {SUITE_MARK}{}; {} --test-threads=1 --nocapture --color never || fail=1; ",
+            suite_name(bin),
+            bin.display()
+        ));
     }
     script.push_str("exit $fail");
     let env = [("CTRACE_BIN".to_string(), root().join("target/debug/ctrace").display().to_string())];
     let mut failed = Vec::new();
-    for choice in kernels {
-        let kernel = vm::prepare(choice)?;
-        eprintln!("xtask: end-to-end tests in the {} guest ({})", kernel.label, kernel.release);
-        let code = vm::run_in_guest(
-            &kernel,
-            &["sh".into(), "-c".into(), script.clone()],
-            &env,
-            std::time::Duration::from_secs(30 * 60),
-        )?;
-        if code != 0 {
-            failed.push(kernel.label);
+    for round in 1..=repeat {
+        for &choice in &kernels {
+            let kernel = vm::prepare(choice)?;
+            let of = if repeat > 1 { format!(", run {round} of {repeat}") } else { String::new() };
+            eprintln!("xtask: end-to-end tests in the {} guest ({}{of})", kernel.label, kernel.release);
+            let command = ["sh".into(), "-c".into(), script.clone()];
+            match vm::run_in_guest(&kernel, &command, &env, std::time::Duration::from_secs(30 * 60)) {
+                Ok(guest) => {
+                    for part in guest.stdout.split(SUITE_MARK).skip(1) {
+                        let (suite, output) = part.split_once('\n').unwrap_or((part, ""));
+                        let found = tally::outcomes(output);
+                        if found.is_empty() {
+                            tally.add_broken_run(kernel.label, suite.trim());
+                        }
+                        tally.add(kernel.label, suite.trim(), &found);
+                    }
+                    if guest.code != 0 {
+                        failed.push(kernel.label);
+                    }
+                }
+                Err(err) => {
+                    eprintln!("xtask: the {} guest failed: {err:#}", kernel.label);
+                    tally.add_broken_run(kernel.label, "guest run");
+                    failed.push(kernel.label);
+                }
+            }
         }
     }
     if !failed.is_empty() {
@@ -238,6 +337,6 @@ fn vm_test(selection: VmSelection) -> anyhow::Result<()> {
 
 fn vm_run(kernel: vm::KernelChoice, timeout_min: u64, command: &[String]) -> anyhow::Result<()> {
     let kernel = vm::prepare(kernel)?;
-    let code = vm::run_in_guest(&kernel, command, &[], std::time::Duration::from_secs(timeout_min * 60))?;
-    std::process::exit(code);
+    let guest = vm::run_in_guest(&kernel, command, &[], std::time::Duration::from_secs(timeout_min * 60))?;
+    std::process::exit(guest.code);
 }

@@ -465,14 +465,21 @@ fn follow(
     })
 }
 
+/// What a command in a guest left: its exit code and standard output.
+pub struct GuestRun {
+    pub code: i32,
+    pub stdout: String,
+}
+
 /// Boots `kernel`, runs `command` as root in the guest (host files visible,
-/// writes discarded), streams its output, and returns its exit code.
+/// writes discarded), streams its output, and returns its exit code and
+/// standard output.
 pub fn run_in_guest(
     kernel: &Kernel,
     command: &[String],
     env: &[(String, String)],
     timeout: Duration,
-) -> anyhow::Result<i32> {
+) -> anyhow::Result<GuestRun> {
     static DONE: AtomicBool = AtomicBool::new(false);
     DONE.store(false, Ordering::Release);
     let dir = std::env::temp_dir().join(format!("ctrace-vm-{}-{}", kernel.label, std::process::id()));
@@ -535,7 +542,8 @@ pub fn run_in_guest(
                     kernel.release,
                     started.elapsed().as_secs_f64()
                 );
-                Ok(code)
+                let stdout = String::from_utf8_lossy(&std::fs::read(&out).unwrap_or_default()).into_owned();
+                Ok(GuestRun { code, stdout })
             }
             None => {
                 let mut qemu_err = String::new();
