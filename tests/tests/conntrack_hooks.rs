@@ -497,4 +497,13 @@ fn a_storm_record_accounts_for_every_entry_and_drop() {
     assert_eq!(ns["at_table_full"]["max"], TABLE_MAX, "{ns}");
     assert_eq!(ns["at_table_full"]["entries"], TABLE_MAX, "a refusal happens at a full table: {ns}");
     assert_eq!(record["totals"]["lost_events"], 0);
+    // Runs the kernel skipped would make the counts above short: counted
+    // where the kernel counts them (kprobes from 6.7, fentry always).
+    match record["totals"]["kernel"]["program_misses"].as_u64() {
+        Some(missed) => assert_eq!(missed, 0, "the kernel skipped ctrace's programs"),
+        None => {
+            assert!(record["tier"] == "kprobe" && kernel_older_than(6, 7), "misses uncounted: {}", record["totals"]);
+            assert!(record["notes"].to_string().contains("does not count skipped kprobe runs"), "{}", record["notes"]);
+        }
+    }
 }

@@ -184,6 +184,11 @@ fn storm_and_check(tier: &str) -> Value {
 
     assert_eq!(record["schema"], "ctrace.drops.v1");
     assert_eq!(record["totals"]["lost_events"], 0, "lost events make counts inexact");
+    // The kernel's count of skipped program runs is read (tp_btf and fentry
+    // programs have it on every kernel ctrace runs on; kprobes from 6.7).
+    if record["tier"] != "kprobe" || !record["totals"]["kernel"]["program_misses"].is_null() {
+        assert_eq!(record["totals"]["kernel"]["program_misses"], 0, "{}", record["totals"]);
+    }
     assert_eq!(record["totals"]["undecodable"], 0);
 
     // Each storm source: exactly the SYNs the raw table saw, as table_full.
