@@ -96,19 +96,32 @@ fn prometheus_scrapes_per_source_drops_equal_to_the_kernel() {
     let max = Sysctl::set("net.netfilter.nf_conntrack_max", &TABLE_MAX.to_string()).unwrap();
     let room = TABLE_MAX - lab.server.conntrack_stat().unwrap().entries;
     let held: Vec<_> = (0..room).map(|_| lab.connect(FILLER, PORT, FILL_TIMEOUT).expect("fill")).collect();
+    let before_storm = lab.server.conntrack_stat().unwrap();
     for _ in 0..40 {
         assert!(lab.connect(STORM, PORT, Duration::from_millis(30)).is_err(), "SYN got through a full table");
     }
+    // Every SYN dropped (the last may still wait in the softirq backlog
+    // when connect gives up); from here on, a scrape sees them all.
+    wait_for("the kernel to drop every storm SYN", || {
+        (lab.server.conntrack_stat().unwrap().drop - before_storm.drop >= 40).then_some(())
+    });
     let storm_end = now_unix();
     drop(max);
     let truth = nft_counter(&lab.server, "inet", "ctrace_prom", "syn_storm").unwrap();
     let kernel_drop = lab.server.conntrack_stat().unwrap().drop;
 
-    // Wait for a scrape that happened after the storm had been counted.
+    // Wait for a sample scraped after the storm had been counted: the
+    // sample's own time (timestamp()), not the query's, which a delayed
+    // scrape leaves behind. Asked first, so the value read next is from
+    // that scrape or a later one.
     let per_source = format!("ctrace_source_drops_total{{src=\"{STORM}\",reason=\"table_full\",dport=\"{PORT}\"}}");
     let scraped = wait_for("a scrape after the storm", || {
         ctrace.check_running().unwrap();
-        query(prom_port, &per_source).filter(|(_, at)| *at > storm_end + 2.0).map(|(value, _)| value)
+        let (scraped_at, _) = query(prom_port, &format!("timestamp({per_source})"))?;
+        if scraped_at <= storm_end {
+            return None;
+        }
+        query(prom_port, &per_source).map(|(value, _)| value)
     });
     drop(held);
     eprintln!("ground truth {truth} SYNs from {STORM}; Prometheus has {scraped}");
