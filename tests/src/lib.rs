@@ -340,16 +340,19 @@ impl Lab {
     }
 
     /// Sends `count` bare TCP segments with header `flags` from `src` to the
-    /// server's `port` through a raw socket (no connection behind them), each
-    /// from its own source port. Returns how many left.
-    pub fn tcp_raw(&self, src: Ipv4Addr, port: u16, flags: u8, count: u16) -> std::io::Result<u16> {
+    /// server's `port` through a raw socket (no connection behind them),
+    /// from source ports 1024, 1025, ... (wrapping): each a new flow to
+    /// conntrack. As fast as sendto goes, so it can flood. Returns how many
+    /// left.
+    pub fn tcp_raw(&self, src: Ipv4Addr, port: u16, flags: u8, count: u32) -> std::io::Result<u32> {
         self.client.enter(|| {
             let socket = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::TCP))?;
             socket.bind(&SocketAddr::V4(SocketAddrV4::new(src, 0)).into())?;
             let dst: socket2::SockAddr = SocketAddr::V4(SocketAddrV4::new(SERVER, 0)).into();
             let mut sent = 0;
             for i in 0..count {
-                let segment = tcp_segment(src, SERVER, 40_000 + i, port, flags);
+                let sport = 1024 + (i % 64_000) as u16;
+                let segment = tcp_segment(src, SERVER, sport, port, flags);
                 if socket.send_to(&segment, &dst).is_ok() {
                     sent += 1;
                 }

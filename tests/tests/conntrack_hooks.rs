@@ -308,7 +308,7 @@ fn invalid_packets_are_attributed_and_match_the_kernels_invalid_counter() {
     }
     const SOURCE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 12);
     const PORT: u16 = 8082;
-    const SEGMENTS: u16 = 25;
+    const SEGMENTS: u32 = 25;
     const SYN_FIN: u8 = 0x03;
     let lab = Lab::new("invalid", &[SOURCE]).expect("lab");
     lab.track_connections("ctrace_invalid").unwrap();
