@@ -101,6 +101,13 @@ enum Command {
         /// Sources in the plot, the text report and the per-source metrics.
         #[arg(long, value_name = "N", default_value = "10", value_parser = clap::value_parser!(u16).range(1..))]
         top: u16,
+        /// Source rows kept (and conntrack event rows). Beyond it (a spoofed
+        /// flood) the least dropped sources are replaced, the file says it
+        /// is approximate with the error bound, and their drops go to an
+        /// `others` row per reason, so totals stay exact; memory and file
+        /// size stay bounded.
+        #[arg(long, value_name = "N", default_value = "4096", value_parser = clap::value_parser!(u32).range(16..=10_000_000))]
+        capacity: u32,
         #[command(flatten)]
         hooks: HookChoice,
     },
@@ -219,8 +226,9 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Record { duration, output, format, top, hooks } => {
-                record::run(record::Options { duration, output, format, top: top as usize, hooks }).await
+            Command::Record { duration, output, format, top, capacity, hooks } => {
+                let capacity = capacity as usize;
+                record::run(record::Options { duration, output, format, top: top as usize, capacity, hooks }).await
             }
             Command::Probes { json } => probes(json),
             Command::Report { file, format, top, output } => report(&file, format, top as usize, &output),

@@ -8,13 +8,14 @@ use std::{
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
-    aggregate::{log2_bins, rate_histogram, DropTable},
+    aggregate::{heavy::SpaceSaving, log2_bin, log2_bin_range, rate_histogram, DropTable},
     classify::{Classifier, Symbols},
     decode::{decode, Record},
     export::{
         self,
         json::{
-            rfc3339_utc, CtRow, LifetimeBin, Lifetimes, NetnsCounters, OccupancySeries, RecordFile, Totals, SCHEMA,
+            rfc3339_utc, CtOthers, CtRow, LifetimeBin, Lifetimes, NetnsCounters, OccupancySeries, RecordFile, Totals,
+            SCHEMA,
         },
         Format, Output,
     },
@@ -38,33 +39,48 @@ pub struct Options {
     pub format: Format,
     /// Sources shown by formats that show a selection.
     pub top: usize,
+    /// Source rows (and conntrack event rows) kept at most.
+    pub capacity: usize,
     pub hooks: crate::hooks::HookChoice,
 }
 
-/// Turns ring-buffer records into per-source counts.
+/// Turns ring-buffer records into per-source counts, in memory bounded by
+/// the capacity whatever the number of sources.
 pub struct Recorder {
     pub table: DropTable,
     pub classifier: Classifier,
-    /// Conntrack events per source key and kind.
-    pub conntrack: HashMap<CtRowKey, u64>,
+    /// Conntrack events per key, the heaviest `capacity` keys.
+    conntrack: SpaceSaving<CtRowKey>,
+    /// Events of keys that gave up their row, per kind.
+    conntrack_others: HashMap<CtKind, u64>,
     /// Raw TCP state values to states (from BTF).
     tcp_states: Vec<(u8, ConnState)>,
-    /// Seconds removed entries lived, by final state.
-    lifetimes: HashMap<ConnState, Vec<f64>>,
+    /// Removed entries per final state, counted in log2 bins of seconds.
+    lifetimes: HashMap<ConnState, Vec<u64>>,
     /// Per namespace, the table's fill at the last refusal (hook tiers).
     pub at_table_full: HashMap<u32, Occupancy>,
     pub undecodable: u64,
 }
 
-/// netns, source, destination port, protocol, state, event, zone.
-pub type CtRowKey = (u32, std::net::IpAddr, u16, Protocol, ConnState, CtKind, u16);
+/// What conntrack events are counted by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CtRowKey {
+    pub netns: u32,
+    pub src: std::net::IpAddr,
+    pub dport: u16,
+    pub proto: Protocol,
+    pub state: ConnState,
+    pub event: CtKind,
+    pub zone: u16,
+}
 
 impl Recorder {
-    pub fn new(start_ns: u64, classifier: Classifier, tcp_states: Vec<(u8, ConnState)>) -> Self {
+    pub fn new(start_ns: u64, capacity: usize, classifier: Classifier, tcp_states: Vec<(u8, ConnState)>) -> Self {
         Recorder {
-            table: DropTable::new(start_ns, BUCKET_NS),
+            table: DropTable::new(start_ns, BUCKET_NS, capacity),
             classifier,
-            conntrack: HashMap::new(),
+            conntrack: SpaceSaving::new(capacity),
+            conntrack_others: HashMap::new(),
             tcp_states,
             lifetimes: HashMap::new(),
             at_table_full: HashMap::new(),
@@ -81,10 +97,25 @@ impl Recorder {
             Ok(Record::Conntrack(ev)) => {
                 let state = crate::hooks::conntrack::event_state(&self.tcp_states, &ev);
                 if matches!(ev.kind, CtKind::Delete | CtKind::EarlyDrop) && ev.lifetime_ns > 0 {
-                    self.lifetimes.entry(state).or_default().push(ev.lifetime_ns as f64 / 1e9);
+                    let bins = self.lifetimes.entry(state).or_default();
+                    let bin = log2_bin(ev.lifetime_ns as f64 / 1e9);
+                    if bins.len() <= bin {
+                        bins.resize(bin + 1, 0);
+                    }
+                    bins[bin] += 1;
                 }
-                *self.conntrack.entry((ev.netns, ev.src, ev.dport, ev.proto, state, ev.kind, ev.zone)).or_default() +=
-                    1;
+                let key = CtRowKey {
+                    netns: ev.netns,
+                    src: ev.src,
+                    dport: ev.dport,
+                    proto: ev.proto,
+                    state,
+                    event: ev.kind,
+                    zone: ev.zone,
+                };
+                if let Some((gone, events)) = self.conntrack.add(&key, ev.ts_ns).replaced {
+                    *self.conntrack_others.entry(gone.event).or_default() += events;
+                }
                 if let Some(table) = ev.table {
                     self.at_table_full.insert(ev.netns, table);
                 }
@@ -98,12 +129,16 @@ impl Recorder {
         let mut rows: Vec<Lifetimes> = self
             .lifetimes
             .iter()
-            .map(|(state, secs)| Lifetimes {
+            .map(|(state, bins)| Lifetimes {
                 state: *state,
-                entries: secs.len() as u64,
-                bins: log2_bins(secs.iter().copied())
-                    .into_iter()
-                    .map(|(from_s, to_s, entries)| LifetimeBin { from_s, to_s, entries })
+                entries: bins.iter().sum(),
+                bins: bins
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &entries)| {
+                        let (from_s, to_s) = log2_bin_range(i);
+                        LifetimeBin { from_s, to_s, entries }
+                    })
                     .collect(),
             })
             .collect();
@@ -111,20 +146,22 @@ impl Recorder {
         rows
     }
 
-    /// Conntrack rows, most frequent first.
-    pub fn conntrack_rows(&self) -> Vec<CtRow> {
+    /// Conntrack rows, most frequent first, and the events of the keys
+    /// without a row per kind.
+    pub fn conntrack_rows(&self) -> (Vec<CtRow>, Vec<CtOthers>) {
         let mut rows: Vec<CtRow> = self
             .conntrack
             .iter()
-            .map(|(&(netns, src, dport, proto, state, event, zone), &count)| CtRow {
-                netns,
-                src,
-                dport,
-                proto,
-                state,
-                event,
-                zone,
-                count,
+            .map(|c| CtRow {
+                netns: c.key.netns,
+                src: c.key.src,
+                dport: c.key.dport,
+                proto: c.key.proto,
+                state: c.key.state,
+                event: c.key.event,
+                zone: c.key.zone,
+                count: c.count - c.error,
+                error: c.error,
             })
             .collect();
         rows.sort_by(|a, b| {
@@ -132,7 +169,10 @@ impl Recorder {
                 .cmp(&a.count)
                 .then((a.netns, a.src, a.dport, a.event, a.zone).cmp(&(b.netns, b.src, b.dport, b.event, b.zone)))
         });
-        rows
+        let mut others: Vec<CtOthers> =
+            self.conntrack_others.iter().map(|(&event, &count)| CtOthers { event, count }).collect();
+        others.sort_by_key(|o| o.event);
+        (rows, others)
     }
 }
 
@@ -162,7 +202,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     }
     let started_at = SystemTime::now();
     let start_ns = monotonic_ns();
-    let mut recorder = Recorder::new(start_ns, classifier, attached.tcp_states.clone());
+    let mut recorder = Recorder::new(start_ns, options.capacity, classifier, attached.tcp_states.clone());
     for hook in attached.hooks.iter().filter(|h| h.tier.is_none()) {
         notes.push(format!("hook {} off: {}", hook.hook, hook.detail));
     }
@@ -235,7 +275,18 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         ),
     }
     let end_stats = recorder.classifier.namespaces.snapshot_all();
-    let rows = recorder.table.finish(end_ns);
+    let (rows, others) = recorder.table.finish(end_ns);
+    let approximate = recorder.table.approximation();
+    if let Some(a) = approximate {
+        notes.push(format!(
+            "more sources than --capacity {} rows: the {} heaviest are kept, each short by at most {} drops; \
+             the rest are in `others` per reason, so totals are exact",
+            a.capacity,
+            rows.len(),
+            a.error_bound
+        ));
+    }
+    let (conntrack_events, conntrack_others) = recorder.conntrack_rows();
     let duration_s = (end_ns - start_ns) as f64 / 1e9;
     let seen: Vec<u32> = rows.iter().map(|r| r.key.netns).collect();
     let mut kernel_counters = counters_report(&start_stats, &end_stats, &seen, &recorder.classifier.namespaces);
@@ -261,11 +312,14 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             conntrack,
         },
         kernel_counters,
-        conntrack_events: recorder.conntrack_rows(),
+        conntrack_events,
+        conntrack_others,
         lifetimes: recorder.lifetime_rows(),
         occupancy: occupancy.series(&recorder.classifier.namespaces),
         rate_histogram: rate_histogram(rows.iter().map(|r| r.drops as f64 / duration_s)),
         sources: rows.into_iter().map(Into::into).collect(),
+        approximate: approximate.map(Into::into),
+        others: others.into_iter().map(Into::into).collect(),
         notes,
     };
     output.write(&export::render(&file, options.format, options.top)?)?;
@@ -395,7 +449,7 @@ mod tests {
     #[test]
     fn conntrack_rows_per_source_event_and_zone_and_the_last_fill_per_namespace() {
         let classifier = Classifier::new(Symbols::unresolved(), Namespaces::new());
-        let mut recorder = Recorder::new(0, classifier, Vec::new());
+        let mut recorder = Recorder::new(0, 16, classifier, Vec::new());
         for _ in 0..3 {
             recorder.on_record(&encode_conntrack(&event(ct_event::INSERT, 2, 0)));
         }
@@ -407,7 +461,8 @@ mod tests {
         (full.table_count, full.table_max) = (64, 64);
         recorder.on_record(&encode_conntrack(&full));
 
-        let rows = recorder.conntrack_rows();
+        let (rows, others) = recorder.conntrack_rows();
+        assert!(others.is_empty());
         let count = |ev: CtKind, src: &str, zone: u16| {
             rows.iter().find(|r| r.event == ev && r.src.to_string() == src && r.zone == zone).map(|r| r.count)
         };

@@ -361,6 +361,39 @@ impl Lab {
         })
     }
 
+    /// Sends `count` TCP SYNs to the server's `port`, each from a different
+    /// pseudo-random source address in 198.18.2.0-198.18.255.255 (a spoofed
+    /// flood: the addresses exist only in these packets' headers, on this
+    /// veth, and the server's replies, if any, route back over it). Through a
+    /// raw IP socket as fast as sendto goes. Returns how many left.
+    pub fn syn_flood_random_sources(&self, port: u16, count: u32) -> std::io::Result<u32> {
+        self.client.enter(|| {
+            // IPPROTO_RAW: the packet carries its own IP header.
+            let socket = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(libc::IPPROTO_RAW)))?;
+            let dst: socket2::SockAddr = SocketAddr::V4(SocketAddrV4::new(SERVER, 0)).into();
+            let mut state: u32 = 0x2545_f491;
+            let mut sent = 0;
+            for i in 0..count {
+                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                let host = 2 * 256 + (state >> 8) % (254 * 256); // 198.18.2.0 and up
+                let src = Ipv4Addr::new(198, 18, (host >> 8) as u8, host as u8);
+                let mut packet = [0u8; 40];
+                packet[0] = 0x45; // IPv4, 5-word header
+                packet[2..4].copy_from_slice(&40u16.to_be_bytes());
+                packet[4..6].copy_from_slice(&(i as u16).to_be_bytes());
+                packet[8] = 64; // TTL
+                packet[9] = 6; // TCP; the kernel fills in the checksum
+                packet[12..16].copy_from_slice(&src.octets());
+                packet[16..20].copy_from_slice(&SERVER.octets());
+                packet[20..].copy_from_slice(&tcp_segment(src, SERVER, 1024 + (i % 60_000) as u16, port, 0x02));
+                if socket.send_to(&packet, &dst).is_ok() {
+                    sent += 1;
+                }
+            }
+            Ok(sent)
+        })
+    }
+
     /// A UDP socket bound in the server namespace: datagrams arrive and get
     /// no answer, so their conntrack entries stay unreplied.
     pub fn udp_sink(&self, port: u16) -> anyhow::Result<Socket> {
@@ -534,6 +567,13 @@ impl Recording {
                 Err(mpsc::RecvTimeoutError::Timeout) => bail!("ctrace did not attach within {HANG:?}: a hang"),
             }
         }
+    }
+
+    /// The process's peak resident memory (VmHWM), in KiB.
+    pub fn peak_rss_kib(&self) -> Option<u64> {
+        let pid = self.child.as_ref()?.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        status.lines().find_map(|l| l.strip_prefix("VmHWM:")?.trim().trim_end_matches("kB").trim().parse().ok())
     }
 
     /// Sends SIGINT and waits for a clean exit; returns the record file.

@@ -47,6 +47,16 @@ struct Bucket {
     next: u32,
 }
 
+/// Where [`SpaceSaving::add`] counted an event.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Added<K> {
+    pub slot: usize,
+    /// The key that slot held until now, when the event's key replaced
+    /// it, with the events counted for it there (its count less what it
+    /// had inherited): exact, and now in no slot.
+    pub replaced: Option<(K, u64)>,
+}
+
 pub struct SpaceSaving<K> {
     capacity: usize,
     index: HashMap<K, u32, FxBuildHasher>,
@@ -122,13 +132,14 @@ impl<K: Hash + Eq + Clone> SpaceSaving<K> {
         }
     }
 
-    /// Counts one event of `key`.
-    pub fn add(&mut self, key: &K, ts_ns: u64) {
+    /// Counts one event of `key`; says in which slot, and which key, if
+    /// any, that slot held before (callers keeping per-slot data move it).
+    pub fn add(&mut self, key: &K, ts_ns: u64) -> Added<K> {
         self.total += 1;
         if let Some(&slot) = self.index.get(key) {
             self.counters[slot as usize].last_seen_ns = ts_ns;
             self.increment(slot);
-            return;
+            return Added { slot: slot as usize, replaced: None };
         }
         if self.counters.len() < self.capacity {
             let slot = self.counters.len() as u32;
@@ -145,13 +156,14 @@ impl<K: Hash + Eq + Clone> SpaceSaving<K> {
             });
             self.index.insert(key.clone(), slot);
             self.insert_new(slot);
-            return;
+            return Added { slot: slot as usize, replaced: None };
         }
         // Replace a key with the smallest count.
         let min = self.buckets[self.min as usize].count;
         let slot = self.buckets[self.min as usize].head;
         let counter = &mut self.counters[slot as usize];
         let old = std::mem::replace(&mut counter.key, key.clone());
+        let own = min - counter.error;
         counter.error = min;
         counter.marked = min;
         counter.last_interval = 0;
@@ -160,6 +172,12 @@ impl<K: Hash + Eq + Clone> SpaceSaving<K> {
         self.index.insert(key.clone(), slot);
         self.evictions += 1;
         self.increment(slot);
+        Added { slot: slot as usize, replaced: Some((old, own)) }
+    }
+
+    /// The counter in `slot` (slots are [`Self::iter`]'s positions).
+    pub fn slot(&self, slot: usize) -> &Counter<K> {
+        &self.counters[slot]
     }
 
     /// Places a fresh counter (count 0) into the bucket of count 1.

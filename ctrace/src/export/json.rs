@@ -26,11 +26,22 @@ pub struct RecordFile {
     pub totals: Totals,
     pub kernel_counters: Vec<NetnsCounters>,
     pub sources: Vec<Source>,
+    /// Present when more sources dropped than `--capacity` rows could
+    /// hold: the rows are then the heaviest, each exact up to `error_bound`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approximate: Option<Approximate>,
+    /// Drops of the sources that did not keep a row, per namespace and
+    /// reason: with `sources`, each total is exact.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub others: Vec<Others>,
     /// Conntrack's own events per source (kprobe tier; empty otherwise):
     /// insertions, failed insertions, early-drop evictions, deletions,
     /// table-full and allocation failures, keyed like `sources`.
     #[serde(default)]
     pub conntrack_events: Vec<CtRow>,
+    /// Conntrack events of the keys that did not keep a row, per kind.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conntrack_others: Vec<CtOthers>,
     /// Hook tiers: how long removed entries held their slots, per final TCP
     /// state (entries whose insertion ctrace saw).
     #[serde(default)]
@@ -63,6 +74,49 @@ pub struct Totals {
     /// Exact counts of conntrack's own events (kprobe tier only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub conntrack: Option<CtTotals>,
+}
+
+/// How far from exact the per-source rows are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Approximate {
+    /// Rows kept (`--capacity`).
+    pub capacity: usize,
+    /// Times a source gave up its row to a new one.
+    pub evictions: u64,
+    /// No row's drops are short by more than this.
+    pub error_bound: u64,
+}
+
+impl From<crate::aggregate::Approximation> for Approximate {
+    fn from(a: crate::aggregate::Approximation) -> Self {
+        Approximate { capacity: a.capacity, evictions: a.evictions, error_bound: a.error_bound }
+    }
+}
+
+/// Drops of the sources without a row, for one namespace and reason.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Others {
+    pub netns: u32,
+    pub reason: Reason,
+    pub drops: u64,
+    pub histogram: Histogram,
+}
+
+impl From<crate::aggregate::OthersRow> for Others {
+    fn from(o: crate::aggregate::OthersRow) -> Self {
+        Others { netns: o.netns, reason: o.reason, drops: o.drops, histogram: o.histogram }
+    }
+}
+
+/// Conntrack events of the keys without a row, for one kind.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CtOthers {
+    pub event: CtKind,
+    pub count: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Lifetimes of removed entries in one final TCP state, log2 bins of seconds.
@@ -106,6 +160,10 @@ pub struct CtRow {
     #[serde(default)]
     pub zone: u16,
     pub count: u64,
+    /// Events this key may have had before it kept its row (they count in
+    /// `conntrack_others`); 0 unless rows ran out.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub error: u64,
 }
 
 /// One namespace's counters over the recording, from its own
@@ -167,6 +225,10 @@ pub struct Source {
     pub state: ConnState,
     pub reason: Reason,
     pub drops: u64,
+    /// Drops this source may have had before it kept its row (they count
+    /// in `others`); 0 unless the record is approximate.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub error: u64,
     pub histogram: Histogram,
 }
 
@@ -181,6 +243,7 @@ impl From<SourceRow> for Source {
             state: k.state,
             reason: k.reason,
             drops: row.drops,
+            error: row.error,
             histogram: row.histogram,
         }
     }
@@ -269,6 +332,7 @@ mod tests {
                 reason: Reason::TableFull,
             },
             drops: 3,
+            error: 0,
             histogram: Histogram { bucket_ms: 1000, counts: vec![1, 2] },
         };
         let file = RecordFile {
@@ -287,7 +351,10 @@ mod tests {
                 Some(Occupancy { entries: 64, max: 64 }),
             )],
             sources: vec![row.into()],
+            approximate: None,
+            others: vec![],
             conntrack_events: vec![],
+            conntrack_others: vec![],
             lifetimes: vec![],
             occupancy: vec![],
             rate_histogram: vec![],

@@ -85,8 +85,9 @@ pub fn render(record: &RecordFile, top: usize) -> String {
     }
     let mut total_kernel_drop = 0;
     for c in &record.kernel_counters {
-        let ours: u64 =
-            record.sources.iter().filter(|s| s.netns == c.netns && s.reason != Reason::Ruleset).map(|s| s.drops).sum();
+        let conntrack_drop = |netns: u32, reason: Reason| netns == c.netns && reason != Reason::Ruleset;
+        let ours: u64 = record.sources.iter().filter(|s| conntrack_drop(s.netns, s.reason)).map(|s| s.drops).sum::<u64>()
+            + record.others.iter().filter(|o| conntrack_drop(o.netns, o.reason)).map(|o| o.drops).sum::<u64>();
         total_kernel_drop += c.drop;
         let verdict = if ours == c.drop { "match" } else { "differ" };
         let name = c.name.clone().unwrap_or_else(|| "?".into());
@@ -113,7 +114,8 @@ pub fn render(record: &RecordFile, top: usize) -> String {
         "  {:<40} {:>5} {:<5} {:<11} {:<15} {:>8} {:>6} {:>8}",
         "SOURCE", "DPORT", "PROTO", "STATE", "REASON", "DROPS", "SHARE", "PEAK/S"
     );
-    let all: u64 = record.sources.iter().map(|s| s.drops).sum();
+    let others: u64 = record.others.iter().map(|o| o.drops).sum();
+    let all: u64 = record.sources.iter().map(|s| s.drops).sum::<u64>() + others;
     for s in record.sources.iter().take(top) {
         let _ = writeln!(
             out,
@@ -132,6 +134,27 @@ pub fn render(record: &RecordFile, top: usize) -> String {
     if rest > 0 {
         let hidden: u64 = record.sources.iter().skip(top).map(|s| s.drops).sum();
         let _ = writeln!(out, "  ... {rest} more rows with {hidden} drops");
+    }
+    for o in &record.others {
+        let _ = writeln!(
+            out,
+            "  {:<40} {:>5} {:<5} {:<11} {:<15} {:>8} {:>5.1}%",
+            "(sources without a row)",
+            "",
+            "",
+            "",
+            o.reason.as_str(),
+            o.drops,
+            if all == 0 { 0.0 } else { 100.0 * o.drops as f64 / all as f64 }
+        );
+    }
+    if let Some(a) = &record.approximate {
+        let _ = writeln!(
+            out,
+            "  approximate: more sources than the {} rows kept ({} replaced); each row's drops are short by at \
+             most {}, and every source with more than 1/{} of the drops has a row",
+            a.capacity, a.evictions, a.error_bound, a.capacity
+        );
     }
 
     if let Some(ct) = &record.totals.conntrack {

@@ -1,0 +1,84 @@
+//! A random-source SYN flood into a full table: the shape of most real
+//! conntrack incidents, and the one that used to make `ctrace record` grow
+//! without bound (a row per spoofed source: 3.6 GiB and a 2.1 GB file for a
+//! 20-second flood).
+use std::{net::Ipv4Addr, process::Command};
+
+use ctrace_tests::{
+    ctrace_bin, require_root, wait_for, Lab, Recording, Sysctl, TempDir, FILL_TIMEOUT, SERVER,
+};
+
+const FILLER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+const PORT: u16 = 8080;
+const TABLE_MAX: u64 = 64;
+const CAPACITY: usize = 1024;
+/// About 17,000 distinct sources among 65,024 addresses: far more than
+/// the rows kept.
+const SYNS: u32 = 20_000;
+
+#[test]
+fn a_random_source_flood_keeps_the_record_bounded_and_its_totals_exact() {
+    require_root();
+    let lab = Lab::new("flood", &[FILLER]).expect("lab");
+    lab.track_connections("ctrace_flood").unwrap();
+    let _listener = lab.listen(PORT).expect("listener");
+    let out = TempDir::new("flood");
+    let path = out.0.join("r.json");
+    let recording = Recording::start(&path, &["--capacity", &CAPACITY.to_string()]).expect("ctrace record");
+
+    let max = Sysctl::set("net.netfilter.nf_conntrack_max", &TABLE_MAX.to_string()).unwrap();
+    let room = TABLE_MAX - lab.server.conntrack_stat().unwrap().entries;
+    let held: Vec<_> = (0..room).map(|_| lab.connect(FILLER, PORT, FILL_TIMEOUT).expect("fill")).collect();
+    let before = lab.server.conntrack_stat().unwrap();
+    let sent = lab.syn_flood_random_sources(PORT, SYNS).unwrap();
+    let after = wait_for("the kernel to drop every SYN", || {
+        let stat = lab.server.conntrack_stat().unwrap();
+        (stat.drop - before.drop >= sent as u64).then_some(stat)
+    });
+    drop(max);
+    // A coarse guard: the rows are bounded, so memory is too.
+    let peak_kib = recording.peak_rss_kib().expect("VmHWM of ctrace record");
+    let record = recording.stop().expect("record");
+    drop(held);
+    let kernel_drops = after.drop - before.drop;
+    let size = std::fs::metadata(&path).unwrap().len();
+    eprintln!("kernel: {kernel_drops} drops of {sent} SYNs; record {size} bytes, ctrace peak RSS {peak_kib} KiB");
+    let report = Command::new(ctrace_bin()).arg("report").arg(&path).output().unwrap();
+    eprintln!("{}", String::from_utf8_lossy(&report.stdout));
+
+    let server = lab.server.inode();
+    let sources = record["sources"].as_array().unwrap();
+    assert!(sources.len() <= CAPACITY, "{} rows for --capacity {CAPACITY}", sources.len());
+    let approximate = &record["approximate"];
+    assert_eq!(approximate["capacity"], CAPACITY, "the record says it is approximate: {approximate}");
+    assert!(approximate["evictions"].as_u64().unwrap() > 0);
+    // Rows and others add up to the exact total, which is the kernel's.
+    let in_rows: u64 = sources
+        .iter()
+        .filter(|s| s["netns"] == server && s["reason"] == "table_full")
+        .map(|s| s["drops"].as_u64().unwrap())
+        .sum();
+    let others: u64 = record["others"]
+        .as_array()
+        .expect("others")
+        .iter()
+        .filter(|o| o["reason"] == "table_full")
+        .map(|o| o["drops"].as_u64().unwrap())
+        .sum();
+    assert_eq!(record["totals"]["table_full"], kernel_drops, "exact total vs the namespace's drop counter");
+    assert_eq!(in_rows + others, kernel_drops, "rows + others vs the kernel");
+    assert_eq!(record["totals"]["lost_events"], 0);
+    // Every row's error is within the stated bound, every histogram sums to its row.
+    let bound = approximate["error_bound"].as_u64().unwrap();
+    for s in sources {
+        assert!(s["error"].as_u64().unwrap_or(0) <= bound, "{s}");
+        let sum: u64 = s["histogram"]["counts"].as_array().unwrap().iter().map(|n| n.as_u64().unwrap()).sum();
+        assert_eq!(sum, s["drops"].as_u64().unwrap(), "{s}");
+        let src: Ipv4Addr = s["src"].as_str().unwrap().parse().unwrap();
+        assert!(src.octets()[..2] == [198, 18] && src != SERVER, "a flood source: {src}");
+    }
+    // Coarse guards on what bounded rows imply (the unbounded record wrote a
+    // row per source: about 17,000 here).
+    assert!(size < 1 << 20, "the record is {size} bytes");
+    assert!(peak_kib < 256 * 1024, "ctrace record peaked at {peak_kib} KiB");
+}
