@@ -361,22 +361,28 @@ impl Lab {
         })
     }
 
-    /// Sends `count` TCP SYNs to the server's `port`, each from a different
-    /// pseudo-random source address in 198.18.2.0-198.18.255.255 (a spoofed
-    /// flood: the addresses exist only in these packets' headers, on this
-    /// veth, and the server's replies, if any, route back over it). Through a
-    /// raw IP socket as fast as sendto goes. Returns how many left.
-    pub fn syn_flood_random_sources(&self, port: u16, count: u32) -> std::io::Result<u32> {
+    /// Sends `count` TCP SYNs to the server's `port`, each from a
+    /// pseudo-random source address (a spoofed flood: the addresses exist
+    /// only in these packets' headers, on this veth; see [`Spoofed`] for
+    /// where replies go). `seed` picks the sequence: pass the previous
+    /// call's return to go on with it. Through a raw IP socket as fast as
+    /// sendto goes. Returns how many left and the next seed.
+    pub fn syn_flood_random_sources(
+        &self,
+        port: u16,
+        count: u32,
+        sources: Spoofed,
+        seed: u32,
+    ) -> std::io::Result<(u32, u32)> {
         self.client.enter(|| {
             // IPPROTO_RAW: the packet carries its own IP header.
             let socket = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(libc::IPPROTO_RAW)))?;
             let dst: socket2::SockAddr = SocketAddr::V4(SocketAddrV4::new(SERVER, 0)).into();
-            let mut state: u32 = 0x2545_f491;
+            let mut state = seed;
             let mut sent = 0;
             for i in 0..count {
                 state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                let host = 2 * 256 + (state >> 8) % (254 * 256); // 198.18.2.0 and up
-                let src = Ipv4Addr::new(198, 18, (host >> 8) as u8, host as u8);
+                let src = sources.address(state);
                 let mut packet = [0u8; 40];
                 packet[0] = 0x45; // IPv4, 5-word header
                 packet[2..4].copy_from_slice(&40u16.to_be_bytes());
@@ -390,8 +396,14 @@ impl Lab {
                     sent += 1;
                 }
             }
-            Ok(sent)
+            Ok((sent, state))
         })
+    }
+
+    /// Routes everything the server sends back over its veth (for floods
+    /// from addresses outside the lab's /16).
+    pub fn route_all_back(&self) -> anyhow::Result<()> {
+        self.server.exec("ip", &["route", "add", "default", "dev", "veth-s"]).map(drop)
     }
 
     /// A UDP socket bound in the server namespace: datagrams arrive and get
@@ -414,6 +426,36 @@ impl Lab {
             socket.listen(1024)?;
             Ok(socket)
         })
+    }
+}
+
+/// Where a spoofed flood's source addresses come from.
+#[derive(Clone, Copy, Debug)]
+pub enum Spoofed {
+    /// 198.18.2.0-198.18.255.255 (65,024 addresses, inside the lab's /16).
+    LabRange,
+    /// Any unicast address from 1.0.0.0 to 223.255.255.255 but 127/8, as
+    /// `hping3 --rand-source` sends: the server must route back over the
+    /// veth ([`Lab::route_all_back`]).
+    Anywhere,
+}
+
+impl Spoofed {
+    fn address(self, random: u32) -> Ipv4Addr {
+        match self {
+            Spoofed::LabRange => {
+                let host = 2 * 256 + (random >> 8) % (254 * 256);
+                Ipv4Addr::new(198, 18, (host >> 8) as u8, host as u8)
+            }
+            Spoofed::Anywhere => {
+                let first = 1 + (random >> 24) % 223;
+                Ipv4Addr::from(if first == 127 {
+                    128 << 24 | (random & 0xff_ffff)
+                } else {
+                    first << 24 | (random & 0xff_ffff)
+                })
+            }
+        }
     }
 }
 
@@ -569,11 +611,13 @@ impl Recording {
         }
     }
 
-    /// The process's peak resident memory (VmHWM), in KiB.
+    /// The process's peak resident memory so far (VmHWM), in KiB.
     pub fn peak_rss_kib(&self) -> Option<u64> {
-        let pid = self.child.as_ref()?.id();
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-        status.lines().find_map(|l| l.strip_prefix("VmHWM:")?.trim().trim_end_matches("kB").trim().parse().ok())
+        peak_rss_kib(self.child.as_ref()?.id())
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Sends SIGINT and waits for a clean exit; returns the record file.
@@ -603,6 +647,12 @@ impl Drop for Recording {
             let _ = child.wait();
         }
     }
+}
+
+/// A process's peak resident memory so far (VmHWM), in KiB.
+pub fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix("VmHWM:")?.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 /// Packets counted by a named nftables counter.

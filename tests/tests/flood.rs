@@ -5,7 +5,7 @@
 use std::{net::Ipv4Addr, process::Command};
 
 use ctrace_tests::{
-    ctrace_bin, require_root, wait_for, Lab, Recording, Sysctl, TempDir, FILL_TIMEOUT, SERVER,
+    ctrace_bin, require_root, wait_for, Lab, Recording, Spoofed, Sysctl, TempDir, FILL_TIMEOUT, SERVER,
 };
 
 const FILLER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
@@ -30,7 +30,7 @@ fn a_random_source_flood_keeps_the_record_bounded_and_its_totals_exact() {
     let room = TABLE_MAX - lab.server.conntrack_stat().unwrap().entries;
     let held: Vec<_> = (0..room).map(|_| lab.connect(FILLER, PORT, FILL_TIMEOUT).expect("fill")).collect();
     let before = lab.server.conntrack_stat().unwrap();
-    let sent = lab.syn_flood_random_sources(PORT, SYNS).unwrap();
+    let (sent, _) = lab.syn_flood_random_sources(PORT, SYNS, Spoofed::LabRange, 1).unwrap();
     let after = wait_for("the kernel to drop every SYN", || {
         let stat = lab.server.conntrack_stat().unwrap();
         (stat.drop - before.drop >= sent as u64).then_some(stat)

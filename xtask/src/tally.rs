@@ -74,10 +74,10 @@ impl Tally {
     }
 
     pub fn report(&self) -> String {
-        let mut out = format!("{:<14} {:<78} PASSED\n", "WHERE", "TEST");
+        let mut out = format!("{:<14} {:<86} PASSED\n", "WHERE", "TEST");
         for ((place, test), (passed, runs)) in &self.runs {
             let flag = if passed == runs { "" } else { "  <- FLAKY OR FAILING" };
-            out.push_str(&format!("{place:<14} {test:<78} {passed}/{runs}{flag}\n"));
+            out.push_str(&format!("{place:<14} {test:<86} {passed}/{runs}{flag}\n"));
         }
         out
     }

@@ -13,6 +13,11 @@ use crate::{
 
 pub const SCHEMA: &str = "ctrace.drops.v1";
 
+/// Records are bounded (`--capacity` rows of at most 128 buckets); a file
+/// far past that is not one, and reading it whole would cost its size in
+/// memory several times over.
+pub const MAX_RECORD_BYTES: u64 = 256 << 20;
+
 #[derive(Debug, Serialize, Deserialize)]
 pub struct RecordFile {
     pub schema: String,
@@ -253,6 +258,14 @@ impl RecordFile {
     /// Reads a record file, checking its schema.
     pub fn load(path: &std::path::Path) -> anyhow::Result<Self> {
         use anyhow::Context as _;
+        let size = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?.len();
+        if size > MAX_RECORD_BYTES {
+            anyhow::bail!(
+                "{} is {} MiB, larger than any record ctrace writes (rows are bounded by --capacity); not read",
+                path.display(),
+                size >> 20
+            );
+        }
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
         let probe: serde_json::Value =
             serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;

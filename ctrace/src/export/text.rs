@@ -86,8 +86,9 @@ pub fn render(record: &RecordFile, top: usize) -> String {
     let mut total_kernel_drop = 0;
     for c in &record.kernel_counters {
         let conntrack_drop = |netns: u32, reason: Reason| netns == c.netns && reason != Reason::Ruleset;
-        let ours: u64 = record.sources.iter().filter(|s| conntrack_drop(s.netns, s.reason)).map(|s| s.drops).sum::<u64>()
-            + record.others.iter().filter(|o| conntrack_drop(o.netns, o.reason)).map(|o| o.drops).sum::<u64>();
+        let ours: u64 =
+            record.sources.iter().filter(|s| conntrack_drop(s.netns, s.reason)).map(|s| s.drops).sum::<u64>()
+                + record.others.iter().filter(|o| conntrack_drop(o.netns, o.reason)).map(|o| o.drops).sum::<u64>();
         total_kernel_drop += c.drop;
         let verdict = if ours == c.drop { "match" } else { "differ" };
         let name = c.name.clone().unwrap_or_else(|| "?".into());
