@@ -179,8 +179,12 @@ pub struct Occupancy {
     pub max: u64,
 }
 
-/// How long an occupancy sample stands for the namespace's state.
-const OCCUPANCY_TTL: Duration = Duration::from_millis(100);
+/// How long a sample that found the table full stands for its state.
+const FULL_TTL: Duration = Duration::from_millis(100);
+/// How long one that found room does. A conntrack drop while the last
+/// sample found room suggests the table has filled since: read again, at
+/// most this often, rather than trust a sample from before the storm.
+const ROOM_TTL: Duration = Duration::from_millis(1);
 /// How often an unknown inode may trigger a rescan of /proc.
 const RESCAN_EVERY: Duration = Duration::from_millis(500);
 
@@ -241,11 +245,12 @@ impl Namespaces {
         self.peaks.get(&inum).copied()
     }
 
-    /// Was the namespace's table at `nf_conntrack_max` just now? Sampled at
-    /// most every 100 ms per namespace; None if it cannot be read.
+    /// Was the namespace's table at `nf_conntrack_max` just now? A full
+    /// table is sampled at most every 100 ms per namespace, one with room
+    /// every millisecond; None if it cannot be read.
     pub fn table_at_max(&mut self, inum: u32) -> Option<bool> {
         if let Some((at, full)) = self.occupancy.get(&inum) {
-            if at.elapsed() < OCCUPANCY_TTL {
+            if at.elapsed() < if *full { FULL_TTL } else { ROOM_TTL } {
                 return Some(*full);
             }
         }

@@ -43,7 +43,6 @@ fn main() -> anyhow::Result<()> {
         let stat = lab.server.conntrack_stat().ok()?;
         (stat.drop - before.drop >= sent).then_some(stat)
     });
-    drop(max);
     // The peak includes writing the file, after the flood: watch until exit.
     let pid = recording.pid().expect("running");
     let watcher = std::thread::spawn(move || {
@@ -56,6 +55,9 @@ fn main() -> anyhow::Result<()> {
     });
     let record = recording.stop()?;
     let peak_kib = watcher.join().unwrap_or(0);
+    // Only now: on the tracepoint tier a drop is table_full if the table is
+    // at max when ctrace reads the record.
+    drop(max);
     drop(held);
     let drops = after.drop - before.drop;
     let size = std::fs::metadata(path)?.len();

@@ -535,6 +535,26 @@ impl Drop for Daemon {
     }
 }
 
+/// `ctrace serve` on a free loopback port, once it says it is serving
+/// (its later lines are echoed). Returns the daemon and its port.
+pub fn serve() -> anyhow::Result<(Daemon, u16)> {
+    let port = free_port();
+    let mut ctrace = Daemon::spawn(
+        "ctrace serve",
+        Command::new(ctrace_bin())
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    )?;
+    let mut lines = BufReader::new(ctrace.child.stderr.take().expect("piped")).lines();
+    let first = lines.next().context("ctrace serve said nothing")??;
+    if !first.contains("serving") {
+        bail!("ctrace serve: {first}");
+    }
+    std::thread::spawn(move || lines.for_each(|l| eprintln!("[ctrace] {}", l.unwrap_or_default())));
+    Ok((ctrace, port))
+}
+
 /// A free TCP port on loopback (bound and released: a small race is possible).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port()

@@ -167,8 +167,11 @@ fn storm_and_check(tier: &str) -> Value {
         let stat = lab.server.conntrack_stat().unwrap();
         (stat.drop - before.drop >= storm).then_some(stat)
     });
-    drop(max); // restore nf_conntrack_max before anything can fail below
+    // On the tracepoint tier a drop is table_full if the table is at max
+    // when ctrace reads the record (up to 50 ms later): keep the table
+    // full until it has read them all.
     let record = recording.stop().expect("ctrace record");
+    drop(max);
     if let Some(keep) = std::env::var_os("CTRACE_KEEP_RECORD") {
         std::fs::copy(out.0.join("drops.json"), keep).expect("keep the record");
     }
