@@ -65,7 +65,7 @@ pub fn render(record: &RecordFile, top: usize) -> String {
                 "  missed runs       {misses:>10}  (the kernel skipped ctrace's programs: events missing)"
             );
         }
-        None if record.tier == crate::hooks::Tier::Kprobe => {
+        None if record.tier != crate::hooks::Tier::Tracepoint => {
             let _ = writeln!(out, "  missed runs       {:>10}  (this kernel does not count skipped kprobe runs)", "?");
         }
         None => {}

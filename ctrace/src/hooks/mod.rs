@@ -372,7 +372,8 @@ impl Attached {
         if let Some(at_detach) = self.misses_at_detach {
             return at_detach;
         }
-        if self.tier == Tier::Kprobe && !self.kprobe_misses_counted {
+        let kprobes = self.hooks.iter().any(|h| h.tier == Some(Tier::Kprobe));
+        if kprobes && !self.kprobe_misses_counted {
             return None;
         }
         let mut total = 0;
