@@ -108,7 +108,11 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
 async fn accept_loop(listener: TcpListener, renders: mpsc::Sender<Render>) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            // Out of file descriptors, say: back off rather than spin.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             drop(stream); // full: closed at once
             continue;
