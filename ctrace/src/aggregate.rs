@@ -1,5 +1,6 @@
 //! The maths: drops per source with per-interval histograms (`record`),
 //! bounded heavy hitters, rate windows and occupancy trends (`live`).
+pub mod flood;
 pub mod heavy;
 pub mod occupancy;
 pub mod window;

@@ -1,14 +1,17 @@
 //! ctrace: who is being dropped by Linux connection tracking, and why.
 //!
 //! Data flows hooks -> records -> decoding -> aggregation -> exports:
-//! `hooks` loads the kernel programs, `decode` turns ring-buffer records into
-//! the `model`, `classify` names the reason, `aggregate` counts per source,
-//! `export` writes files. `netns` reads the kernel's own counters to compare.
+//! `hooks` loads the kernel programs, `engine` drains their ring buffer,
+//! `decode` turns records into the `model`, `classify` names the reason,
+//! `aggregate` counts per source (and sums floods up), `export` writes files;
+//! `record`, `live` and `serve` are front ends over the engine. `netns`
+//! reads the kernel's own counters to compare.
 pub mod aggregate;
 pub mod btf;
 pub mod census;
 pub mod classify;
 pub mod decode;
+pub mod engine;
 pub mod export;
 pub mod hooks;
 pub mod kallsyms;

@@ -8,9 +8,8 @@ use std::{
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
-    aggregate::{heavy::SpaceSaving, log2_bin, log2_bin_range, rate_histogram, DropTable},
-    classify::{Classifier, Symbols},
-    decode::{decode, Record},
+    aggregate::{heavy::SpaceSaving, log2_bin, log2_bin_range, rate_histogram, DropTable, SourceKey},
+    engine::{monotonic_ns, Engine, Sink},
     export::{
         self,
         json::{
@@ -19,17 +18,12 @@ use crate::{
         },
         Format, Output,
     },
-    hooks::{kernel_btf, Attached},
-    model::{ConnState, CtKind, Protocol, Reason},
+    model::{ConnState, CtEvent, CtKind, DropEvent, Protocol, Reason},
     netns::{self, ConntrackStats, Namespaces, Occupancy},
     privileges,
 };
 
 pub const BUCKET_NS: u64 = 1_000_000_000;
-
-/// The kernel wakes the reader only in batches (see ctrace-ebpf's maps.rs);
-/// whatever is below the wake-up threshold is collected this often.
-pub const DRAIN_EVERY: Duration = Duration::from_millis(50);
 
 pub struct Options {
     /// None: until Ctrl-C or SIGTERM.
@@ -44,17 +38,14 @@ pub struct Options {
     pub hooks: crate::hooks::HookChoice,
 }
 
-/// Turns ring-buffer records into per-source counts, in memory bounded by
+/// Turns decoded records into per-source counts, in memory bounded by
 /// the capacity whatever the number of sources.
 pub struct Recorder {
     pub table: DropTable,
-    pub classifier: Classifier,
     /// Conntrack events per key, the heaviest `capacity` keys.
     conntrack: SpaceSaving<CtRowKey>,
     /// Events of keys that gave up their row, per kind.
     conntrack_others: HashMap<CtKind, u64>,
-    /// Raw TCP state values to states (from BTF).
-    tcp_states: Vec<(u8, ConnState)>,
     /// Removed entries per final state, counted in log2 bins of seconds.
     lifetimes: HashMap<ConnState, Vec<u64>>,
     /// Per namespace, the table's fill at the last refusal (hook tiers).
@@ -75,52 +66,14 @@ pub struct CtRowKey {
 }
 
 impl Recorder {
-    pub fn new(start_ns: u64, capacity: usize, classifier: Classifier, tcp_states: Vec<(u8, ConnState)>) -> Self {
+    pub fn new(start_ns: u64, capacity: usize) -> Self {
         Recorder {
             table: DropTable::new(start_ns, BUCKET_NS, capacity),
-            classifier,
             conntrack: SpaceSaving::new(capacity),
             conntrack_others: HashMap::new(),
-            tcp_states,
             lifetimes: HashMap::new(),
             at_table_full: HashMap::new(),
             undecodable: 0,
-        }
-    }
-
-    pub fn on_record(&mut self, bytes: &[u8]) {
-        match decode(bytes) {
-            Ok(Record::Drop(event)) => {
-                let key = self.classifier.key(&event);
-                self.table.add(key, event.ts_ns);
-            }
-            Ok(Record::Conntrack(ev)) => {
-                let state = crate::hooks::conntrack::event_state(&self.tcp_states, &ev);
-                if matches!(ev.kind, CtKind::Delete | CtKind::EarlyDrop) && ev.lifetime_ns > 0 {
-                    let bins = self.lifetimes.entry(state).or_default();
-                    let bin = log2_bin(ev.lifetime_ns as f64 / 1e9);
-                    if bins.len() <= bin {
-                        bins.resize(bin + 1, 0);
-                    }
-                    bins[bin] += 1;
-                }
-                let key = CtRowKey {
-                    netns: ev.netns,
-                    src: ev.src,
-                    dport: ev.dport,
-                    proto: ev.proto,
-                    state,
-                    event: ev.kind,
-                    zone: ev.zone,
-                };
-                if let Some((gone, events)) = self.conntrack.add(&key, ev.ts_ns).replaced {
-                    *self.conntrack_others.entry(gone.event).or_default() += events;
-                }
-                if let Some(table) = ev.table {
-                    self.at_table_full.insert(ev.netns, table);
-                }
-            }
-            Err(_) => self.undecodable += 1,
         }
     }
 
@@ -176,67 +129,79 @@ impl Recorder {
     }
 }
 
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: valid pointer; CLOCK_MONOTONIC is what bpf_ktime_get_ns reads.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+impl Sink for Recorder {
+    fn on_drop(&mut self, key: &SourceKey, event: &DropEvent) {
+        self.table.add(*key, event.ts_ns);
+    }
+
+    fn on_conntrack(&mut self, ev: &CtEvent, state: ConnState) {
+        if matches!(ev.kind, CtKind::Delete | CtKind::EarlyDrop) && ev.lifetime_ns > 0 {
+            let bins = self.lifetimes.entry(state).or_default();
+            let bin = log2_bin(ev.lifetime_ns as f64 / 1e9);
+            if bins.len() <= bin {
+                bins.resize(bin + 1, 0);
+            }
+            bins[bin] += 1;
+        }
+        let key = CtRowKey {
+            netns: ev.netns,
+            src: ev.src,
+            dport: ev.dport,
+            proto: ev.proto,
+            state,
+            event: ev.kind,
+            zone: ev.zone,
+        };
+        if let Some((gone, events)) = self.conntrack.add(&key, ev.ts_ns).replaced {
+            *self.conntrack_others.entry(gone.event).or_default() += events;
+        }
+        if let Some(table) = ev.table {
+            self.at_table_full.insert(ev.netns, table);
+        }
+    }
+
+    fn on_undecodable(&mut self) {
+        self.undecodable += 1;
+    }
 }
 
 pub async fn run(options: Options) -> anyhow::Result<()> {
     // Fail on a bad output path before attaching anything.
     let output = Output::prepare(&options.output)?;
-    let btf = kernel_btf()?;
-    let (mut attached, events) = Attached::attach(&btf, options.hooks)?;
+    let mut engine = Engine::start(options.hooks)?;
 
-    let mut namespaces = Namespaces::new();
     let mut notes = Vec::new();
     if !privileges::can_enter_namespaces() {
         notes.push("no CAP_SYS_ADMIN: other namespaces' counters and occupancy could not be read".into());
     }
-    let start_stats = namespaces.snapshot_all();
-    let classifier = Classifier::new(Symbols::new(attached.kallsyms.clone()), namespaces)
-        .with_table_full_hooks(attached.table_full_hooked);
-    if !classifier.symbols_resolved() {
+    let start_stats = engine.namespaces().snapshot_all();
+    if !engine.pipeline.classifier.symbols_resolved() {
         notes.push("kernel symbols unreadable (kptr_restrict): drop locations were not used".into());
     }
     let started_at = SystemTime::now();
     let start_ns = monotonic_ns();
-    let mut recorder = Recorder::new(start_ns, options.capacity, classifier, attached.tcp_states.clone());
-    for hook in attached.hooks.iter().filter(|h| h.tier.is_none()) {
+    let mut recorder = Recorder::new(start_ns, options.capacity);
+    for hook in engine.attached.hooks.iter().filter(|h| h.tier.is_none()) {
         notes.push(format!("hook {} off: {}", hook.hook, hook.detail));
     }
 
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let deadline = options.duration.map(|d| tokio::time::Instant::now() + d);
+    let tier = engine.attached.tier;
     match options.duration {
-        Some(d) => {
-            eprintln!("ctrace: {} attached; recording for {} s (Ctrl-C stops early)", attached.tier, d.as_secs_f64())
-        }
-        None => eprintln!("ctrace: {} attached; recording until Ctrl-C", attached.tier),
+        Some(d) => eprintln!("ctrace: {tier} attached; recording for {} s (Ctrl-C stops early)", d.as_secs_f64()),
+        None => eprintln!("ctrace: {tier} attached; recording until Ctrl-C"),
     }
 
-    let mut events = crate::hooks::poll_events(events)?;
-    let mut drain = tokio::time::interval(DRAIN_EVERY);
     let mut each_second = tokio::time::interval(Duration::from_secs(1));
     let mut occupancy = OccupancyLog::default();
     loop {
         tokio::select! {
-            _ = each_second.tick() => occupancy.sample(&mut recorder.classifier.namespaces),
-            ready = events.readable_mut() => {
-                let mut guard = ready?;
-                let ring = guard.get_inner_mut();
-                while let Some(item) = ring.next() {
-                    recorder.on_record(&item);
-                }
-                guard.clear_ready();
-            }
-            _ = drain.tick() => {
-                let ring = events.get_mut();
-                while let Some(item) = ring.next() {
-                    recorder.on_record(&item);
-                }
+            _ = each_second.tick() => occupancy.sample(engine.namespaces()),
+            woke = engine.wait() => {
+                woke?;
+                engine.drain(&mut recorder);
             }
             _ = sleep_until(deadline) => break,
             _ = sigint.recv() => break,
@@ -244,17 +209,11 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         }
     }
     let end_ns = monotonic_ns();
-
-    // Detach, then take what is still in the ring: after this, no record
-    // the counters know of is missing from the table, except lost ones.
-    let mut events = events.into_inner();
-    attached.detach();
-    while let Some(item) = events.next() {
-        recorder.on_record(&item);
-    }
-    let kernel = attached.totals()?;
-    let conntrack =
-        (attached.tier != crate::hooks::Tier::Tracepoint).then(|| attached.conntrack_totals()).transpose()?;
+    engine.stop(&mut recorder);
+    let kernel = engine.attached.totals()?;
+    let conntrack = (engine.attached.tier != crate::hooks::Tier::Tracepoint)
+        .then(|| engine.attached.conntrack_totals())
+        .transpose()?;
     if kernel.lost_events > 0 {
         notes.push(format!(
             "{} events were lost (ring buffer full): per-source counts are short by that many; totals.kernel is exact",
@@ -274,7 +233,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                 .into(),
         ),
     }
-    let end_stats = recorder.classifier.namespaces.snapshot_all();
+    let end_stats = engine.namespaces().snapshot_all();
     let (rows, others) = recorder.table.finish(end_ns);
     let approximate = recorder.table.approximation();
     if let Some(a) = approximate {
@@ -289,14 +248,14 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let (conntrack_events, conntrack_others) = recorder.conntrack_rows();
     let duration_s = (end_ns - start_ns) as f64 / 1e9;
     let seen: Vec<u32> = rows.iter().map(|r| r.key.netns).collect();
-    let mut kernel_counters = counters_report(&start_stats, &end_stats, &seen, &recorder.classifier.namespaces);
+    let mut kernel_counters = counters_report(&start_stats, &end_stats, &seen, engine.namespaces());
     for c in &mut kernel_counters {
         c.at_table_full = recorder.at_table_full.get(&c.netns).copied();
     }
 
     let file = RecordFile {
         schema: SCHEMA.into(),
-        tier: attached.tier,
+        tier: engine.attached.tier,
         kernel: read_trimmed("/proc/sys/kernel/osrelease"),
         hostname: read_trimmed("/proc/sys/kernel/hostname"),
         started_at: rfc3339_utc(started_at.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()),
@@ -315,7 +274,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         conntrack_events,
         conntrack_others,
         lifetimes: recorder.lifetime_rows(),
-        occupancy: occupancy.series(&recorder.classifier.namespaces),
+        occupancy: occupancy.series(engine.namespaces()),
         rate_histogram: rate_histogram(rows.iter().map(|r| r.drops as f64 / duration_s)),
         sources: rows.into_iter().map(Into::into).collect(),
         approximate: approximate.map(Into::into),
@@ -429,6 +388,8 @@ mod tests {
     use crate::{
         classify::{Classifier, Symbols},
         decode::encode_conntrack,
+        engine::Pipeline,
+        netns::Namespaces,
     };
 
     fn event(event: u8, src: u8, zone: u16) -> ConntrackEvent {
@@ -448,18 +409,18 @@ mod tests {
 
     #[test]
     fn conntrack_rows_per_source_event_and_zone_and_the_last_fill_per_namespace() {
-        let classifier = Classifier::new(Symbols::unresolved(), Namespaces::new());
-        let mut recorder = Recorder::new(0, 16, classifier, Vec::new());
+        let mut pipeline = Pipeline::new(Classifier::new(Symbols::unresolved(), Namespaces::new()), Vec::new());
+        let mut recorder = Recorder::new(0, 16);
         for _ in 0..3 {
-            recorder.on_record(&encode_conntrack(&event(ct_event::INSERT, 2, 0)));
+            pipeline.feed(&encode_conntrack(&event(ct_event::INSERT, 2, 0)), &mut recorder);
         }
-        recorder.on_record(&encode_conntrack(&event(ct_event::INSERT, 2, 5)));
-        recorder.on_record(&encode_conntrack(&event(ct_event::CLASH_RESOLVED, 2, 0)));
+        pipeline.feed(&encode_conntrack(&event(ct_event::INSERT, 2, 5)), &mut recorder);
+        pipeline.feed(&encode_conntrack(&event(ct_event::CLASH_RESOLVED, 2, 0)), &mut recorder);
         let mut full = event(ct_event::TABLE_FULL, 3, 0);
         (full.table_count, full.table_max) = (63, 64);
-        recorder.on_record(&encode_conntrack(&full));
+        pipeline.feed(&encode_conntrack(&full), &mut recorder);
         (full.table_count, full.table_max) = (64, 64);
-        recorder.on_record(&encode_conntrack(&full));
+        pipeline.feed(&encode_conntrack(&full), &mut recorder);
 
         let (rows, others) = recorder.conntrack_rows();
         assert!(others.is_empty());

@@ -22,12 +22,9 @@ use tokio::{
 };
 
 use crate::{
-    classify::{Classifier, Symbols},
+    engine::{monotonic_ns, Engine},
     export::metrics::encode_input,
-    hooks::{kernel_btf, Attached},
-    live::{consume, sample, state::LiveState},
-    netns::Namespaces,
-    record::{monotonic_ns, DRAIN_EVERY},
+    live::state::LiveState,
 };
 
 pub struct Options {
@@ -56,17 +53,14 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     // Bind before attaching: a busy port is the likelier mistake.
     let listener =
         TcpListener::bind(options.listen).await.with_context(|| format!("cannot listen on {}", options.listen))?;
-    let btf = kernel_btf()?;
-    let (attached, events) = Attached::attach(&btf, options.hooks)?;
-    let mut classifier = Classifier::new(Symbols::new(attached.kallsyms.clone()), Namespaces::new())
-        .with_table_full_hooks(attached.table_full_hooked);
+    let mut engine = Engine::start(options.hooks)?;
     let mut state = LiveState::new(monotonic_ns(), options.capacity);
-    state.tick(sample(&attached, &mut classifier.namespaces));
+    state.tick(engine.sample());
     let (render_tx, mut renders) = mpsc::channel::<Render>(MAX_CONNECTIONS);
     tokio::spawn(accept_loop(listener, render_tx));
     eprintln!(
         "ctrace: {} attached; serving http://{}/metrics{}",
-        attached.tier,
+        engine.attached.tier,
         options.listen,
         if options.listen.ip().is_loopback() { "" } else { " (not loopback: reachable from the network)" }
     );
@@ -74,23 +68,19 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
-    let mut drain = tokio::time::interval(DRAIN_EVERY);
-    let mut events = crate::hooks::poll_events(events)?;
     loop {
         tokio::select! {
-            ready = events.readable_mut() => {
-                let mut guard = ready?;
-                consume(guard.get_inner_mut(), &mut classifier, &attached.tcp_states, &mut state);
-                guard.clear_ready();
+            woke = engine.wait() => {
+                woke?;
+                engine.drain(&mut state);
             }
-            _ = drain.tick() => consume(events.get_mut(), &mut classifier, &attached.tcp_states, &mut state),
-            _ = ticker.tick() => state.tick(sample(&attached, &mut classifier.namespaces)),
+            _ = ticker.tick() => state.tick(engine.sample()),
             Some(reply) = renders.recv() => {
                 // Bring the counters up to date so a scrape sees every drop so far.
-                consume(events.get_mut(), &mut classifier, &attached.tcp_states, &mut state);
+                engine.drain(&mut state);
                 let mut input = state.metrics(options.top);
-                if let Ok(t) = attached.conntrack_totals() {
-                    if attached.tier != crate::hooks::Tier::Tracepoint {
+                if let Ok(t) = engine.attached.conntrack_totals() {
+                    if engine.attached.tier != crate::hooks::Tier::Tracepoint {
                         input.conntrack_events = t.named().to_vec();
                     }
                 }

@@ -23,18 +23,15 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
 use crate::{
-    classify::{Classifier, Symbols},
-    decode::{decode, Record},
+    engine::{monotonic_ns, Engine},
     export::json::rfc3339_utc,
-    hooks::{kernel_btf, Attached, Events},
+    hooks::Attached,
     live::{
         query::{Filter, Query},
         resolve::Resolver,
-        state::{LiveState, NetnsSample, Snapshot, TickInput},
+        state::{LiveState, Snapshot},
         view::{Action, ViewState},
     },
-    netns::{self, Namespaces},
-    record::{monotonic_ns, DRAIN_EVERY},
 };
 
 /// How often the tables are counted (reading a big table costs about a
@@ -98,23 +95,6 @@ fn header(attached: &Attached) -> Header {
     }
 }
 
-/// Samples the kernel's counters for one tick.
-pub(crate) fn sample(attached: &Attached, namespaces: &mut Namespaces) -> TickInput {
-    let samples = namespaces.snapshot_all();
-    TickInput {
-        now_ns: monotonic_ns(),
-        kernel: attached.totals().unwrap_or_default(),
-        namespaces: samples
-            .into_iter()
-            .map(|(netns, stats)| NetnsSample { netns, name: namespaces.name(netns).map(str::to_string), stats })
-            .collect(),
-        max: netns::conntrack_max(),
-        buckets: std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_buckets")
-            .ok()
-            .and_then(|s| s.trim().parse().ok()),
-    }
-}
-
 pub async fn run(options: Options) -> anyhow::Result<()> {
     let filter =
         Filter::parse(options.filter.as_deref().unwrap_or("")).map_err(|e| anyhow::anyhow!("--filter: {e}"))?;
@@ -128,15 +108,12 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         // Attaching takes a moment (seconds on a slow or emulated CPU): say so.
         eprintln!("ctrace: attaching (reading the kernel's BTF and symbols, loading programs)...");
     }
-    let btf = kernel_btf()?;
-    let (attached, events) = Attached::attach(&btf, options.hooks)?;
-    let header = header(&attached);
-    let mut classifier = Classifier::new(Symbols::new(attached.kallsyms.clone()), Namespaces::new())
-        .with_table_full_hooks(attached.table_full_hooked);
+    let mut engine = Engine::start(options.hooks)?;
+    let header = header(&engine.attached);
     let mut state = LiveState::new(monotonic_ns(), options.capacity);
     let mut resolver = options.resolve.then(Resolver::start);
     // The first tick sets the counters' baselines.
-    state.tick(sample(&attached, &mut classifier.namespaces));
+    state.tick(engine.sample());
 
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -157,12 +134,11 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         screen.draw(&header, &snapshot(&state, &view, resolver.as_mut()), &view)?;
     }
     if !tui {
-        eprintln!("ctrace: {} attached; a snapshot every {:?} (Ctrl-C to stop)", attached.tier, options.interval);
+        let tier = engine.attached.tier;
+        eprintln!("ctrace: {tier} attached; a snapshot every {:?} (Ctrl-C to stop)", options.interval);
     }
 
-    let mut events = crate::hooks::poll_events(events)?;
     let mut keys_open = tui;
-    let mut drain = tokio::time::interval(DRAIN_EVERY);
     // The table census: read on worker threads, a few seconds apart.
     let mut census_every = tokio::time::interval(CENSUS_EVERY);
     let mut censuses: Vec<(u32, std::sync::mpsc::Receiver<Option<crate::census::Census>>)> = Vec::new();
@@ -170,24 +146,22 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         tokio::select! {
             _ = census_every.tick(), if censuses.is_empty() => {
                 for netns in state.namespaces_with_entries() {
-                    if let Some(path) = classifier.namespaces.path(netns) {
+                    if let Some(path) = engine.namespaces().path(netns) {
                         censuses.push((netns, crate::census::spawn(netns, path)));
                     }
                 }
             }
-            ready = events.readable_mut() => {
-                let mut guard = ready?;
-                consume(guard.get_inner_mut(), &mut classifier, &attached.tcp_states, &mut state);
-                guard.clear_ready();
+            woke = engine.wait() => {
+                woke?;
+                engine.drain(&mut state);
             }
-            _ = drain.tick() => consume(events.get_mut(), &mut classifier, &attached.tcp_states, &mut state),
             _ = ticker.tick() => {
                 censuses.retain(|(netns, rx)| match rx.try_recv() {
                     Ok(Some(census)) => { state.set_census(*netns, census); false }
                     Ok(None) | Err(std::sync::mpsc::TryRecvError::Disconnected) => false,
                     Err(std::sync::mpsc::TryRecvError::Empty) => true,
                 });
-                state.tick(sample(&attached, &mut classifier.namespaces));
+                state.tick(engine.sample());
                 let snap = snapshot(&state, &view, resolver.as_mut());
                 match terminal.as_mut() {
                     Some(screen) => screen.draw(&header, view.paused.as_ref().unwrap_or(&snap), &view)?,
@@ -219,25 +193,6 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     }
     drop(terminal);
     Ok(())
-}
-
-/// Decodes, classifies and counts every record waiting in the ring buffer.
-pub(crate) fn consume(
-    ring: &mut Events,
-    classifier: &mut Classifier,
-    tcp_states: &[(u8, crate::model::ConnState)],
-    state: &mut LiveState,
-) {
-    while let Some(item) = ring.next() {
-        match decode(&item) {
-            Ok(Record::Drop(event)) => {
-                let key = classifier.key(&event);
-                state.on_drop(&key, event.ts_ns);
-            }
-            Ok(Record::Conntrack(ev)) => state.on_conntrack(&ev, crate::hooks::conntrack::event_state(tcp_states, &ev)),
-            Err(_) => state.undecodable += 1,
-        }
-    }
 }
 
 fn snapshot(state: &LiveState, view: &ViewState, resolver: Option<&mut Resolver>) -> Snapshot {

@@ -7,16 +7,18 @@ use serde::Serialize;
 
 use crate::{
     aggregate::{
+        flood::{Destination, FloodStats, FloodSummary},
         heavy::SpaceSaving,
         occupancy::{too_few_buckets, TimeToFull, Trend},
         window::{per_second, Delta, Series},
         SourceKey,
     },
     census::Census,
+    engine::Sink,
     export::metrics::{MetricsInput, NetnsCounts, SourceCount},
     hooks::KernelTotals,
     live::query::{Query, SortBy},
-    model::{ConnState, CtEvent, CtKind, Protocol, Reason},
+    model::{ConnState, CtEvent, CtKind, DropEvent, Protocol, Reason},
     netns::ConntrackStats,
 };
 
@@ -106,6 +108,8 @@ pub struct LiveState {
     interval_ns: u64,
     ticks: u64,
     heavy: SpaceSaving<SourceKey>,
+    /// Distinct sources, destinations, source prefixes.
+    flood: FloodStats,
     /// Exact drops per namespace and reason (namespaces are few).
     by_netns: FxHashMap<(u32, Reason), u64>,
     decoded: [u64; REASONS],
@@ -136,6 +140,7 @@ impl LiveState {
             interval_ns: 0,
             ticks: 0,
             heavy: SpaceSaving::new(capacity),
+            flood: FloodStats::default(),
             fills: Fills::default(),
             census: Default::default(),
             by_netns: FxHashMap::default(),
@@ -151,10 +156,12 @@ impl LiveState {
         }
     }
 
-    /// Counts one drop. This is the per-event path: keep it lean.
+    /// Counts one drop going to `dst`. This is the per-event path: keep it lean.
     #[inline]
-    pub fn on_drop(&mut self, key: &SourceKey, ts_ns: u64) {
+    pub fn count_drop(&mut self, key: &SourceKey, dst: IpAddr, ts_ns: u64) {
         self.heavy.add(key, ts_ns);
+        let destination = Destination { netns: key.netns, dst, dport: key.dport, proto: key.proto };
+        self.flood.add(key.src, destination, ts_ns);
         self.decoded[reason_index(key.reason)] += 1;
         *self.by_netns.entry((key.netns, key.reason)).or_default() += 1;
     }
@@ -171,7 +178,7 @@ impl LiveState {
 
     /// Counts one conntrack event (hook tiers): who fills the table.
     /// `state` is the entry's TCP state, named by the caller from BTF.
-    pub fn on_conntrack(&mut self, ev: &CtEvent, state: ConnState) {
+    pub fn count_conntrack(&mut self, ev: &CtEvent, state: ConnState) {
         self.fills.active = true;
         let key = FillKey { netns: ev.netns, src: ev.src, dport: ev.dport, proto: ev.proto };
         let capacity = self.heavy.capacity();
@@ -199,6 +206,11 @@ impl LiveState {
             | CtKind::ClashResolved
             | CtKind::Invalid => {}
         }
+    }
+
+    /// The flood summaries, the `top` heaviest destinations.
+    pub fn flood(&self, top: usize) -> FloodSummary {
+        self.flood.summary(top)
     }
 
     /// What a metrics scrape reports: exact totals, the kernel's cumulative
@@ -298,6 +310,7 @@ impl LiveState {
     /// Forgets counts and history (the `r` key); occupancy stays.
     pub fn reset(&mut self, now_ns: u64) {
         self.heavy.clear();
+        self.flood.clear();
         self.fills = Fills { active: self.fills.active, ..Fills::default() };
         self.by_netns.clear();
         self.started_ns = now_ns.min(self.last_tick_ns);
@@ -432,6 +445,7 @@ impl LiveState {
             }
         });
         Snapshot {
+            flood: self.flood.summary(query.limit),
             census,
             fills,
             uptime_s: now_ns.saturating_sub(self.started_ns) as f64 / 1e9,
@@ -455,6 +469,21 @@ impl LiveState {
 
     fn netns_name(&self, inum: u32) -> Option<&str> {
         self.namespaces.get(&inum).and_then(|ns| ns.name.as_deref())
+    }
+}
+
+impl Sink for LiveState {
+    #[inline]
+    fn on_drop(&mut self, key: &SourceKey, event: &DropEvent) {
+        self.count_drop(key, event.dst, event.ts_ns);
+    }
+
+    fn on_conntrack(&mut self, event: &CtEvent, state: ConnState) {
+        self.count_conntrack(event, state);
+    }
+
+    fn on_undecodable(&mut self) {
+        self.undecodable += 1;
     }
 }
 
@@ -524,6 +553,8 @@ pub struct FillRow {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Snapshot {
+    /// Distinct sources, destinations, prefixes; a random-source flood named.
+    pub flood: FloodSummary,
     /// Entries per source and state in the kernel's tables (None until read).
     pub census: Option<CensusView>,
     /// None on the tracepoint tier (no conntrack events).
@@ -598,6 +629,7 @@ mod tests {
     use crate::live::query::Filter;
 
     const SEC: u64 = 1_000_000_000;
+    const SERVER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(198, 18, 0, 1));
 
     fn key(src: &str, dport: u16, reason: Reason) -> SourceKey {
         SourceKey {
@@ -623,10 +655,10 @@ mod tests {
         let mut s = LiveState::new(0, 16);
         s.tick(TickInput { now_ns: SEC, namespaces: sample(60, 0), max: Some(64), ..Default::default() });
         for i in 0..30 {
-            s.on_drop(&key("198.18.0.3", 80, Reason::TableFull), SEC + i);
+            s.count_drop(&key("198.18.0.3", 80, Reason::TableFull), SERVER, SEC + i);
         }
         for i in 0..10 {
-            s.on_drop(&key("198.18.0.4", 80, Reason::TableFull), SEC + i);
+            s.count_drop(&key("198.18.0.4", 80, Reason::TableFull), SERVER, SEC + i);
         }
         s.tick(TickInput { now_ns: 2 * SEC, namespaces: sample(64, 40), max: Some(64), ..Default::default() });
         let snap = s.snapshot(&Query::default(), 2 * SEC);
@@ -650,10 +682,10 @@ mod tests {
         let mut s = LiveState::new(0, 16);
         for (i, src) in ["198.18.0.1", "198.18.0.2", "198.18.0.3"].iter().enumerate() {
             for _ in 0..=i {
-                s.on_drop(&key(src, 80, Reason::TableFull), 1);
+                s.count_drop(&key(src, 80, Reason::TableFull), SERVER, 1);
             }
         }
-        s.on_drop(&key("198.18.0.9", 22, Reason::Ruleset), 1);
+        s.count_drop(&key("198.18.0.9", 22, Reason::Ruleset), SERVER, 1);
         s.tick(TickInput { now_ns: SEC, ..Default::default() });
         let query = Query { limit: 2, sort: SortBy::Total, ..Default::default() };
         let snap = s.snapshot(&query, SEC);
@@ -685,12 +717,12 @@ mod tests {
         };
         assert!(s.snapshot(&Query::default(), 1).fills.is_none(), "no hooks, no panel");
         for _ in 0..5 {
-            s.on_conntrack(&ev("198.18.0.2", CtKind::Insert, 0), ConnState::SynSent);
+            s.count_conntrack(&ev("198.18.0.2", CtKind::Insert, 0), ConnState::SynSent);
         }
-        s.on_conntrack(&ev("198.18.0.2", CtKind::Delete, 5), ConnState::TimeWait);
-        s.on_conntrack(&ev("198.18.0.2", CtKind::EarlyDrop, 9), ConnState::SynRecv);
+        s.count_conntrack(&ev("198.18.0.2", CtKind::Delete, 5), ConnState::TimeWait);
+        s.count_conntrack(&ev("198.18.0.2", CtKind::EarlyDrop, 9), ConnState::SynRecv);
         // Inserted before ctrace started: not one of the live ones.
-        s.on_conntrack(&ev("198.18.0.9", CtKind::Delete, 0), ConnState::TimeWait);
+        s.count_conntrack(&ev("198.18.0.9", CtKind::Delete, 0), ConnState::TimeWait);
         let fills = s.snapshot(&Query::default(), 1).fills.unwrap();
         let row = &fills.rows[0];
         assert_eq!(row.key.src.to_string(), "198.18.0.2");
@@ -701,7 +733,7 @@ mod tests {
     #[test]
     fn reset_forgets_counts() {
         let mut s = LiveState::new(0, 16);
-        s.on_drop(&key("198.18.0.3", 80, Reason::TableFull), 1);
+        s.count_drop(&key("198.18.0.3", 80, Reason::TableFull), SERVER, 1);
         s.tick(TickInput { now_ns: SEC, ..Default::default() });
         s.reset(SEC);
         s.tick(TickInput { now_ns: 2 * SEC, ..Default::default() });

@@ -1,13 +1,14 @@
 //! Synthetic load for benchmarks: records built as the kernel builds them,
-//! fed through the same decode -> classify -> aggregate path as ring-buffer
-//! records, timed, with the process's peak memory reported.
+//! fed through the engine's pipeline (decode -> classify -> aggregate) as
+//! ring-buffer records are, timed, with the process's peak memory reported.
 use std::time::Instant;
 
 use ctrace_common::{family, kind, PacketDrop};
 
 use crate::{
     classify::{Classifier, Symbols},
-    decode::{decode, encode, Record},
+    decode::encode,
+    engine::Pipeline,
     live::{plain, query::Query, state::LiveState, state::TickInput, Header},
     netns::Namespaces,
 };
@@ -44,7 +45,7 @@ pub fn run(workload: Workload, capacity: usize, query: &Query) -> anyhow::Result
     anyhow::ensure!(workload.sources > 0, "--synthetic-sources must be positive");
     // Symbols and namespaces as on a machine where nothing resolves: the
     // lookups still happen per event, as in a real run.
-    let mut classifier = Classifier::new(Symbols::unresolved(), Namespaces::new());
+    let mut pipeline = Pipeline::new(Classifier::new(Symbols::unresolved(), Namespaces::new()), Vec::new());
     let mut state = LiveState::new(0, capacity);
     // Records are made in batches, as they sit in the ring buffer, so the
     // timing covers decoding and aggregation, not record making.
@@ -60,13 +61,7 @@ pub fn run(workload: Workload, capacity: usize, query: &Query) -> anyhow::Result
         }
         let start = Instant::now();
         for bytes in buffer.chunks_exact(PacketDrop::SIZE) {
-            match decode(bytes) {
-                Ok(Record::Drop(event)) => {
-                    let key = classifier.key(&event);
-                    state.on_drop(&key, event.ts_ns);
-                }
-                Ok(Record::Conntrack(_)) | Err(_) => state.undecodable += 1,
-            }
+            pipeline.feed(bytes, &mut state);
         }
         busy += start.elapsed();
         done += n;

@@ -394,13 +394,21 @@ mod tests {
             reason,
         };
         for i in 0..30 {
-            state.on_drop(&key("198.18.0.3", 8080, Reason::TableFull), SEC + i * 10_000_000);
+            state.count_drop(
+                &key("198.18.0.3", 8080, Reason::TableFull),
+                "198.18.0.1".parse().unwrap(),
+                SEC + i * 10_000_000,
+            );
         }
         for i in 0..20 {
-            state.on_drop(&key("198.18.0.4", 8080, Reason::TableFull), SEC + i * 10_000_000);
+            state.count_drop(
+                &key("198.18.0.4", 8080, Reason::TableFull),
+                "198.18.0.1".parse().unwrap(),
+                SEC + i * 10_000_000,
+            );
         }
         for _ in 0..5 {
-            state.on_drop(&key("198.18.0.5", 9090, Reason::Ruleset), SEC);
+            state.count_drop(&key("198.18.0.5", 9090, Reason::Ruleset), "198.18.0.1".parse().unwrap(), SEC);
         }
         state.tick(TickInput {
             now_ns: 2 * SEC,

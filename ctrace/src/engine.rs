@@ -1,0 +1,148 @@
+//! The engine under `record`, `live` and `serve`: attach, drain the ring
+//! buffer, decode and classify each record, hand it to a [`Sink`].
+//!
+//! Front ends own only what differs: what they count (their sink), when
+//! they sample and what they show. The benchmark's synthetic feed goes
+//! through the same [`Pipeline`], so it measures the path real records take.
+use std::time::Duration;
+
+use tokio::{io::unix::AsyncFd, time::Interval};
+
+use crate::{
+    aggregate::SourceKey,
+    classify::{Classifier, Symbols},
+    decode::{decode, Record},
+    hooks::{kernel_btf, Attached, Events, HookChoice},
+    live::state::{NetnsSample, TickInput},
+    model::{ConnState, CtEvent, DropEvent},
+    netns::{self, Namespaces},
+};
+
+/// The kernel wakes the reader only in batches (see ctrace-ebpf's maps.rs);
+/// whatever is below the wake-up threshold is collected this often.
+pub const DRAIN_EVERY: Duration = Duration::from_millis(50);
+
+/// What a front end counts. Called once per record, on the engine's thread.
+pub trait Sink {
+    /// A packet the kernel dropped, with the key it is counted by.
+    fn on_drop(&mut self, key: &SourceKey, event: &DropEvent);
+    /// A conntrack event (hook tiers); `state` is its TCP state, named from BTF.
+    fn on_conntrack(&mut self, event: &CtEvent, state: ConnState);
+    /// A record that did not decode (a layout ctrace does not know).
+    fn on_undecodable(&mut self);
+}
+
+/// Decoding and classification: raw records in, keyed events out.
+pub struct Pipeline {
+    pub classifier: Classifier,
+    /// Raw TCP state values to states (from BTF).
+    tcp_states: Vec<(u8, ConnState)>,
+}
+
+impl Pipeline {
+    pub fn new(classifier: Classifier, tcp_states: Vec<(u8, ConnState)>) -> Self {
+        Pipeline { classifier, tcp_states }
+    }
+
+    /// One ring-buffer record. The per-event path: keep it lean.
+    #[inline]
+    pub fn feed(&mut self, bytes: &[u8], sink: &mut impl Sink) {
+        match decode(bytes) {
+            Ok(Record::Drop(event)) => {
+                let key = self.classifier.key(&event);
+                sink.on_drop(&key, &event);
+            }
+            Ok(Record::Conntrack(event)) => {
+                let state = crate::hooks::conntrack::event_state(&self.tcp_states, &event);
+                sink.on_conntrack(&event, state);
+            }
+            Err(_) => sink.on_undecodable(),
+        }
+    }
+}
+
+/// The attached programs and their ring buffer.
+pub struct Engine {
+    pub attached: Attached,
+    pub pipeline: Pipeline,
+    events: AsyncFd<Events>,
+    drain: Interval,
+}
+
+impl Engine {
+    /// Reads the kernel's BTF and symbols, loads and attaches the programs.
+    pub fn start(hooks: HookChoice) -> anyhow::Result<Engine> {
+        let btf = kernel_btf()?;
+        let (attached, events) = Attached::attach(&btf, hooks)?;
+        let classifier = Classifier::new(Symbols::new(attached.kallsyms.clone()), Namespaces::new())
+            .with_table_full_hooks(attached.table_full_hooked);
+        let pipeline = Pipeline::new(classifier, attached.tcp_states.clone());
+        Ok(Engine { attached, pipeline, events: crate::hooks::poll_events(events)?, drain: drain_interval() })
+    }
+
+    /// Waits until records may be waiting: the kernel woke us, or a drain
+    /// period passed (records below the wake-up threshold). Cancel-safe, for
+    /// `select!`; follow it with [`Engine::drain`].
+    pub async fn wait(&mut self) -> std::io::Result<()> {
+        tokio::select! {
+            ready = self.events.readable_mut() => {
+                // Cleared before draining: a wake-up during the drain sets it again.
+                ready?.clear_ready();
+            }
+            _ = self.drain.tick() => {}
+        }
+        Ok(())
+    }
+
+    /// Hands every record waiting in the ring buffer to `sink`.
+    pub fn drain(&mut self, sink: &mut impl Sink) {
+        let ring = self.events.get_mut();
+        while let Some(item) = ring.next() {
+            self.pipeline.feed(&item, sink);
+        }
+    }
+
+    /// Detaches the programs, then hands over what is still in the ring:
+    /// after this no record the counters know of is missing, but lost ones.
+    pub fn stop(&mut self, sink: &mut impl Sink) {
+        self.attached.detach();
+        self.drain(sink);
+    }
+
+    pub fn namespaces(&mut self) -> &mut Namespaces {
+        &mut self.pipeline.classifier.namespaces
+    }
+
+    /// The kernel's counters for one tick.
+    pub fn sample(&mut self) -> TickInput {
+        let kernel = self.attached.totals().unwrap_or_default();
+        let namespaces = self.namespaces();
+        let samples = namespaces.snapshot_all();
+        TickInput {
+            now_ns: monotonic_ns(),
+            kernel,
+            namespaces: samples
+                .into_iter()
+                .map(|(netns, stats)| NetnsSample { netns, name: namespaces.name(netns).map(str::to_string), stats })
+                .collect(),
+            max: netns::conntrack_max(),
+            buckets: std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_buckets")
+                .ok()
+                .and_then(|s| s.trim().parse().ok()),
+        }
+    }
+}
+
+fn drain_interval() -> Interval {
+    let mut drain = tokio::time::interval(DRAIN_EVERY);
+    drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    drain
+}
+
+/// CLOCK_MONOTONIC, the clock of the records' timestamps.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid pointer; CLOCK_MONOTONIC is what bpf_ktime_get_ns reads.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
