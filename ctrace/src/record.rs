@@ -8,7 +8,11 @@ use std::{
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
-    aggregate::{heavy::SpaceSaving, log2_bin, log2_bin_range, rate_histogram, DropTable, SourceKey},
+    aggregate::{
+        flood::{Destination, FloodStats},
+        heavy::SpaceSaving,
+        log2_bin, log2_bin_range, rate_histogram, DropTable, SourceKey,
+    },
     engine::{monotonic_ns, Engine, Sink},
     export::{
         self,
@@ -24,6 +28,8 @@ use crate::{
 };
 
 pub const BUCKET_NS: u64 = 1_000_000_000;
+/// Destinations written to a record (the heaviest).
+const FLOOD_DESTINATIONS: usize = 10;
 
 pub struct Options {
     /// None: until Ctrl-C or SIGTERM.
@@ -42,6 +48,8 @@ pub struct Options {
 /// the capacity whatever the number of sources.
 pub struct Recorder {
     pub table: DropTable,
+    /// Distinct sources, destinations, source prefixes.
+    pub flood: FloodStats,
     /// Conntrack events per key, the heaviest `capacity` keys.
     conntrack: SpaceSaving<CtRowKey>,
     /// Events of keys that gave up their row, per kind.
@@ -69,6 +77,7 @@ impl Recorder {
     pub fn new(start_ns: u64, capacity: usize) -> Self {
         Recorder {
             table: DropTable::new(start_ns, BUCKET_NS, capacity),
+            flood: FloodStats::default(),
             conntrack: SpaceSaving::new(capacity),
             conntrack_others: HashMap::new(),
             lifetimes: HashMap::new(),
@@ -132,6 +141,8 @@ impl Recorder {
 impl Sink for Recorder {
     fn on_drop(&mut self, key: &SourceKey, event: &DropEvent) {
         self.table.add(*key, event.ts_ns);
+        let destination = Destination { netns: key.netns, dst: event.dst, dport: key.dport, proto: key.proto };
+        self.flood.add(key.src, destination, event.ts_ns);
     }
 
     fn on_conntrack(&mut self, ev: &CtEvent, state: ConnState) {
@@ -276,6 +287,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         lifetimes: recorder.lifetime_rows(),
         occupancy: occupancy.series(engine.namespaces()),
         rate_histogram: rate_histogram(rows.iter().map(|r| r.drops as f64 / duration_s)),
+        flood: Some(recorder.flood.summary(FLOOD_DESTINATIONS)),
         sources: rows.into_iter().map(Into::into).collect(),
         approximate: approximate.map(Into::into),
         others: others.into_iter().map(Into::into).collect(),
@@ -292,6 +304,9 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         kernel.lost_events,
         output.describe()
     );
+    if let Some(verdict) = file.flood.as_ref().and_then(|f| f.verdict.clone()) {
+        eprintln!("ctrace: {verdict}");
+    }
     Ok(())
 }
 

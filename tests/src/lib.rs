@@ -378,11 +378,9 @@ impl Lab {
             // IPPROTO_RAW: the packet carries its own IP header.
             let socket = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(libc::IPPROTO_RAW)))?;
             let dst: socket2::SockAddr = SocketAddr::V4(SocketAddrV4::new(SERVER, 0)).into();
-            let mut state = seed;
+            let (sources, next) = sources.addresses(count, seed);
             let mut sent = 0;
-            for i in 0..count {
-                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                let src = sources.address(state);
+            for (i, src) in (0..count).zip(sources) {
                 let mut packet = [0u8; 40];
                 packet[0] = 0x45; // IPv4, 5-word header
                 packet[2..4].copy_from_slice(&40u16.to_be_bytes());
@@ -396,7 +394,7 @@ impl Lab {
                     sent += 1;
                 }
             }
-            Ok((sent, state))
+            Ok((sent, next))
         })
     }
 
@@ -441,6 +439,20 @@ pub enum Spoofed {
 }
 
 impl Spoofed {
+    /// The `count` source addresses [`Lab::syn_flood_random_sources`] sends
+    /// from for `seed`, in order, and the seed that goes on: ground truth
+    /// for distinct-source estimates.
+    pub fn addresses(self, count: u32, seed: u32) -> (Vec<Ipv4Addr>, u32) {
+        let mut state = seed;
+        let addresses = (0..count)
+            .map(|_| {
+                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                self.address(state)
+            })
+            .collect();
+        (addresses, state)
+    }
+
     fn address(self, random: u32) -> Ipv4Addr {
         match self {
             Spoofed::LabRange => {

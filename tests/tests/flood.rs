@@ -2,10 +2,15 @@
 //! conntrack incidents, and the one that used to make `ctrace record` grow
 //! without bound (a row per spoofed source: 3.6 GiB and a 2.1 GB file for a
 //! 20-second flood).
-use std::{net::Ipv4Addr, process::Command};
+use std::{
+    collections::HashSet,
+    io::{BufRead, BufReader},
+    net::Ipv4Addr,
+    process::{Command, Stdio},
+};
 
 use ctrace_tests::{
-    ctrace_bin, require_root, wait_for, Lab, Recording, Spoofed, Sysctl, TempDir, FILL_TIMEOUT, SERVER,
+    ctrace_bin, require_root, wait_for, Daemon, Lab, Recording, Spoofed, Sysctl, TempDir, FILL_TIMEOUT, HANG, SERVER,
 };
 
 const FILLER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
@@ -80,8 +85,113 @@ fn a_random_source_flood_keeps_the_record_bounded_and_its_totals_exact() {
         let src: Ipv4Addr = s["src"].as_str().unwrap().parse().unwrap();
         assert!(src.octets()[..2] == [198, 18] && src != SERVER, "a flood source: {src}");
     }
+    // The flood summary: one destination with every drop, the distinct
+    // sources within four standard errors of the addresses really sent,
+    // the lab's /16 the only prefix that stands out, and the verdict.
+    let flood = &record["flood"];
+    let truth = distinct(Spoofed::LabRange, SYNS, 1);
+    check_flood_summary(flood, kernel_drops, truth);
+    assert_eq!(flood["prefixes"][0]["prefix"], "198.18.0.0/16", "{flood}");
+    assert_eq!(flood["prefixes"].as_array().unwrap().len(), 1, "no /24 has 5% of 254: {flood}");
+
     // Coarse guards on what bounded rows imply (the unbounded record wrote a
     // row per source: about 17,000 here).
     assert!(size < 1 << 20, "the record is {size} bytes");
     assert!(peak_kib < 256 * 1024, "ctrace record peaked at {peak_kib} KiB");
+}
+
+/// Distinct addresses among the first `count` a flood sends for `seed`.
+fn distinct(sources: Spoofed, count: u32, seed: u32) -> u64 {
+    sources.addresses(count, seed).0.into_iter().collect::<HashSet<_>>().len() as u64
+}
+
+/// A flood summary (record or live) against the kernel's drop count and the
+/// distinct sources really sent: the flood's destination has every drop,
+/// the estimates are within four standard errors, the verdict names it.
+fn check_flood_summary(flood: &serde_json::Value, kernel_drops: u64, truth: u64) {
+    let destination = flood_destination(flood).unwrap_or_else(|| panic!("no row for {SERVER}:{PORT}: {flood}"));
+    assert_eq!(destination["drops"], kernel_drops, "{flood}");
+    assert_eq!(destination["random_sources"], true, "{flood}");
+    assert!(flood["drops"].as_u64().unwrap() >= kernel_drops, "{flood}");
+    let error = flood["relative_error"].as_f64().unwrap();
+    for estimate in [&flood["distinct_sources"], &destination["distinct_sources"]] {
+        let estimate = estimate.as_u64().unwrap();
+        let off = (estimate as f64 - truth as f64).abs() / truth as f64;
+        assert!(off < 4.0 * error, "estimate {estimate} for {truth} distinct sources: {flood}");
+    }
+    let verdict = flood["verdict"].as_str().expect("a verdict");
+    let named = format!("random-source flood to {SERVER}:{PORT}/tcp: {kernel_drops} drops from about ");
+    assert!(verdict.starts_with(&named), "{verdict}");
+}
+
+/// The summary's row for the flood's destination.
+fn flood_destination(flood: &serde_json::Value) -> Option<&serde_json::Value> {
+    flood["destinations"]
+        .as_array()?
+        .iter()
+        .find(|d| d["dst"] == SERVER.to_string() && d["dport"] == PORT && d["proto"] == "tcp")
+}
+
+/// `ctrace live` during an `hping3 --rand-source`-like flood (any unicast
+/// source address) names the destination and calls it a random-source
+/// flood, with a distinct-source estimate close to the addresses sent.
+#[test]
+fn live_names_a_random_source_flood_and_its_destination() {
+    require_root();
+    let lab = Lab::new("floodlive", &[FILLER]).expect("lab");
+    lab.track_connections("ctrace_floodlive").unwrap();
+    lab.route_all_back().unwrap();
+    let _listener = lab.listen(PORT).expect("listener");
+    let mut live = Daemon::spawn(
+        "ctrace live",
+        Command::new(ctrace_bin())
+            .args(["live", "--format", "jsonl", "--interval", "1"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit()),
+    )
+    .unwrap();
+    // One snapshot a line, read on a thread so that waits can time out.
+    let (tx, snapshots) = std::sync::mpsc::channel::<serde_json::Value>();
+    let stdout = live.child.stdout.take().expect("piped");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(serde_json::from_str(&line).expect("a JSON line")).is_err() {
+                return;
+            }
+        }
+    });
+    // The first snapshot: attached, baselines read.
+    snapshots.recv_timeout(HANG).expect("a first snapshot from ctrace live");
+
+    let max = Sysctl::set("net.netfilter.nf_conntrack_max", &TABLE_MAX.to_string()).unwrap();
+    let room = TABLE_MAX - lab.server.conntrack_stat().unwrap().entries;
+    let held: Vec<_> = (0..room).map(|_| lab.connect(FILLER, PORT, FILL_TIMEOUT).expect("fill")).collect();
+    let before = lab.server.conntrack_stat().unwrap();
+    let (sent, _) = lab.syn_flood_random_sources(PORT, SYNS, Spoofed::Anywhere, 7).unwrap();
+    let after = wait_for("the kernel to drop every SYN", || {
+        let stat = lab.server.conntrack_stat().unwrap();
+        (stat.drop - before.drop >= sent as u64).then_some(stat)
+    });
+    let kernel_drops = after.drop - before.drop;
+    // The table stays full until ctrace has counted every drop (on the
+    // tracepoint tier it classifies by the occupancy it reads).
+    let started = std::time::Instant::now();
+    let snapshot = loop {
+        live.check_running().unwrap();
+        let snapshot = snapshots
+            .recv_timeout(HANG.saturating_sub(started.elapsed()))
+            .expect("ctrace live stopped printing snapshots");
+        let counted = flood_destination(&snapshot["flood"]).and_then(|d| d["drops"].as_u64());
+        if counted >= Some(kernel_drops) {
+            break snapshot;
+        }
+    };
+    drop(max);
+    drop(held);
+    drop(live);
+    let flood = &snapshot["flood"];
+    eprintln!("kernel: {kernel_drops} drops of {sent} SYNs; live: {}", flood["verdict"]);
+    check_flood_summary(flood, kernel_drops, distinct(Spoofed::Anywhere, SYNS, 7));
+    assert_eq!(flood["prefixes"], serde_json::json!([]), "random sources share no prefix: {flood}");
+    assert_eq!(snapshot["kernel"]["lost_events"], 0, "{snapshot}");
 }

@@ -219,12 +219,22 @@ impl FloodStats {
             .collect();
         destinations.sort_by(|a, b| b.drops.cmp(&a.drops).then(a.key().cmp(&b.key())));
         destinations.truncate(top);
+        let verdict = destinations.iter().find(|d| d.random_sources).map(|d| {
+            format!(
+                "random-source flood to {}: {} drops from about {} distinct sources (±{:.0}%)",
+                d.endpoint(),
+                d.drops,
+                d.distinct_sources,
+                200.0 * Distinct::RELATIVE_ERROR
+            )
+        });
         FloodSummary {
             drops,
             distinct_sources: self.sources.estimate(),
             relative_error: Distinct::RELATIVE_ERROR,
             destinations,
             prefixes: self.heavy_prefixes(drops),
+            verdict,
         }
     }
 
@@ -274,6 +284,10 @@ pub struct FloodSummary {
     pub destinations: Vec<DestinationRow>,
     /// Source prefixes that explain at least 5% of the drops each.
     pub prefixes: Vec<PrefixRow>,
+    /// One sentence when a destination is under a random-source flood
+    /// (most of its drops from sources seen once, two standard errors).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verdict: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -311,20 +325,6 @@ pub struct PrefixRow {
     /// Drops from inside the prefix (a lower bound).
     pub drops: u64,
     pub share: f64,
-}
-
-impl FloodSummary {
-    /// One sentence when a destination is under a random-source flood.
-    pub fn verdict(&self) -> Option<String> {
-        let d = self.destinations.iter().find(|d| d.random_sources)?;
-        Some(format!(
-            "random-source flood to {}: {} drops from about {} distinct sources (±{:.0}%)",
-            d.endpoint(),
-            d.drops,
-            d.distinct_sources,
-            200.0 * self.relative_error
-        ))
-    }
 }
 
 #[cfg(test)]
@@ -398,7 +398,7 @@ mod tests {
         assert!(s.destinations[0].random_sources);
         assert_eq!(s.destinations[1].distinct_sources, 3);
         assert!(!s.destinations[1].random_sources, "three sources retrying are not a random flood");
-        let verdict = s.verdict().expect("verdict");
+        let verdict = s.verdict.clone().expect("verdict");
         assert!(verdict.starts_with("random-source flood to 198.18.0.1:8080/tcp: 50000 drops"), "{verdict}");
         // The three DNS clients share a /24 with 5.7% of the drops; the flood's
         // sources share no prefix.
@@ -425,7 +425,7 @@ mod tests {
         // The /16 counts its /24 too (9000) but is shown for the 3000 only it explains.
         assert_eq!(rows, [("198.18.0.0/16", 9000), ("198.18.5.0/24", 6000)]);
         assert!(!s.destinations[0].random_sources, "9,000 of 10,000 drops from repeat sources");
-        assert_eq!(s.verdict(), None);
+        assert_eq!(s.verdict, None);
     }
 
     #[test]
@@ -434,6 +434,6 @@ mod tests {
         for i in 0..(FLOOD_MIN_DROPS as u32 - 1) {
             f.add(scattered(i), WEB, 0);
         }
-        assert_eq!(f.summary(1).verdict(), None);
+        assert_eq!(f.summary(1).verdict, None);
     }
 }

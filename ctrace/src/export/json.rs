@@ -57,6 +57,11 @@ pub struct RecordFile {
     /// Sources by average drop rate, in log2 bins.
     #[serde(default)]
     pub rate_histogram: Vec<RateBin>,
+    /// Distinct sources (estimated), the heaviest destinations and the
+    /// source prefixes that stand out: what to read when sources are too
+    /// many to list. Absent from records of earlier versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flood: Option<crate::aggregate::flood::FloodSummary>,
     /// Things the reader should know to trust the figures (lost events,
     /// unresolvable locations, namespaces whose counters could not be read).
     pub notes: Vec<String>,
@@ -371,6 +376,7 @@ mod tests {
             lifetimes: vec![],
             occupancy: vec![],
             rate_histogram: vec![],
+            flood: None,
             notes: vec![],
         };
         let json = serde_json::to_value(&file).unwrap();

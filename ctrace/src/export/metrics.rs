@@ -8,6 +8,7 @@ use prometheus_client::{
 };
 
 use crate::{
+    aggregate::flood::FloodSummary,
     export::json::RecordFile,
     model::{ConnState, Protocol, Reason},
 };
@@ -56,6 +57,8 @@ pub struct MetricsInput {
     pub duration_s: Option<f64>,
     /// Hook tiers: conntrack's own events by kind (exact, per-CPU counters).
     pub conntrack_events: Vec<(&'static str, u64)>,
+    /// Distinct sources and the heaviest destinations (bounded series).
+    pub flood: Option<FloodSummary>,
 }
 
 fn ns_labels(netns: u32, name: &Option<String>) -> Labels {
@@ -147,6 +150,9 @@ pub fn encode_input(input: &MetricsInput) -> String {
             events.get_or_create(&vec![("event".to_string(), event.to_string())]).inc_by(*n);
         }
     }
+    if let Some(flood) = &input.flood {
+        encode_flood(&mut registry, flood);
+    }
     if let Some(max) = input.max {
         let gauge = Gauge::<i64>::default();
         registry.register("ctrace_conntrack_max", "nf_conntrack_max (one value for all namespaces)", gauge.clone());
@@ -160,6 +166,44 @@ pub fn encode_input(input: &MetricsInput) -> String {
     let mut out = String::new();
     encode(&mut out, &registry).expect("writing to a String cannot fail");
     sorted_samples(&out)
+}
+
+/// Distinct sources, and per destination its drops, distinct sources and
+/// whether it looks like a random-source flood.
+fn encode_flood(registry: &mut Registry, flood: &FloodSummary) {
+    let distinct = Gauge::<i64>::default();
+    registry.register(
+        "ctrace_distinct_sources",
+        "Distinct source addresses among the drops, estimated (HyperLogLog, relative standard error 1.6%)",
+        distinct.clone(),
+    );
+    distinct.set(flood.distinct_sources as i64);
+    let drops = counter_family(
+        registry,
+        "ctrace_destination_drops",
+        "Drops per destination, for the heaviest destinations only (bounded label cardinality)",
+    );
+    let sources = gauge_family(
+        registry,
+        "ctrace_destination_distinct_sources",
+        "Distinct sources of the drops per destination, estimated",
+    );
+    let random = gauge_family(
+        registry,
+        "ctrace_destination_random_source_flood",
+        "1 when most drops to the destination come from sources seen once (a random-source flood)",
+    );
+    for d in &flood.destinations {
+        let labels: Labels = vec![
+            ("netns".into(), d.netns.to_string()),
+            ("dst".into(), d.dst.to_string()),
+            ("dport".into(), d.dport.to_string()),
+            ("proto".into(), d.proto.to_string()),
+        ];
+        drops.get_or_create(&labels).inc_by(d.drops);
+        sources.get_or_create(&labels).set(d.distinct_sources as i64);
+        random.get_or_create(&labels).set(i64::from(d.random_sources));
+    }
 }
 
 /// Families keep samples in hash order; sort each family's samples so the
@@ -233,6 +277,7 @@ pub fn from_record(record: &RecordFile, top: usize) -> String {
         max: record.kernel_counters.iter().find_map(|c| c.max),
         duration_s: Some(record.duration_s),
         conntrack_events: record.totals.conntrack.as_ref().map(|c| c.named().to_vec()).unwrap_or_default(),
+        flood: record.flood.clone(),
     };
     encode_input(&input)
 }

@@ -2,6 +2,7 @@
 use std::fmt::Write as _;
 
 use crate::{
+    aggregate::flood::{FloodSummary, PREFIX_SHARE},
     export::json::{rfc3339_utc, RecordFile},
     model::Reason,
 };
@@ -109,6 +110,14 @@ pub fn render(record: &RecordFile, top: usize) -> String {
         let _ = writeln!(out, "  all namespaces: kernel drop {total_kernel_drop} vs ctrace {conntrack}");
     }
 
+    if let Some(flood) = &record.flood {
+        let _ = writeln!(out, "\nDESTINATIONS AND SOURCE PREFIXES");
+        let name = |netns: u32| record.kernel_counters.iter().find(|c| c.netns == netns).and_then(|c| c.name.clone());
+        for line in flood_lines(flood, name, top) {
+            let _ = writeln!(out, "  {line}");
+        }
+    }
+
     let _ = writeln!(out, "\nTOP SOURCES");
     let _ = writeln!(
         out,
@@ -206,6 +215,45 @@ pub fn render(record: &RecordFile, top: usize) -> String {
         }
     }
     out
+}
+
+/// Where the drops go and how many sources send them: the answer when
+/// sources are too many to list. A random-source flood comes first, as a
+/// line that starts with `!!`.
+pub fn flood_lines(flood: &FloodSummary, netns_name: impl Fn(u32) -> Option<String>, max_rows: usize) -> Vec<String> {
+    if flood.drops == 0 {
+        return vec!["no drops yet".into()];
+    }
+    let mut lines = Vec::new();
+    if let Some(verdict) = &flood.verdict {
+        lines.push(format!("!! {verdict}"));
+    }
+    lines.push(format!(
+        "about {} distinct sources (±{:.0}%) in {} drops",
+        flood.distinct_sources,
+        200.0 * flood.relative_error,
+        flood.drops
+    ));
+    lines.push(format!("{:<30} {:<22} {:>9} {:>9}", "DESTINATION", "NETNS", "DROPS", "SOURCES"));
+    for d in flood.destinations.iter().take(max_rows) {
+        let name = netns_name(d.netns);
+        lines.push(format!(
+            "{:<30} {:<22} {:>9} {:>9}{}",
+            d.endpoint(),
+            name.unwrap_or_else(|| d.netns.to_string()),
+            d.drops,
+            d.distinct_sources,
+            if d.random_sources { "  random sources" } else { "" }
+        ));
+    }
+    let prefixes: Vec<String> =
+        flood.prefixes.iter().map(|p| format!("{} {:.1}%", p.prefix, 100.0 * p.share)).collect();
+    lines.push(if prefixes.is_empty() {
+        format!("no source prefix (/8 /16 /24, /32 /48 /64) has {:.0}% of the drops", 100.0 * PREFIX_SHARE)
+    } else {
+        format!("source prefixes with {:.0}%+ of the drops: {}", 100.0 * PREFIX_SHARE, prefixes.join(", "))
+    });
+    lines
 }
 
 #[cfg(test)]

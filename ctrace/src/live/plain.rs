@@ -97,6 +97,10 @@ pub fn render(header: &Header, snap: &Snapshot, query: &Query) -> String {
              hook events are missing"
         );
     }
+    let _ = writeln!(out, "\nDESTINATIONS AND SOURCE PREFIXES");
+    for line in flood_lines(snap, query.limit) {
+        let _ = writeln!(out, "  {line}");
+    }
     let filter = if query.filter.is_empty() { "none".to_string() } else { query.filter.text().to_string() };
     let _ = writeln!(
         out,
@@ -142,6 +146,13 @@ pub fn render(header: &Header, snap: &Snapshot, query: &Query) -> String {
         let _ = writeln!(out, "  {line}");
     }
     out
+}
+
+/// The destinations panel: [`crate::export::text::flood_lines`] with the
+/// namespaces' names.
+pub fn flood_lines(snap: &Snapshot, max_rows: usize) -> Vec<String> {
+    let name = |netns: u32| snap.namespaces.iter().find(|n| n.netns == netns).and_then(|n| n.name.clone());
+    crate::export::text::flood_lines(&snap.flood, name, max_rows)
 }
 
 /// The kernel's table counted by source and state (every tier).

@@ -25,6 +25,8 @@ use crate::{
 /// One minute of one-second buckets.
 pub const HISTORY: usize = 60;
 const TREND_WINDOW_S: f64 = 10.0;
+/// Destinations exported as metric series at most.
+const METRIC_DESTINATIONS: usize = 10;
 
 /// The series shown as rates, in display order.
 pub const SERIES: [&str; 9] = [
@@ -258,6 +260,7 @@ impl LiveState {
             max: self.max,
             duration_s: None,
             conntrack_events: Vec::new(),
+            flood: Some(self.flood.summary(top.min(METRIC_DESTINATIONS))),
         }
     }
 

@@ -135,10 +135,12 @@ pub fn draw(frame: &mut Frame, header: &Header, snap: &Snapshot, view: &ViewStat
     let area = frame.area();
     let ns_lines = snap.namespaces.len().clamp(1, 4) as u16;
     let fill_lines = plain::fills_lines(header, snap, 5);
-    let [top, tables, rates, dropped, fills, footer] = Layout::vertical([
+    let flood_lines = plain::flood_lines(snap, 3);
+    let [top, tables, rates, flood, dropped, fills, footer] = Layout::vertical([
         Constraint::Length(1 + header.hooks.len() as u16),
         Constraint::Length(2 + ns_lines),
         Constraint::Length(2 + snap.series.len() as u16),
+        Constraint::Length(2 + flood_lines.len() as u16),
         Constraint::Min(5),
         Constraint::Length(1 + fill_lines.len() as u16),
         Constraint::Length(1),
@@ -162,6 +164,21 @@ pub fn draw(frame: &mut Frame, header: &Header, snap: &Snapshot, view: &ViewStat
 
     draw_tables(frame, tables, snap);
     draw_rates(frame, rates, snap);
+    frame.render_widget(
+        Paragraph::new(
+            std::iter::once(Line::from(title("DESTINATIONS AND SOURCE PREFIXES")))
+                .chain(flood_lines.into_iter().map(|l| {
+                    let style = if l.starts_with("!!") {
+                        Style::new().fg(Color::White).bg(Color::Red).add_modifier(Modifier::BOLD)
+                    } else {
+                        Style::new()
+                    };
+                    Line::from(Span::styled(format!("  {l}"), style))
+                }))
+                .collect::<Vec<_>>(),
+        ),
+        flood,
+    );
     draw_top(frame, dropped, snap, &view.query);
     frame.render_widget(
         Paragraph::new(
@@ -453,7 +470,7 @@ mod tests {
     #[test]
     fn storm_sources_lead_and_the_table_shows_full() {
         let got = screen(&ViewState::default());
-        let rows: Vec<&str> = got.lines().filter(|l| l.contains("198.18.0.")).collect();
+        let rows: Vec<&str> = got.lines().filter(|l| l.starts_with("198.18.0.")).collect();
         assert!(rows[0].contains("198.18.0.3") && rows[0].contains("table_full"), "{got}");
         assert!(rows[1].contains("198.18.0.4"), "{got}");
         assert!(got.contains("64/64") && got.contains("FULL"), "{got}");
