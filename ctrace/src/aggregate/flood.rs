@@ -42,6 +42,7 @@ impl Distinct {
         self.add_hash(hash_addr(addr));
     }
 
+    /// Adds an element by its [`hash_addr`] (one hash for several counters).
     #[inline]
     fn add_hash(&mut self, hash: u64) {
         let register = (hash >> (64 - HLL_BITS)) as usize;
@@ -131,13 +132,76 @@ impl fmt::Display for Prefix {
     }
 }
 
-/// Prefix lengths rolled up, most specific first: IPv4 /24, /16, /8 and
-/// IPv6 /64, /48, /32.
+/// Source prefixes counted at three levels, most specific first: IPv4
+/// /24, /16, /8 and IPv6 /64, /48, /32. IPv4 /8 and /16 are counted
+/// exactly in arrays (an increment each, on the per-event path); /24 and
+/// the IPv6 levels in Space-Saving tables, keyed by the masked bits.
+struct PrefixCounts {
+    v4_8: Vec<u64>,
+    /// 65,536 counters (512 KiB, touched only where sources are).
+    v4_16: Vec<u64>,
+    v4_24: SpaceSaving<u32>,
+    v6: [SpaceSaving<u128>; LEVELS],
+}
+
 const LEVELS: usize = 3;
-fn level_len(addr: &IpAddr, level: usize) -> u8 {
-    match addr {
-        IpAddr::V4(_) => [24, 16, 8][level],
-        IpAddr::V6(_) => [64, 48, 32][level],
+const V6_LENS: [u8; LEVELS] = [64, 48, 32];
+
+impl Default for PrefixCounts {
+    fn default() -> Self {
+        PrefixCounts {
+            v4_8: vec![0; 1 << 8],
+            v4_16: vec![0; 1 << 16],
+            v4_24: SpaceSaving::new(PREFIXES),
+            v6: std::array::from_fn(|_| SpaceSaving::new(PREFIXES)),
+        }
+    }
+}
+
+impl PrefixCounts {
+    #[inline]
+    fn add(&mut self, src: IpAddr, ts_ns: u64) {
+        match src {
+            IpAddr::V4(a) => {
+                let bits = u32::from(a);
+                self.v4_8[(bits >> 24) as usize] += 1;
+                self.v4_16[(bits >> 16) as usize] += 1;
+                self.v4_24.add(&(bits & 0xffff_ff00), ts_ns);
+            }
+            IpAddr::V6(a) => {
+                let bits = u128::from(a);
+                for (table, len) in self.v6.iter_mut().zip(V6_LENS) {
+                    table.add(&(bits & (u128::MAX << (128 - len))), ts_ns);
+                }
+            }
+        }
+    }
+
+    /// Every counted prefix of a level with its drops (a lower bound).
+    fn level(&self, level: usize) -> Vec<(Prefix, u64)> {
+        fn exact(counts: &[u64], len: u8) -> impl Iterator<Item = (Prefix, u64)> + '_ {
+            let shift = 32 - u32::from(len);
+            counts
+                .iter()
+                .enumerate()
+                .filter(|(_, n)| **n > 0)
+                .map(move |(i, n)| (Prefix { addr: IpAddr::V4(Ipv4Addr::from((i as u32) << shift)), len }, *n))
+        }
+        let mut rows: Vec<(Prefix, u64)> = match level {
+            0 => self
+                .v4_24
+                .iter()
+                .map(|c| (Prefix { addr: IpAddr::V4(Ipv4Addr::from(c.key)), len: 24 }, c.count - c.error))
+                .collect(),
+            1 => exact(&self.v4_16, 16).collect(),
+            _ => exact(&self.v4_8, 8).collect(),
+        };
+        rows.extend(
+            self.v6[level]
+                .iter()
+                .map(|c| (Prefix { addr: IpAddr::V6(Ipv6Addr::from(c.key)), len: V6_LENS[level] }, c.count - c.error)),
+        );
+        rows
     }
 }
 
@@ -161,7 +225,7 @@ pub struct FloodStats {
     destinations: SpaceSaving<Destination>,
     /// Distinct sources per destination slot, since its destination took it.
     sources_by_slot: Vec<Distinct>,
-    prefixes: [SpaceSaving<Prefix>; LEVELS],
+    prefixes: PrefixCounts,
 }
 
 impl Default for FloodStats {
@@ -170,7 +234,7 @@ impl Default for FloodStats {
             sources: Distinct::default(),
             destinations: SpaceSaving::new(DESTINATIONS),
             sources_by_slot: Vec::new(),
-            prefixes: std::array::from_fn(|_| SpaceSaving::new(PREFIXES)),
+            prefixes: PrefixCounts::default(),
         }
     }
 }
@@ -179,17 +243,16 @@ impl FloodStats {
     /// Counts one drop. On the per-event path.
     #[inline]
     pub fn add(&mut self, src: IpAddr, destination: Destination, ts_ns: u64) {
-        self.sources.add(&src);
+        let hash = hash_addr(&src);
+        self.sources.add_hash(hash);
         let added = self.destinations.add(&destination, ts_ns);
         if added.slot == self.sources_by_slot.len() {
             self.sources_by_slot.push(Distinct::default());
         } else if added.replaced.is_some() {
             self.sources_by_slot[added.slot].clear();
         }
-        self.sources_by_slot[added.slot].add(&src);
-        for (level, table) in self.prefixes.iter_mut().enumerate() {
-            table.add(&Prefix::of(src, level_len(&src, level)), ts_ns);
-        }
+        self.sources_by_slot[added.slot].add_hash(hash);
+        self.prefixes.add(src, ts_ns);
     }
 
     pub fn clear(&mut self) {
@@ -245,14 +308,14 @@ impl FloodStats {
     fn heavy_prefixes(&self, drops: u64) -> Vec<PrefixRow> {
         let threshold = (PREFIX_SHARE * drops as f64).ceil().max(1.0) as u64;
         let mut shown: Vec<(Prefix, u64)> = Vec::new();
-        for table in &self.prefixes {
-            let mut level: Vec<(Prefix, u64)> = table
-                .iter()
-                .filter_map(|c| {
-                    let lower = c.count - c.error;
-                    let inside: u64 = shown.iter().filter(|(p, _)| c.key.contains(p)).map(|(_, n)| n).sum();
-                    let own = lower.saturating_sub(inside);
-                    (own >= threshold).then_some((c.key, lower))
+        for level in 0..LEVELS {
+            let mut level: Vec<(Prefix, u64)> = self
+                .prefixes
+                .level(level)
+                .into_iter()
+                .filter(|(prefix, lower)| {
+                    let inside: u64 = shown.iter().filter(|(p, _)| prefix.contains(p)).map(|(_, n)| n).sum();
+                    lower.saturating_sub(inside) >= threshold
                 })
                 .collect();
             level.sort();
@@ -426,6 +489,22 @@ mod tests {
         assert_eq!(rows, [("198.18.0.0/16", 9000), ("198.18.5.0/24", 6000)]);
         assert!(!s.destinations[0].random_sources, "9,000 of 10,000 drops from repeat sources");
         assert_eq!(s.verdict, None);
+    }
+
+    #[test]
+    fn ipv6_sources_roll_up_to_their_48() {
+        let mut f = FloodStats::default();
+        let dst = Destination { dst: "2001:db8::1".parse().unwrap(), ..WEB };
+        // 100 /64s of one /48, one address each, sixty times over.
+        for i in 0..6000u128 {
+            let src = 0x2001_0db8_0007u128 << 80 | (i % 100) << 64 | 1;
+            f.add(IpAddr::V6(Ipv6Addr::from(src)), dst, 0);
+        }
+        let s = f.summary(1);
+        let rows: Vec<(&str, u64)> = s.prefixes.iter().map(|p| (p.prefix.as_str(), p.drops)).collect();
+        assert_eq!(rows, [("2001:db8:7::/48", 6000)]);
+        assert_eq!(s.destinations[0].endpoint(), "[2001:db8::1]:8080/tcp");
+        assert!((98..=102).contains(&s.distinct_sources), "{}", s.distinct_sources);
     }
 
     #[test]
