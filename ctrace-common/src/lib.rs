@@ -188,12 +188,15 @@ pub mod counter {
     pub const NETFILTER_DROPS: u32 = 0;
     /// ... of which carried no conntrack entry.
     pub const NETFILTER_DROPS_NO_ENTRY: u32 = 1;
-    /// Records that could not be reserved in the ring buffer (lost events).
+    /// Drop records that could not be reserved in the ring buffer (lost).
     pub const RINGBUF_FULL: u32 = 2;
     /// Conntrack events by kind: `CT_BASE + ct_event::X`.
     pub const CT_BASE: u32 = 3;
+    /// Conntrack event records lost to a full ring buffer, apart from drop
+    /// records so that decoded drops plus lost drops make the exact total.
+    pub const RINGBUF_FULL_CONNTRACK: u32 = CT_BASE + 9;
     /// Number of counters.
-    pub const COUNT: u32 = CT_BASE + 9;
+    pub const COUNT: u32 = CT_BASE + 10;
 }
 
 /// Kernel layout the `kfree_skb` program needs, read from the running kernel's

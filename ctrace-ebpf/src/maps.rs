@@ -28,15 +28,16 @@ pub fn submit_flags() -> u64 {
     }
 }
 
-/// Writes one record to the ring buffer, or counts it lost when it is full.
+/// Writes one record to the ring buffer, or counts it in `lost` (a
+/// `counter` index) when the buffer is full.
 #[inline(always)]
-pub fn output<T: 'static>(record: T) {
+pub fn output<T: 'static>(record: T, lost: u32) {
     match EVENTS.reserve::<T>(0) {
         Some(mut entry) => {
             entry.write(record);
             entry.submit(submit_flags());
         }
-        None => count(counter::RINGBUF_FULL),
+        None => count(lost),
     }
 }
 

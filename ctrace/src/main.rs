@@ -183,7 +183,8 @@ fn report(file: &std::path::Path, format: Format, top: usize, output: &std::path
 /// Attaches with every tier allowed, reports, detaches.
 fn probes(json: bool) -> anyhow::Result<()> {
     let btf = hooks::kernel_btf()?;
-    let (attached, _events) = hooks::Attached::attach(&btf, HookChoice { tier: TierChoice::Auto, invalid: true })?;
+    let (attached, _events) =
+        hooks::Attached::attach(&btf, HookChoice { tier: TierChoice::Auto, invalid: true, ring_kib: None })?;
     if json {
         let report = serde_json::json!({ "tier": attached.tier, "hooks": attached.hooks });
         println!("{}", serde_json::to_string_pretty(&report)?);

@@ -225,6 +225,13 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let conntrack = (engine.attached.tier != crate::hooks::Tier::Tracepoint)
         .then(|| engine.attached.conntrack_totals())
         .transpose()?;
+    if kernel.lost_conntrack_events > 0 {
+        notes.push(format!(
+            "{} conntrack events were lost (ring buffer full): conntrack_events rows are short by that many; \
+             totals.conntrack is exact",
+            kernel.lost_conntrack_events
+        ));
+    }
     if kernel.lost_events > 0 {
         notes.push(format!(
             "{} events were lost (ring buffer full): per-source counts are short by that many; totals.kernel is exact",

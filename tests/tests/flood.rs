@@ -195,3 +195,42 @@ fn live_names_a_random_source_flood_and_its_destination() {
     assert_eq!(flood["prefixes"], serde_json::json!([]), "random sources share no prefix: {flood}");
     assert_eq!(snapshot["kernel"]["lost_events"], 0, "{snapshot}");
 }
+
+/// A ring buffer far too small for a flood (16 KiB: about 200 records, and
+/// below the 64 KiB wake-up threshold, so only the 50 ms drain reads it):
+/// records are lost, every one is counted, and the totals still add up to
+/// the kernel's.
+#[test]
+fn a_ring_too_small_for_a_flood_counts_every_lost_record() {
+    require_root();
+    let lab = Lab::new("floodring", &[FILLER]).expect("lab");
+    lab.track_connections("ctrace_floodring").unwrap();
+    let _listener = lab.listen(PORT).expect("listener");
+    let out = TempDir::new("floodring");
+    let path = out.0.join("r.json");
+    let recording = Recording::start(&path, &["--ring-size", "16"]).expect("ctrace record");
+
+    let max = Sysctl::set("net.netfilter.nf_conntrack_max", &TABLE_MAX.to_string()).unwrap();
+    let room = TABLE_MAX - lab.server.conntrack_stat().unwrap().entries;
+    let held: Vec<_> = (0..room).map(|_| lab.connect(FILLER, PORT, FILL_TIMEOUT).expect("fill")).collect();
+    let before = lab.server.conntrack_stat().unwrap();
+    let (sent, _) = lab.syn_flood_random_sources(PORT, SYNS, Spoofed::LabRange, 3).unwrap();
+    let after = wait_for("the kernel to drop every SYN", || {
+        let stat = lab.server.conntrack_stat().unwrap();
+        (stat.drop - before.drop >= sent as u64).then_some(stat)
+    });
+    let record = recording.stop().expect("record");
+    drop(max);
+    drop(held);
+    let kernel_drops = after.drop - before.drop;
+    let totals = &record["totals"];
+    let lost = totals["lost_events"].as_u64().unwrap();
+    eprintln!("kernel: {kernel_drops} drops; ctrace decoded {} table_full, lost {lost}", totals["table_full"]);
+    assert!(lost > 0, "a 16 KiB ring held a {sent}-SYN flood: {totals}");
+    assert_eq!(totals["kernel"]["lost_events"], lost, "{totals}");
+    // The exact in-kernel count sees every drop, lost record or not.
+    assert_eq!(totals["kernel"]["netfilter_drops"], kernel_drops, "{totals}");
+    assert_eq!(totals["table_full"].as_u64().unwrap() + lost, kernel_drops, "decoded + lost vs the kernel: {totals}");
+    let notes = record["notes"].to_string();
+    assert!(notes.contains(&format!("{lost} events were lost")), "the record says so: {notes}");
+}

@@ -242,7 +242,7 @@ fn on_alloc_return(ret: u64) {
     if event == ct_event::TABLE_FULL {
         (record.table_count, record.table_max) = table_fill(&l, alloc.net).unwrap_or((0, 0));
     }
-    output(record);
+    output(record, counter::RINGBUF_FULL_CONNTRACK);
 }
 
 /// The namespace's entry count and `nf_conntrack_max`, read where the
@@ -279,7 +279,7 @@ fn on_delete(ct: u64) -> Result<(), i64> {
     let net: u64 = read::at(ct, l.ct_net)?;
     let mut record = event_record(&l, event, ct + l.ct_tuple as u64, net, ct)?;
     record.lifetime_ns = lifetime;
-    output(record);
+    output(record, counter::RINGBUF_FULL_CONNTRACK);
     Ok(())
 }
 
@@ -334,7 +334,7 @@ fn on_confirm_return(ret: u64) -> Result<(), i64> {
         _ => return Ok(()),
     };
     let net: u64 = read::at(ct, l.ct_net)?;
-    output(event_record(&l, event, ct + l.ct_tuple as u64, net, ct)?);
+    output(event_record(&l, event, ct + l.ct_tuple as u64, net, ct)?, counter::RINGBUF_FULL_CONNTRACK);
     Ok(())
 }
 

@@ -156,6 +156,6 @@ fn on_return(skb: u64, verdict: u32) -> Result<(), i64> {
         dst: packet.dst,
         ..ConntrackEvent::default()
     };
-    output(record);
+    output(record, counter::RINGBUF_FULL_CONNTRACK);
     Ok(())
 }

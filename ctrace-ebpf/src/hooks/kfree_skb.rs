@@ -107,7 +107,7 @@ fn on_netfilter_drop(layout: &KfreeSkbLayout, skb: u64, location: u64) -> Result
         record.flags |= drop_flags::NO_HEADER;
     }
 
-    output(record);
+    output(record, counter::RINGBUF_FULL);
     Ok(())
 }
 

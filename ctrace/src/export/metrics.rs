@@ -47,6 +47,7 @@ pub struct MetricsInput {
     /// Exact kernel-side count of NETFILTER_DROP packets.
     pub netfilter_drops: u64,
     pub lost_events: u64,
+    pub lost_conntrack_events: u64,
     /// Runs of ctrace's programs the kernel skipped (None: not counted).
     pub program_misses: Option<u64>,
     /// Per-source counters: only the top sources, to bound label cardinality.
@@ -96,6 +97,13 @@ pub fn encode_input(input: &MetricsInput) -> String {
     let lost = Counter::<u64>::default();
     registry.register("ctrace_lost_events", "Drop records lost because the ring buffer was full", lost.clone());
     lost.inc_by(input.lost_events);
+    let lost_ct = Counter::<u64>::default();
+    registry.register(
+        "ctrace_lost_conntrack_events",
+        "Conntrack event records lost because the ring buffer was full (hook tiers)",
+        lost_ct.clone(),
+    );
+    lost_ct.inc_by(input.lost_conntrack_events);
     if let Some(misses) = input.program_misses {
         let missed = Counter::<u64>::default();
         registry.register(
@@ -246,6 +254,7 @@ pub fn from_record(record: &RecordFile, top: usize) -> String {
         drops,
         netfilter_drops: record.totals.kernel.netfilter_drops,
         lost_events: record.totals.lost_events,
+        lost_conntrack_events: record.totals.kernel.lost_conntrack_events,
         program_misses: record.totals.kernel.program_misses,
         sources: record
             .sources

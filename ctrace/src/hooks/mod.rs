@@ -90,6 +90,21 @@ pub struct HookChoice {
     /// docs/limitations.md).
     #[arg(long)]
     pub invalid: bool,
+    /// Size of the ring buffer that carries records from the kernel, in
+    /// KiB: a power of two from 4 (default 4096). A bigger one rides out
+    /// longer bursts before records are lost; lost records are always
+    /// counted and shown. Mostly for tests (a small ring loses records).
+    #[arg(long = "ring-size", value_name = "KiB", value_parser = parse_ring_kib)]
+    pub ring_kib: Option<u32>,
+}
+
+/// A ring-buffer size in KiB: the kernel wants a power-of-two number of pages.
+fn parse_ring_kib(text: &str) -> Result<u32, String> {
+    let kib: u32 = text.parse().map_err(|_| format!("`{text}` is not a number of KiB"))?;
+    if !(4..=(1 << 20)).contains(&kib) || !kib.is_power_of_two() {
+        return Err(format!("{kib} KiB: the ring buffer must be a power of two from 4 KiB to 1 GiB"));
+    }
+    Ok(kib)
 }
 
 /// One hook family: attached or not, and why.
@@ -109,8 +124,12 @@ pub struct KernelTotals {
     pub netfilter_drops: u64,
     /// ... of which had no conntrack entry.
     pub netfilter_drops_no_entry: u64,
-    /// Records the ring buffer had no room for.
+    /// Drop records the ring buffer had no room for.
     pub lost_events: u64,
+    /// Conntrack event records it had no room for (hook tiers), counted
+    /// apart so that decoded drops plus `lost_events` make the exact total.
+    #[serde(default)]
+    pub lost_conntrack_events: u64,
     /// Runs of ctrace's programs the kernel skipped because another BPF
     /// program was already running on that CPU (a softirq interrupting
     /// one, or a map syscall in progress): their events are missing and
@@ -210,7 +229,11 @@ impl Attached {
             }
         }
 
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        if let Some(kib) = wanted.ring_kib {
+            loader.map_max_entries("EVENTS", kib * 1024);
+        }
+        let mut ebpf = loader
             .btf(Some(&aya_btf))
             .override_global(kfree_skb::LAYOUT_GLOBAL, &layout, true)
             .override_global(conntrack::LAYOUT_GLOBAL, &ct_layout, true)
@@ -361,6 +384,7 @@ impl Attached {
             netfilter_drops: sum(counter::NETFILTER_DROPS)?,
             netfilter_drops_no_entry: sum(counter::NETFILTER_DROPS_NO_ENTRY)?,
             lost_events: sum(counter::RINGBUF_FULL)?,
+            lost_conntrack_events: sum(counter::RINGBUF_FULL_CONNTRACK)?,
             program_misses: self.program_misses(),
         })
     }

@@ -83,6 +83,13 @@ pub fn render(header: &Header, snap: &Snapshot, query: &Query) -> String {
             sparkline(s.history.iter().copied())
         );
     }
+    if snap.kernel.lost_conntrack_events > 0 {
+        let _ = writeln!(
+            out,
+            "  !! {} conntrack events lost (ring buffer full): who-fills counts are short",
+            snap.kernel.lost_conntrack_events
+        );
+    }
     if snap.kernel.lost_events > 0 {
         let _ = writeln!(
             out,

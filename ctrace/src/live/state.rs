@@ -230,6 +230,7 @@ impl LiveState {
             drops,
             netfilter_drops: self.kernel.netfilter_drops,
             lost_events: self.kernel.lost_events,
+            lost_conntrack_events: self.kernel.lost_conntrack_events,
             program_misses: self.kernel.program_misses,
             sources: heaviest
                 .into_iter()

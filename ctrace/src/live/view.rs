@@ -436,6 +436,7 @@ mod tests {
                 netfilter_drops: 55,
                 netfilter_drops_no_entry: 50,
                 lost_events: 0,
+                lost_conntrack_events: 0,
                 program_misses: Some(0),
             },
         });
