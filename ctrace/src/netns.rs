@@ -205,8 +205,16 @@ impl Namespaces {
         }
     }
 
+    /// Finds the namespaces there are now and forgets those that are gone:
+    /// an open stat file pins its namespace in the kernel, so keeping one
+    /// would leak a deleted namespace (and a descriptor) per namespace
+    /// that ever existed.
     fn rescan(&mut self) {
-        for (inum, ns) in discover() {
+        let found = discover();
+        self.known.retain(|inum, _| found.contains_key(inum));
+        self.readers.retain(|inum, _| found.contains_key(inum));
+        self.occupancy.retain(|inum, _| found.contains_key(inum));
+        for (inum, ns) in found {
             self.known.entry(inum).or_insert(ns);
         }
         self.last_scan = Some(Instant::now());

@@ -152,3 +152,85 @@ fn sigkill_mid_storm_leaves_no_program_and_no_file() {
     }
     drop(max);
 }
+
+/// Namespaces made in one `ip -batch` and deleted on drop (also when the
+/// test fails).
+struct ManyNamespaces(Vec<String>);
+
+impl ManyNamespaces {
+    fn create(tag: &str, count: usize) -> Self {
+        let names: Vec<String> = (0..count).map(|i| format!("ctrace-{tag}-{}-{i}", std::process::id())).collect();
+        let many = ManyNamespaces(names);
+        ip_batch(many.0.iter().map(|n| format!("netns add {n}\n")).collect());
+        many
+    }
+}
+
+impl Drop for ManyNamespaces {
+    fn drop(&mut self) {
+        ip_batch(self.0.iter().map(|n| format!("netns delete {n}\n")).collect());
+    }
+}
+
+fn ip_batch(commands: String) {
+    use std::io::Write as _;
+    let mut ip = Command::new("ip").args(["-force", "-batch", "-"]).stdin(Stdio::piped()).spawn().expect("ip");
+    ip.stdin.take().expect("piped").write_all(commands.as_bytes()).expect("ip -batch input");
+    assert!(ip.wait().expect("ip -batch").success(), "ip -batch failed");
+}
+
+/// A process's open conntrack stat files (each pins its namespace).
+fn open_stat_files(pid: u32) -> usize {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return 0 };
+    fds.flatten()
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .filter(|target| target.ends_with("net/stat/nf_conntrack"))
+        .count()
+}
+
+/// Network namespaces on the system, found as ctrace finds them (named
+/// ones, and those of processes).
+fn system_namespaces() -> usize {
+    use std::os::unix::fs::MetadataExt as _;
+    let named = std::fs::read_dir("/run/netns").into_iter().flatten().flatten().map(|e| e.path());
+    let of_processes = std::fs::read_dir("/proc").into_iter().flatten().flatten().map(|e| e.path().join("ns/net"));
+    named
+        .chain(of_processes)
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| m.ino())
+        .collect::<std::collections::HashSet<_>>()
+        .len()
+}
+
+/// 500 namespaces come and go while `ctrace record` runs: it reads each
+/// one's counters while it exists, and lets go of it when it is gone (an
+/// open stat file pins a deleted namespace in the kernel), so its open
+/// stat files come back to one per namespace there is, and it goes on
+/// recording.
+#[test]
+fn namespaces_that_come_and_go_leave_no_open_files() {
+    require_root();
+    const ROUNDS: usize = 5;
+    const PER_ROUND: usize = 100;
+    let dir = TempDir::new("netnsfd");
+    let path = dir.0.join("r.json");
+    let recording = ctrace_tests::Recording::start(&path, &[]).expect("ctrace record");
+    let pid = recording.pid().expect("ctrace pid");
+    for round in 0..ROUNDS {
+        let batch = ManyNamespaces::create(&format!("fd{round}"), PER_ROUND);
+        // ctrace samples every namespace's counters once a second: wait
+        // until it has the new ones open, so their going is tested.
+        wait_for("ctrace to read the new namespaces' counters", || (open_stat_files(pid) >= PER_ROUND).then_some(()));
+        drop(batch);
+    }
+    let (open, namespaces) = wait_for("ctrace to close the stat files of deleted namespaces", || {
+        let (open, namespaces) = (open_stat_files(pid), system_namespaces());
+        (open <= namespaces).then_some((open, namespaces))
+    });
+    eprintln!(
+        "ctrace record: {open} stat files open for {namespaces} namespaces after {} came and went",
+        ROUNDS * PER_ROUND
+    );
+    let record = recording.stop().expect("record after the namespaces");
+    assert_eq!(record["schema"], "ctrace.drops.v1");
+}
