@@ -21,3 +21,5 @@ pub mod netns;
 pub mod privileges;
 pub mod record;
 pub mod serve;
+#[cfg(test)]
+pub mod testing;

@@ -272,18 +272,51 @@ impl RecordFile {
             );
         }
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let probe: serde_json::Value =
-            serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses a record's text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        let probe: serde_json::Value = serde_json::from_str(text).with_context(|| format!("{origin} is not JSON"))?;
         if probe["schema"] != SCHEMA {
-            anyhow::bail!("{} is not a ctrace record (schema {}, expected {SCHEMA})", path.display(), probe["schema"]);
+            anyhow::bail!("{origin} is not a ctrace record (schema {}, expected {SCHEMA})", probe["schema"]);
         }
-        serde_json::from_value(probe).with_context(|| format!("{} does not match {SCHEMA}", path.display()))
+        let record: Self =
+            serde_json::from_value(probe).with_context(|| format!("{origin} does not match {SCHEMA}"))?;
+        record.check().map_err(|why| anyhow::anyhow!("{origin} does not match {SCHEMA}: {why}"))?;
+        Ok(record)
+    }
+
+    /// Values the schema's types allow but no recording makes, and that
+    /// the renderers could not draw (a zero-width time bucket).
+    fn check(&self) -> Result<(), String> {
+        if !(self.duration_s.is_finite() && self.duration_s >= 0.0) {
+            return Err(format!("duration_s {} is not a length of time", self.duration_s));
+        }
+        let histograms = || self.sources.iter().map(|s| &s.histogram).chain(self.others.iter().map(|o| &o.histogram));
+        if histograms().any(|h| h.bucket_ms == 0) {
+            return Err("a histogram has bucket_ms 0".into());
+        }
+        // Counts whose sums the report takes must have sums.
+        let t = &self.totals;
+        let totals = [t.table_full, t.conntrack_other, t.insert_failed, t.ruleset, t.undecodable, t.lost_events];
+        let drops = self.sources.iter().map(|s| s.drops).chain(self.others.iter().map(|o| o.drops));
+        let sums = [checked_sum(totals.into_iter()), checked_sum(drops)];
+        if sums.iter().any(Option::is_none) || histograms().any(|h| checked_sum(h.counts.iter().copied()).is_none()) {
+            return Err("its counts add up to more than 2^64".into());
+        }
+        Ok(())
     }
 
     /// When the recording started, as seconds since the epoch (0 if unknown).
     pub fn started_unix(&self) -> u64 {
         parse_rfc3339_utc(&self.started_at).unwrap_or(0)
     }
+}
+
+fn checked_sum(mut values: impl Iterator<Item = u64>) -> Option<u64> {
+    values.try_fold(0u64, u64::checked_add)
 }
 
 /// Parses what [`rfc3339_utc`] writes.

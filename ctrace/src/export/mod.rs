@@ -137,6 +137,73 @@ pub mod tests {
         assert!(json == include_bytes!("../../tests/golden/record.json"), "the JSON does not round-trip");
     }
 
+    /// A byte-level mutation of a record's text: most keep it JSON with odd
+    /// values (numbers replaced by 0, huge or negative ones, strings
+    /// emptied), the rest break it (bytes flipped, ranges cut or doubled).
+    fn mutate(text: &str, rng: &mut crate::testing::Rng) -> String {
+        let mut bytes = text.as_bytes().to_vec();
+        for _ in 0..1 + rng.below(4) {
+            let at = rng.below(bytes.len().max(1));
+            match rng.below(6) {
+                0 | 1 => {
+                    // Replace the number that starts at or after `at`.
+                    let Some(start) = bytes[at..].iter().position(u8::is_ascii_digit).map(|i| at + i) else { continue };
+                    let end =
+                        bytes[start..].iter().position(|b| !b.is_ascii_digit()).map_or(bytes.len(), |i| start + i);
+                    let odd = ["0", "18446744073709551615", "-1", "1e308", "0.0", "4294967296", "99999999999999999999"];
+                    bytes.splice(start..end, odd[rng.below(odd.len())].bytes());
+                }
+                2 => {
+                    // Empty the string that starts at or after `at`.
+                    let Some(open) = bytes[at..].iter().position(|b| *b == b'"').map(|i| at + i) else { continue };
+                    if let Some(close) = bytes[open + 1..].iter().position(|b| *b == b'"') {
+                        bytes.drain(open + 1..open + 1 + close);
+                    }
+                }
+                3 => {
+                    let last = bytes.len().saturating_sub(1);
+                    bytes[at.min(last)] = rng.next_u64() as u8;
+                }
+                4 => {
+                    let end = (at + rng.below(64)).min(bytes.len());
+                    bytes.drain(at..end);
+                }
+                _ => {
+                    let end = (at + rng.below(64)).min(bytes.len());
+                    let copy = bytes[at..end].to_vec();
+                    bytes.splice(at..at, copy);
+                }
+            }
+        }
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    /// The record reader and every renderer on mutated records: each one is
+    /// read or refused with an error, and whatever is read renders in every
+    /// format, without a panic. A fixed budget of cases, the same every run.
+    #[test]
+    fn mutated_records_are_read_or_refused_never_panicked_on() {
+        let good = include_str!("../../tests/golden/record.json");
+        let mut rng = crate::testing::Rng::seeded(0xc0ffee);
+        let (mut read, mut refused) = (0, 0);
+        for _ in 0..3000 {
+            let text = mutate(good, &mut rng);
+            match RecordFile::parse(&text, "mutated") {
+                Ok(record) => {
+                    read += 1;
+                    for format in [Format::Json, Format::Csv, Format::Openmetrics, Format::Svg, Format::Text] {
+                        let _ = render(&record, format, 5);
+                    }
+                }
+                Err(err) => {
+                    refused += 1;
+                    assert!(format!("{err:#}").starts_with("mutated "), "{err:#}");
+                }
+            }
+        }
+        assert!(read >= 50 && refused >= 50, "both paths taken: {read} read, {refused} refused");
+    }
+
     fn scratch(tag: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("ctrace-export-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
