@@ -9,6 +9,8 @@
 //!    next to a bpftrace script that only counts drops per source. Both the
 //!    process's own CPU time and the kernel programs' run time (bpf_stats)
 //!    count, since per-packet work happens in the kernel.
+//! 4. A random-source flood with record, live and serve running: memory,
+//!    file size, lost events, totals (flood.rs).
 use std::{
     net::Ipv4Addr,
     path::Path,
@@ -21,7 +23,7 @@ use ctrace_tests::{Lab, Sysctl};
 
 use crate::{root, run};
 
-pub fn bench(storm_secs: u64, storm_only: bool) -> anyhow::Result<()> {
+pub fn bench(storm_secs: u64, storm_only: bool, flood_secs: u64) -> anyhow::Result<()> {
     run(Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())).args(["build", "--release"]))?;
     let bin = root().join("target/release/ctrace");
     let mut report = Vec::new();
@@ -41,9 +43,14 @@ pub fn bench(storm_secs: u64, storm_only: bool) -> anyhow::Result<()> {
 
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
-        report.extend(storm_cpu(&bin, storm_secs)?);
+        if storm_secs > 0 {
+            report.extend(storm_cpu(&bin, storm_secs)?);
+        }
+        if flood_secs > 0 {
+            report.extend(crate::flood::flood(&bin, flood_secs)?);
+        }
     } else {
-        report.push("storm CPU: not measured: needs root (namespaces, BPF)".into());
+        report.push("storm CPU and flood memory: not measured: need root (namespaces, BPF)".into());
     }
     println!("\nctrace benchmarks ({})", machine());
     for line in report {

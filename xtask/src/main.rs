@@ -1,5 +1,6 @@
 //! Project tasks: `cargo xtask setup`, `cargo xtask test`.
 mod bench;
+mod flood;
 mod setup;
 mod tally;
 mod vm;
@@ -68,17 +69,22 @@ enum Task {
         #[arg(long, default_value = "/usr/local")]
         prefix: PathBuf,
     },
-    /// Measure: decode+aggregate throughput, memory under 10 M sources, and
-    /// CPU during a real namespace storm next to bpftrace (root). Prints the
-    /// figures; asserts nothing.
+    /// Measure: decode+aggregate throughput, memory under 10 M sources, CPU
+    /// during a real namespace storm next to bpftrace, and memory, file size
+    /// and lost events of record, live and serve under a random-source flood
+    /// (root). Prints the figures; asserts nothing.
     Bench {
-        /// Seconds of storm per tool.
+        /// Seconds of storm per tool (0 skips the storm).
         #[arg(long, default_value = "5")]
         storm_secs: u64,
         /// Only the storm (for guest kernels, where emulated CPUs make the
         /// synthetic throughput figures meaningless and slow).
         #[arg(long)]
         storm_only: bool,
+        /// Seconds of random-source flood with record, live and serve
+        /// running (root; 0 skips it).
+        #[arg(long, default_value = "60")]
+        flood_secs: u64,
     },
 }
 
@@ -86,7 +92,7 @@ fn main() -> ExitCode {
     let result = match Cli::parse().task {
         Task::Setup => setup::setup(),
         Task::Test { no_setup, no_vm, repeat } => test(no_setup, no_vm, repeat),
-        Task::Bench { storm_secs, storm_only } => bench::bench(storm_secs, storm_only),
+        Task::Bench { storm_secs, storm_only, flood_secs } => bench::bench(storm_secs, storm_only, flood_secs),
         Task::Install { prefix } => install(&prefix),
         Task::VmRun { kernel, timeout_min, command } => vm_run(kernel, timeout_min, &command),
         Task::VmTest { kernel, repeat } => {
