@@ -10,7 +10,8 @@ use std::{
 };
 
 use ctrace_tests::{
-    ctrace_bin, require_root, wait_for, Daemon, Lab, Recording, Spoofed, Sysctl, TempDir, FILL_TIMEOUT, HANG, SERVER,
+    ctrace_bin, peak_rss_kib, require_root, wait_for, Daemon, Lab, Recording, Spoofed, Sysctl, TempDir, FILL_TIMEOUT,
+    HANG, SERVER,
 };
 
 const FILLER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
@@ -162,6 +163,7 @@ fn live_names_a_random_source_flood_and_its_destination() {
     });
     // The first snapshot: attached, baselines read.
     snapshots.recv_timeout(HANG).expect("a first snapshot from ctrace live");
+    let (mut serve, port) = ctrace_tests::serve().expect("ctrace serve");
 
     let max = Sysctl::set("net.netfilter.nf_conntrack_max", &TABLE_MAX.to_string()).unwrap();
     let room = TABLE_MAX - lab.server.conntrack_stat().unwrap().entries;
@@ -186,9 +188,27 @@ fn live_names_a_random_source_flood_and_its_destination() {
             break snapshot;
         }
     };
+    // serve drains the ring before it answers: its counts are complete.
+    let (status, metrics) = ctrace_tests::http_get(port, "/metrics").expect("scrape");
+    let (live_kib, serve_kib) = (peak_rss_kib(live.child.id()), peak_rss_kib(serve.child.id()));
+    serve.check_running().unwrap();
     drop(max);
     drop(held);
     drop(live);
+    drop(serve);
+    assert_eq!(status, 200);
+    let series = format!("{{netns=\"{}\",dst=\"{SERVER}\",dport=\"{PORT}\",proto=\"tcp\"}}", lab.server.inode());
+    let sample = |family: &str| {
+        let name = format!("{family}{series} ");
+        metrics.lines().find_map(|l| l.strip_prefix(&name)).map(str::to_string)
+    };
+    assert_eq!(sample("ctrace_destination_drops_total"), Some(kernel_drops.to_string()), "{metrics}");
+    assert_eq!(sample("ctrace_destination_random_source_flood"), Some("1".into()), "{metrics}");
+    // Coarse guards: bounded state, bounded memory (live keeps 16,384 rows).
+    for (what, kib) in [("live", live_kib), ("serve", serve_kib)] {
+        let kib = kib.unwrap_or_else(|| panic!("VmHWM of ctrace {what}"));
+        assert!(kib < 256 * 1024, "ctrace {what} peaked at {kib} KiB");
+    }
     let flood = &snapshot["flood"];
     eprintln!("kernel: {kernel_drops} drops of {sent} SYNs; live: {}", flood["verdict"]);
     check_flood_summary(flood, kernel_drops, distinct(Spoofed::Anywhere, SYNS, 7));
