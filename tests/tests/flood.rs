@@ -32,26 +32,20 @@ fn a_random_source_flood_keeps_the_record_bounded_and_its_totals_exact() {
     let path = out.0.join("r.json");
     let recording = Recording::start(&path, &["--capacity", &CAPACITY.to_string()]).expect("ctrace record");
 
-    let max = Sysctl::set("net.netfilter.nf_conntrack_max", &TABLE_MAX.to_string()).unwrap();
-    let room = TABLE_MAX - lab.server.conntrack_stat().unwrap().entries;
-    let held: Vec<_> = (0..room).map(|_| lab.connect(FILLER, PORT, FILL_TIMEOUT).expect("fill")).collect();
-    let before = lab.server.conntrack_stat().unwrap();
-    let (sent, _) = lab.syn_flood_random_sources(PORT, SYNS, Spoofed::LabRange, 1).unwrap();
-    let after = wait_for("the kernel to drop every SYN", || {
-        let stat = lab.server.conntrack_stat().unwrap();
-        (stat.drop - before.drop >= sent as u64).then_some(stat)
-    });
+    let flooded = flood_full_table(&lab, Spoofed::LabRange, 1);
     // A coarse guard: the rows are bounded, so memory is too.
     let peak_kib = recording.peak_rss_kib().expect("VmHWM of ctrace record");
     // On the tracepoint tier a drop is table_full if the table is at max
     // when ctrace reads the record (up to 50 ms later): keep the table
     // full until it has read them all.
     let record = recording.stop().expect("record");
-    drop(max);
-    drop(held);
-    let kernel_drops = after.drop - before.drop;
+    drop(flooded.table);
+    let kernel_drops = flooded.drops;
     let size = std::fs::metadata(&path).unwrap().len();
-    eprintln!("kernel: {kernel_drops} drops of {sent} SYNs; record {size} bytes, ctrace peak RSS {peak_kib} KiB");
+    eprintln!(
+        "kernel: {kernel_drops} drops of {} SYNs; record {size} bytes, ctrace peak RSS {peak_kib} KiB",
+        flooded.sent
+    );
     let report = Command::new(ctrace_bin()).arg("report").arg(&path).output().unwrap();
     eprintln!("{}", String::from_utf8_lossy(&report.stdout));
 
@@ -99,6 +93,28 @@ fn a_random_source_flood_keeps_the_record_bounded_and_its_totals_exact() {
     // row per source: about 17,000 here).
     assert!(size < 1 << 20, "the record is {size} bytes");
     assert!(peak_kib < 256 * 1024, "ctrace record peaked at {peak_kib} KiB");
+}
+
+/// A table at `TABLE_MAX` (held open by connections from the filler) and
+/// a flood of `SYNS` SYNs into it, every one dropped; the table stays full
+/// until `table` is dropped.
+struct FullTableFlood {
+    table: (Sysctl, Vec<socket2::Socket>),
+    sent: u32,
+    drops: u64,
+}
+
+fn flood_full_table(lab: &Lab, sources: Spoofed, seed: u32) -> FullTableFlood {
+    let max = Sysctl::set("net.netfilter.nf_conntrack_max", &TABLE_MAX.to_string()).unwrap();
+    let room = TABLE_MAX - lab.server.conntrack_stat().unwrap().entries;
+    let held: Vec<_> = (0..room).map(|_| lab.connect(FILLER, PORT, FILL_TIMEOUT).expect("fill")).collect();
+    let before = lab.server.conntrack_stat().unwrap();
+    let (sent, _) = lab.syn_flood_random_sources(PORT, SYNS, sources, seed).unwrap();
+    let after = wait_for("the kernel to drop every SYN", || {
+        let stat = lab.server.conntrack_stat().unwrap();
+        (stat.drop - before.drop >= u64::from(sent)).then_some(stat)
+    });
+    FullTableFlood { table: (max, held), sent, drops: after.drop - before.drop }
 }
 
 /// Distinct addresses among the first `count` a flood sends for `seed`.
@@ -165,16 +181,8 @@ fn live_names_a_random_source_flood_and_its_destination() {
     snapshots.recv_timeout(HANG).expect("a first snapshot from ctrace live");
     let (mut serve, port) = ctrace_tests::serve().expect("ctrace serve");
 
-    let max = Sysctl::set("net.netfilter.nf_conntrack_max", &TABLE_MAX.to_string()).unwrap();
-    let room = TABLE_MAX - lab.server.conntrack_stat().unwrap().entries;
-    let held: Vec<_> = (0..room).map(|_| lab.connect(FILLER, PORT, FILL_TIMEOUT).expect("fill")).collect();
-    let before = lab.server.conntrack_stat().unwrap();
-    let (sent, _) = lab.syn_flood_random_sources(PORT, SYNS, Spoofed::Anywhere, 7).unwrap();
-    let after = wait_for("the kernel to drop every SYN", || {
-        let stat = lab.server.conntrack_stat().unwrap();
-        (stat.drop - before.drop >= sent as u64).then_some(stat)
-    });
-    let kernel_drops = after.drop - before.drop;
+    let flooded = flood_full_table(&lab, Spoofed::Anywhere, 7);
+    let kernel_drops = flooded.drops;
     // The table stays full until ctrace has counted every drop (on the
     // tracepoint tier it classifies by the occupancy it reads).
     let started = std::time::Instant::now();
@@ -192,8 +200,7 @@ fn live_names_a_random_source_flood_and_its_destination() {
     let (status, metrics) = ctrace_tests::http_get(port, "/metrics").expect("scrape");
     let (live_kib, serve_kib) = (peak_rss_kib(live.child.id()), peak_rss_kib(serve.child.id()));
     serve.check_running().unwrap();
-    drop(max);
-    drop(held);
+    drop(flooded.table);
     drop(live);
     drop(serve);
     assert_eq!(status, 200);
@@ -210,7 +217,7 @@ fn live_names_a_random_source_flood_and_its_destination() {
         assert!(kib < 256 * 1024, "ctrace {what} peaked at {kib} KiB");
     }
     let flood = &snapshot["flood"];
-    eprintln!("kernel: {kernel_drops} drops of {sent} SYNs; live: {}", flood["verdict"]);
+    eprintln!("kernel: {kernel_drops} drops of {} SYNs; live: {}", flooded.sent, flood["verdict"]);
     check_flood_summary(flood, kernel_drops, distinct(Spoofed::Anywhere, SYNS, 7));
     assert_eq!(flood["prefixes"], serde_json::json!([]), "random sources share no prefix: {flood}");
     assert_eq!(snapshot["kernel"]["lost_events"], 0, "{snapshot}");
@@ -230,23 +237,14 @@ fn a_ring_too_small_for_a_flood_counts_every_lost_record() {
     let path = out.0.join("r.json");
     let recording = Recording::start(&path, &["--ring-size", "16"]).expect("ctrace record");
 
-    let max = Sysctl::set("net.netfilter.nf_conntrack_max", &TABLE_MAX.to_string()).unwrap();
-    let room = TABLE_MAX - lab.server.conntrack_stat().unwrap().entries;
-    let held: Vec<_> = (0..room).map(|_| lab.connect(FILLER, PORT, FILL_TIMEOUT).expect("fill")).collect();
-    let before = lab.server.conntrack_stat().unwrap();
-    let (sent, _) = lab.syn_flood_random_sources(PORT, SYNS, Spoofed::LabRange, 3).unwrap();
-    let after = wait_for("the kernel to drop every SYN", || {
-        let stat = lab.server.conntrack_stat().unwrap();
-        (stat.drop - before.drop >= sent as u64).then_some(stat)
-    });
+    let flooded = flood_full_table(&lab, Spoofed::LabRange, 3);
     let record = recording.stop().expect("record");
-    drop(max);
-    drop(held);
-    let kernel_drops = after.drop - before.drop;
+    drop(flooded.table);
+    let kernel_drops = flooded.drops;
     let totals = &record["totals"];
     let lost = totals["lost_events"].as_u64().unwrap();
     eprintln!("kernel: {kernel_drops} drops; ctrace decoded {} table_full, lost {lost}", totals["table_full"]);
-    assert!(lost > 0, "a 16 KiB ring held a {sent}-SYN flood: {totals}");
+    assert!(lost > 0, "a 16 KiB ring held a {}-SYN flood: {totals}", flooded.sent);
     assert_eq!(totals["kernel"]["lost_events"], lost, "{totals}");
     // The exact in-kernel count sees every drop, lost record or not.
     assert_eq!(totals["kernel"]["netfilter_drops"], kernel_drops, "{totals}");
