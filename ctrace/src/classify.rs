@@ -7,7 +7,9 @@
 //!   by the netfilter core (`nf_hook_slow`), while the rule engines
 //!   (`nft_do_chain`, `ipt_do_table`, ...) show up themselves on some kernels;
 //! - whether the namespace's table was at `nf_conntrack_max`.
-use std::{collections::HashMap, sync::Arc};
+use std::sync::Arc;
+
+use rustc_hash::FxHashMap;
 
 use crate::{
     aggregate::SourceKey,
@@ -116,15 +118,16 @@ impl Classifier {
 }
 
 /// Drop locations named by the kernel's symbols, cached per address, since
-/// a storm has only a handful of distinct locations.
+/// a storm has only a handful of distinct locations. (An Fx map: looked up
+/// per drop, keyed by kernel addresses, not by anything a packet carries.)
 pub struct Symbols {
     kallsyms: Arc<Kallsyms>,
-    cache: HashMap<u64, FreedBy>,
+    cache: FxHashMap<u64, FreedBy>,
 }
 
 impl Symbols {
     pub fn new(kallsyms: Arc<Kallsyms>) -> Self {
-        Symbols { kallsyms, cache: HashMap::new() }
+        Symbols { kallsyms, cache: FxHashMap::default() }
     }
 
     /// No symbols: every location is Unknown (synthetic feeds, tests).

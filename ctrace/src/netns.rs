@@ -14,6 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
 /// Counters of one namespace, summed over CPUs (`entries` is not per CPU).
@@ -163,13 +164,14 @@ pub fn conntrack_max() -> Option<u64> {
 }
 
 /// The namespaces ctrace has seen, their stat files, and recent samples of
-/// their occupancy.
+/// their occupancy. Looked up per drop on the tracepoint tier: Fx maps
+/// (inode numbers come from the kernel, not from packets).
 pub struct Namespaces {
-    known: HashMap<u32, Netns>,
-    readers: HashMap<u32, StatReader>,
+    known: FxHashMap<u32, Netns>,
+    readers: FxHashMap<u32, StatReader>,
     last_scan: Option<Instant>,
-    occupancy: HashMap<u32, (Instant, bool)>,
-    peaks: HashMap<u32, Occupancy>,
+    occupancy: FxHashMap<u32, (Instant, bool)>,
+    peaks: FxHashMap<u32, Occupancy>,
 }
 
 /// Entries in a namespace's table and the maximum, sampled together.
@@ -197,11 +199,11 @@ impl Default for Namespaces {
 impl Namespaces {
     pub fn new() -> Self {
         Namespaces {
-            known: HashMap::new(),
-            readers: HashMap::new(),
+            known: FxHashMap::default(),
+            readers: FxHashMap::default(),
             last_scan: None,
-            occupancy: HashMap::new(),
-            peaks: HashMap::new(),
+            occupancy: FxHashMap::default(),
+            peaks: FxHashMap::default(),
         }
     }
 
