@@ -230,10 +230,28 @@ impl ConnState {
     }
 }
 
+impl ConnState {
+    /// The name `conntrack -L` prints (and the record's JSON holds).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnState::None => "NONE",
+            ConnState::SynSent => "SYN_SENT",
+            ConnState::SynRecv => "SYN_RECV",
+            ConnState::Established => "ESTABLISHED",
+            ConnState::FinWait => "FIN_WAIT",
+            ConnState::CloseWait => "CLOSE_WAIT",
+            ConnState::LastAck => "LAST_ACK",
+            ConnState::TimeWait => "TIME_WAIT",
+            ConnState::Close => "CLOSE",
+            ConnState::SynSent2 => "SYN_SENT2",
+            ConnState::Unknown => "UNKNOWN",
+        }
+    }
+}
+
 impl fmt::Display for ConnState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let text = serde_json::to_value(self).expect("unit variant");
-        f.write_str(text.as_str().unwrap_or("?"))
+        f.write_str(self.as_str())
     }
 }
 
@@ -255,6 +273,9 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// Every reason, in the order views list them.
+    pub const ALL: [Reason; 4] = [Reason::TableFull, Reason::ConntrackOther, Reason::InsertFailed, Reason::Ruleset];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::TableFull => "table_full",
@@ -292,6 +313,13 @@ mod tests {
         assert_eq!(ConnState::SynSent.to_string(), "SYN_SENT");
         assert_eq!(ConnState::TimeWait.to_string(), "TIME_WAIT");
         assert_eq!(ConnState::SynSent2.to_string(), "SYN_SENT2");
+        // The displayed name is the JSON name, for every state.
+        use ConnState::*;
+        for state in
+            [None, SynSent, SynRecv, Established, FinWait, CloseWait, LastAck, TimeWait, Close, SynSent2, Unknown]
+        {
+            assert_eq!(serde_json::to_value(state).unwrap(), state.as_str(), "{state:?}");
+        }
         assert_eq!(Protocol::from_number(6).to_string(), "tcp");
         assert_eq!(Protocol::from_number(47).to_string(), "ip-proto-47");
         assert_eq!(serde_json::to_string(&Reason::TableFull).unwrap(), "\"table_full\"");

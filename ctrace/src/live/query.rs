@@ -59,7 +59,7 @@ pub struct Filter {
 impl Filter {
     /// Parses words separated by spaces, in any order:
     /// `198.18.0.0/16` or `2001:db8::1` (source), `:80` or `port=80`,
-    /// `table_full` / `conntrack_other` / `ruleset`, `ns=NAME|INODE`.
+    /// a reason ([`Reason::ALL`]), `ns=NAME|INODE`.
     pub fn parse(text: &str) -> Result<Self, String> {
         let mut filter = Filter { text: text.trim().to_string(), ..Default::default() };
         for word in text.split_whitespace() {
@@ -67,11 +67,7 @@ impl Filter {
                 filter.port = Some(port.parse().map_err(|_| format!("`{word}`: not a port"))?);
             } else if let Some(ns) = word.strip_prefix("ns=").or_else(|| word.strip_prefix("netns=")) {
                 filter.netns = Some(ns.to_string());
-            } else if let Some(reason) =
-                [Reason::TableFull, Reason::ConntrackOther, Reason::InsertFailed, Reason::Ruleset]
-                    .into_iter()
-                    .find(|r| r.as_str() == word)
-            {
+            } else if let Some(reason) = Reason::ALL.into_iter().find(|r| r.as_str() == word) {
                 filter.reason = Some(reason);
             } else {
                 filter.src = Some(parse_prefix(word)?);
@@ -103,7 +99,8 @@ fn parse_prefix(word: &str) -> Result<(IpAddr, u8), String> {
         None => (word, None),
     };
     let addr: IpAddr = addr.parse().map_err(|_| {
-        format!("`{word}`: expected an address or prefix, :PORT, ns=NAME, or a reason (table_full, conntrack_other, ruleset)")
+        let reasons: Vec<&str> = Reason::ALL.iter().map(|r| r.as_str()).collect();
+        format!("`{word}`: expected an address or prefix, :PORT, ns=NAME, or a reason ({})", reasons.join(", "))
     })?;
     let max = if addr.is_ipv4() { 32 } else { 128 };
     let len = match len {

@@ -113,7 +113,7 @@ keys
   /  f     filter: words in any order, all must match
              198.18.0.0/16   source prefix (or one address)
              :8080           destination port
-             table_full      reason (conntrack_other, ruleset)
+             table_full      reason (conntrack_other, insert_failed, ruleset)
              ns=NAME         namespace name or inode
            Enter applies, Esc cancels
   c        clear the filter
@@ -125,6 +125,7 @@ keys
 reasons
   table_full       conntrack dropped a new flow; its namespace's table was at nf_conntrack_max
   conntrack_other  conntrack dropped it for another reason
+  insert_failed    conntrack refused to insert its new entry (a clash, a chain too long; hook tiers)
   ruleset          a rule dropped it";
 
 fn title(text: &str) -> Span<'_> {
@@ -466,6 +467,14 @@ mod tests {
         }
         let want = std::fs::read_to_string(path).expect("golden file");
         assert_eq!(got, want, "screen differs from {path}");
+    }
+
+    #[test]
+    fn help_names_every_reason_the_filter_takes() {
+        for reason in crate::model::Reason::ALL {
+            assert!(HELP.contains(&format!("\n  {} ", reason.as_str())), "{reason} is not explained");
+            assert!(Filter::parse(reason.as_str()).is_ok());
+        }
     }
 
     #[test]
