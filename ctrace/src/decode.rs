@@ -8,10 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use ctrace_common::{ct_event, drop_flags, family, kind, ConntrackEvent, PacketDrop};
 use thiserror::Error;
 
-use crate::{
-    model::{ConnState, CtEvent, CtKind, DropEvent, Protocol},
-    netns::Occupancy,
-};
+use crate::model::{ConnState, CtEvent, CtKind, DropEvent, Occupancy, Protocol};
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum DecodeError {
@@ -121,6 +118,19 @@ impl DropEvent {
 
 fn v4(bytes: &[u8; 16]) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
+}
+
+/// The TCP state of a conntrack event's entry, by the raw value to state
+/// table read from BTF (`hooks::conntrack::tcp_states`). Allocation
+/// failures have no entry, other protocols no TCP state.
+pub fn event_state(tcp_states: &[(u8, ConnState)], ev: &CtEvent) -> ConnState {
+    match (ev.proto, ev.kind) {
+        (
+            Protocol::Tcp,
+            CtKind::EarlyDrop | CtKind::Insert | CtKind::InsertFailed | CtKind::ClashResolved | CtKind::Delete,
+        ) => tcp_states.iter().find(|(raw, _)| *raw == ev.raw_tcp_state).map_or(ConnState::Unknown, |(_, s)| *s),
+        _ => ConnState::None,
+    }
 }
 
 /// The bytes of a record, as the kernel lays them out (tests, benchmarks).

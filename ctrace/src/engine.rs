@@ -53,7 +53,7 @@ impl Pipeline {
                 sink.on_drop(&key, &event);
             }
             Ok(Record::Conntrack(event)) => {
-                let state = crate::hooks::conntrack::event_state(&self.tcp_states, &event);
+                let state = crate::decode::event_state(&self.tcp_states, &event);
                 sink.on_conntrack(&event, state);
             }
             Err(_) => sink.on_undecodable(),

@@ -114,7 +114,14 @@ pub struct CtEvent {
     pub lifetime_ns: u64,
     /// For table_full: the namespace's entry count and `nf_conntrack_max`
     /// when the kernel refused, as the hook read them (None if it could not).
-    pub table: Option<crate::netns::Occupancy>,
+    pub table: Option<Occupancy>,
+}
+
+/// Entries in a namespace's table and the maximum, sampled together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Occupancy {
+    pub entries: u64,
+    pub max: u64,
 }
 
 /// IP protocol, named where conntrack has a tracker for it.

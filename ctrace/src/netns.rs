@@ -15,7 +15,9 @@ use std::{
 };
 
 use rustc_hash::FxHashMap;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
+
+use crate::model::Occupancy;
 
 /// Counters of one namespace, summed over CPUs (`entries` is not per CPU).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -172,13 +174,6 @@ pub struct Namespaces {
     last_scan: Option<Instant>,
     occupancy: FxHashMap<u32, (Instant, bool)>,
     peaks: FxHashMap<u32, Occupancy>,
-}
-
-/// Entries in a namespace's table and the maximum, sampled together.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Occupancy {
-    pub entries: u64,
-    pub max: u64,
 }
 
 /// How long a sample that found the table full stands for its state.

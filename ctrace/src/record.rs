@@ -22,8 +22,9 @@ use crate::{
         },
         Format, Output,
     },
+    model::Occupancy,
     model::{ConnState, CtEvent, CtKind, DropEvent, Protocol, Reason},
-    netns::{self, ConntrackStats, Namespaces, Occupancy},
+    netns::{self, ConntrackStats, Namespaces},
     privileges,
 };
 

@@ -7,8 +7,9 @@ pub use crate::model::CtTotals;
 use crate::{
     aggregate::{Histogram, RateBin, SourceRow},
     hooks::{KernelTotals, Tier},
+    model::Occupancy,
     model::{ConnState, CtKind, Protocol, Reason},
-    netns::{ConntrackStats, Occupancy},
+    netns::ConntrackStats,
 };
 
 pub const SCHEMA: &str = "ctrace.drops.v1";

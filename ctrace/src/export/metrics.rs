@@ -27,6 +27,15 @@ pub struct SourceCount {
     pub drops: u64,
 }
 
+/// Decoded drops of one namespace for one reason.
+#[derive(Clone, Debug)]
+pub struct ReasonCount {
+    pub netns: u32,
+    pub name: Option<String>,
+    pub reason: Reason,
+    pub drops: u64,
+}
+
 /// The kernel's own counters of one namespace.
 #[derive(Clone, Debug, Default)]
 pub struct NetnsCounts {
@@ -43,7 +52,7 @@ pub struct NetnsCounts {
 #[derive(Clone, Debug, Default)]
 pub struct MetricsInput {
     /// Decoded drops per namespace and reason.
-    pub drops: Vec<(u32, Option<String>, Reason, u64)>,
+    pub drops: Vec<ReasonCount>,
     /// Exact kernel-side count of NETFILTER_DROP packets.
     pub netfilter_drops: u64,
     pub lost_events: u64,
@@ -82,10 +91,10 @@ fn gauge_family(registry: &mut Registry, name: &str, help: &str) -> Family<Label
 pub fn encode_input(input: &MetricsInput) -> String {
     let mut registry = Registry::default();
     let drops = counter_family(&mut registry, "ctrace_drops", "Dropped packets attributed by ctrace, by reason");
-    for (netns, name, reason, n) in &input.drops {
-        let mut labels = ns_labels(*netns, name);
-        labels.push(("reason".into(), reason.as_str().into()));
-        drops.get_or_create(&labels).inc_by(*n);
+    for d in &input.drops {
+        let mut labels = ns_labels(d.netns, &d.name);
+        labels.push(("reason".into(), d.reason.as_str().into()));
+        drops.get_or_create(&labels).inc_by(d.drops);
     }
     let netfilter = Counter::<u64>::default();
     registry.register(
@@ -242,14 +251,16 @@ fn sorted_samples(text: &str) -> String {
 /// The record's totals as metrics: counters count over the recording.
 pub fn from_record(record: &RecordFile, top: usize) -> String {
     let name = |netns: u32| record.kernel_counters.iter().find(|c| c.netns == netns).and_then(|c| c.name.clone());
-    let mut drops: Vec<(u32, Option<String>, Reason, u64)> = Vec::new();
-    for s in &record.sources {
-        match drops.iter_mut().find(|d| d.0 == s.netns && d.2 == s.reason) {
-            Some(d) => d.3 += s.drops,
-            None => drops.push((s.netns, name(s.netns), s.reason, s.drops)),
+    // Rows and the drops of sources without a row: exact per reason.
+    let mut drops: Vec<ReasonCount> = Vec::new();
+    let counted = record.sources.iter().map(|s| (s.netns, s.reason, s.drops));
+    for (netns, reason, n) in counted.chain(record.others.iter().map(|o| (o.netns, o.reason, o.drops))) {
+        match drops.iter_mut().find(|d| d.netns == netns && d.reason == reason) {
+            Some(d) => d.drops += n,
+            None => drops.push(ReasonCount { netns, name: name(netns), reason, drops: n }),
         }
     }
-    drops.sort_by_key(|d| (d.0, d.2));
+    drops.sort_by_key(|d| (d.netns, d.reason));
     let input = MetricsInput {
         drops,
         netfilter_drops: record.totals.kernel.netfilter_drops,
@@ -305,6 +316,20 @@ mod tests {
             "{text}"
         );
         let per_source = text.lines().filter(|l| l.starts_with("ctrace_source_drops_total{")).count();
+        // Drops of sources without a row count in their reason's total.
+        let mut approximate = crate::export::tests::fixture();
+        approximate.others.push(crate::export::json::Others {
+            netns: 4026532177,
+            reason: Reason::TableFull,
+            drops: 7,
+            histogram: crate::aggregate::Histogram { bucket_ms: 1000, counts: vec![7] },
+        });
+        let with_others = from_record(&approximate, 2);
+        assert!(
+            with_others
+                .contains("ctrace_drops_total{netns=\"4026532177\",netns_name=\"srv\",reason=\"table_full\"} 57"),
+            "{with_others}"
+        );
         assert_eq!(per_source, 2, "only the top sources get labels");
         assert!(text.contains("ctrace_conntrack_drop_total{netns=\"4026532177\",netns_name=\"srv\"} 50"), "{text}");
     }

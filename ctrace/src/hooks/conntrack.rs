@@ -147,19 +147,6 @@ pub fn with_symbol_addresses(mut layout: ConntrackLayout, kallsyms: &Kallsyms) -
     layout
 }
 
-/// The TCP state of a conntrack event's entry. Allocation failures have
-/// no entry, other protocols no TCP state.
-pub fn event_state(tcp_states: &[(u8, ConnState)], ev: &crate::model::CtEvent) -> ConnState {
-    use crate::model::{CtKind, Protocol};
-    match (ev.proto, ev.kind) {
-        (
-            Protocol::Tcp,
-            CtKind::EarlyDrop | CtKind::Insert | CtKind::InsertFailed | CtKind::ClashResolved | CtKind::Delete,
-        ) => tcp_states.iter().find(|(raw, _)| *raw == ev.raw_tcp_state).map_or(ConnState::Unknown, |(_, s)| *s),
-        _ => ConnState::None,
-    }
-}
-
 /// Raw `enum tcp_conntrack` values to states, by name (values differ
 /// between kernels only in theory, but they are never assumed).
 pub fn tcp_states(btf: &Btf) -> Vec<(u8, ConnState)> {

@@ -15,7 +15,7 @@ use crate::{
     },
     census::Census,
     engine::Sink,
-    export::metrics::{MetricsInput, NetnsCounts, SourceCount},
+    export::metrics::{MetricsInput, NetnsCounts, ReasonCount, SourceCount},
     hooks::KernelTotals,
     live::query::{Query, SortBy},
     model::{ConnState, CtEvent, CtKind, DropEvent, Protocol, Reason},
@@ -221,9 +221,14 @@ impl LiveState {
         let mut drops: Vec<_> = self
             .by_netns
             .iter()
-            .map(|(&(netns, reason), &n)| (netns, self.netns_name(netns).map(str::to_string), reason, n))
+            .map(|(&(netns, reason), &drops)| ReasonCount {
+                netns,
+                name: self.netns_name(netns).map(str::to_string),
+                reason,
+                drops,
+            })
             .collect();
-        drops.sort_by_key(|d| (d.0, d.2));
+        drops.sort_by_key(|d| (d.netns, d.reason));
         let mut heaviest: Vec<_> = self.heavy.iter().collect();
         heaviest.sort_by(|a, b| b.count.cmp(&a.count).then(a.key.cmp(&b.key)));
         MetricsInput {
