@@ -152,6 +152,9 @@ fn test(no_setup: bool, no_vm: bool, repeat: u32) -> anyhow::Result<()> {
         .env_remove("CARGO"))?;
     // Unit tests: no privileges, no shared kernel state.
     run(cargo().args(["test", "--lib", "--bins"]))?;
+    // The Prometheus rules: valid, and firing as their tests say.
+    run(Command::new("promtool").args(["check", "rules", "deploy/prometheus/ctrace-rules.yml"]))?;
+    run(Command::new("promtool").args(["test", "rules", "deploy/prometheus/ctrace-rules.test.yml"]))?;
     let mut tally = Tally::default();
     let result = e2e_rounds(no_vm, repeat, &mut tally);
     eprint!("\nxtask: end-to-end tests, passes per run:\n{}", tally.report());
