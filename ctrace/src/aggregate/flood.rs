@@ -207,7 +207,7 @@ impl PrefixCounts {
 
 /// Destinations tracked (Space-Saving), each with its own distinct counter.
 pub const DESTINATIONS: usize = 32;
-/// Prefixes tracked per level. Every IPv4 /8 fits, so that level is exact.
+/// Prefixes tracked by each Space-Saving level (IPv4 /24, the IPv6 levels).
 const PREFIXES: usize = 256;
 /// A prefix is shown once the drops it alone explains reach this share.
 pub const PREFIX_SHARE: f64 = 0.05;
