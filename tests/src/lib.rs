@@ -296,7 +296,9 @@ impl Lab {
     /// to ksoftirqd after sendto returned. So the sender stays on one CPU
     /// and ends with a datagram on a flow conntrack already knows (no new
     /// entry, so it cannot fail to insert); once the server has received
-    /// it, everything sent before it has been through conntrack.
+    /// it, everything sent before it has been through conntrack. The caller
+    /// keeps that flow's entry for the whole spray (a UDP timeout longer
+    /// than the spray takes), or the last datagram may be refused too.
     pub fn udp_spray(&self, src: Ipv4Addr, ports: std::ops::RangeInclusive<u16>) -> std::io::Result<u64> {
         const MARKER_PORT: u16 = 65_000;
         assert!(!ports.contains(&MARKER_PORT));

@@ -154,6 +154,13 @@ fn failed_insertions_match_the_kernels_insert_failed_counter() {
     let lab = Lab::new("clash", &[SOURCE]).expect("lab");
     lab.track_connections("ctrace_clash").unwrap();
     let out = TempDir::new("clash");
+    // The spray ends with a datagram on the flow its first marker opened
+    // (see udp_spray): that entry must outlive the spray, which took over
+    // the default 30 s under emulation with the host busy. (The namespace's
+    // own timeout, gone with it.)
+    lab.server
+        .enter(|| std::fs::write("/proc/sys/net/netfilter/nf_conntrack_udp_timeout", "3600"))
+        .expect("UDP timeout");
     let recording = Recording::start(&out.0.join("r.json"), &["--tier", "kprobe"]).expect("ctrace record");
     let before = lab.server.conntrack_stat().unwrap();
     let buckets = Sysctl::set("net.netfilter.nf_conntrack_buckets", "1").unwrap();
