@@ -153,8 +153,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        engine::Pipeline, export::metrics::encode_input, live::query::Query, live::state::LiveState, record::Recorder,
-        testing::Rng,
+        export::metrics::encode_input, live::query::Query, live::state::LiveState, record::Recorder, testing::Rng,
     };
 
     /// A record as the ring buffer could hold it, or worse: random bytes,

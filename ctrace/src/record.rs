@@ -22,8 +22,7 @@ use crate::{
         },
         Format, Output,
     },
-    model::Occupancy,
-    model::{ConnState, CtEvent, CtKind, DropEvent, Protocol, Reason},
+    model::{ConnState, CtEvent, CtKind, DropEvent, Occupancy, Protocol, Reason},
     netns::{self, ConntrackStats, Namespaces},
     privileges,
 };
@@ -142,8 +141,7 @@ impl Recorder {
 impl Sink for Recorder {
     fn on_drop(&mut self, key: &SourceKey, event: &DropEvent) {
         self.table.add(*key, event.ts_ns);
-        let destination = Destination { netns: key.netns, dst: event.dst, dport: key.dport, proto: key.proto };
-        self.flood.add(key.src, destination, event.ts_ns);
+        self.flood.add(key.src, Destination::of(key, event.dst), event.ts_ns);
     }
 
     fn on_conntrack(&mut self, ev: &CtEvent, state: ConnState) {

@@ -100,6 +100,13 @@ pub struct Destination {
     pub proto: Protocol,
 }
 
+impl Destination {
+    /// Where a drop counted under `key` was going.
+    pub fn of(key: &super::SourceKey, dst: IpAddr) -> Self {
+        Destination { netns: key.netns, dst, dport: key.dport, proto: key.proto }
+    }
+}
+
 /// A source prefix: the address with all but `len` bits cleared.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Prefix {

@@ -162,8 +162,7 @@ impl LiveState {
     #[inline]
     pub fn count_drop(&mut self, key: &SourceKey, dst: IpAddr, ts_ns: u64) {
         self.heavy.add(key, ts_ns);
-        let destination = Destination { netns: key.netns, dst, dport: key.dport, proto: key.proto };
-        self.flood.add(key.src, destination, ts_ns);
+        self.flood.add(key.src, Destination::of(key, dst), ts_ns);
         self.decoded[reason_index(key.reason)] += 1;
         *self.by_netns.entry((key.netns, key.reason)).or_default() += 1;
     }
