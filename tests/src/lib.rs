@@ -31,13 +31,21 @@ pub const FILL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Polls `ready` until it gives a value; fails, saying what was awaited,
 /// only after [`HANG`].
-pub fn wait_for<T>(what: &str, mut ready: impl FnMut() -> Option<T>) -> T {
+pub fn wait_for<T>(what: &str, ready: impl FnMut() -> Option<T>) -> T {
+    wait_for_explained(what, ready, String::new)
+}
+
+/// [`wait_for`], and on a hang also says what `seen` finds then, so that a
+/// hang in CI can be understood from its log.
+pub fn wait_for_explained<T>(what: &str, mut ready: impl FnMut() -> Option<T>, seen: impl FnOnce() -> String) -> T {
     let started = Instant::now();
     loop {
         if let Some(value) = ready() {
             return value;
         }
-        assert!(started.elapsed() < HANG, "waited {HANG:?} for {what}: a hang");
+        if started.elapsed() >= HANG {
+            panic!("waited {HANG:?} for {what}: a hang; {}", seen());
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -652,6 +660,16 @@ impl Recording {
 
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
+    }
+
+    /// Fails the test at once, with the exit status, if ctrace is no longer
+    /// running (a wait on it would otherwise only end as a hang).
+    pub fn assert_running(&mut self) {
+        let child = self.child.as_mut().expect("running");
+        if let Ok(Some(status)) = child.try_wait() {
+            let said: Vec<String> = self.stderr_lines.try_iter().collect();
+            panic!("ctrace record exited while it should be recording: {status}; it said {said:?}");
+        }
     }
 
     /// Sends SIGINT and waits for a clean exit; returns the record file.

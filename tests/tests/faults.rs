@@ -7,7 +7,9 @@ use std::{
     process::{Command, Output, Stdio},
 };
 
-use ctrace_tests::{ctrace_bin, require_root, run, wait_for, Daemon, Lab, Sysctl, TempDir, FILL_TIMEOUT};
+use ctrace_tests::{
+    ctrace_bin, require_root, run, wait_for, wait_for_explained, Daemon, Lab, Sysctl, TempDir, FILL_TIMEOUT,
+};
 
 fn ctrace(args: &[&str]) -> Output {
     Command::new(ctrace_bin()).args(args).output().expect("run ctrace")
@@ -188,6 +190,25 @@ fn open_stat_files(pid: u32) -> usize {
         .count()
 }
 
+/// What a process has open and what namespaces there are: for a hang's message.
+fn open_files_seen(pid: u32) -> String {
+    let mut targets: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .map(|target| target.display().to_string())
+        .collect();
+    targets.sort();
+    targets.dedup_by(|a, b| a.starts_with("/proc/") && b.starts_with("/proc/") && a.ends_with("nf_conntrack"));
+    format!(
+        "{} stat files open, {} namespaces on the system, /proc/net/stat/nf_conntrack {}; open files (stat files once): {targets:?}",
+        open_stat_files(pid),
+        system_namespaces(),
+        if Path::new("/proc/net/stat/nf_conntrack").exists() { "exists" } else { "missing" }
+    )
+}
+
 /// Network namespaces on the system, found as ctrace finds them (named
 /// ones, and those of processes).
 fn system_namespaces() -> usize {
@@ -204,31 +225,51 @@ fn system_namespaces() -> usize {
 
 /// 500 namespaces come and go while `ctrace record` runs: it reads each
 /// one's counters while it exists, and lets go of it when it is gone (an
-/// open stat file pins a deleted namespace in the kernel), so its open
-/// stat files come back to one per namespace there is, and it goes on
-/// recording.
+/// open stat file pins a deleted namespace in the kernel), so after every
+/// round its open stat files come back to one per namespace there is, and
+/// it goes on recording.
 #[test]
 fn namespaces_that_come_and_go_leave_no_open_files() {
     require_root();
     const ROUNDS: usize = 5;
     const PER_ROUND: usize = 100;
+    // Namespaces have conntrack counters only once nf_conntrack is loaded
+    // (a module on most kernels, loaded by the first rule that needs it).
+    if !Path::new("/proc/net/stat/nf_conntrack").exists() {
+        run("modprobe", &["nf_conntrack"]).expect("nf_conntrack is not loaded and modprobe failed");
+    }
     let dir = TempDir::new("netnsfd");
     let path = dir.0.join("r.json");
-    let recording = ctrace_tests::Recording::start(&path, &[]).expect("ctrace record");
+    let mut recording = ctrace_tests::Recording::start(&path, &[]).expect("ctrace record");
     let pid = recording.pid().expect("ctrace pid");
+    let mut seen = (0, 0);
     for round in 0..ROUNDS {
         let batch = ManyNamespaces::create(&format!("fd{round}"), PER_ROUND);
         // ctrace samples every namespace's counters once a second: wait
         // until it has the new ones open, so their going is tested.
-        wait_for("ctrace to read the new namespaces' counters", || (open_stat_files(pid) >= PER_ROUND).then_some(()));
+        wait_for_explained(
+            "ctrace to read the new namespaces' counters",
+            || {
+                recording.assert_running();
+                (open_stat_files(pid) > PER_ROUND).then_some(())
+            },
+            || open_files_seen(pid),
+        );
         drop(batch);
+        seen = wait_for_explained(
+            "ctrace to close the stat files of deleted namespaces",
+            || {
+                recording.assert_running();
+                let (open, namespaces) = (open_stat_files(pid), system_namespaces());
+                (open <= namespaces).then_some((open, namespaces))
+            },
+            || open_files_seen(pid),
+        );
     }
-    let (open, namespaces) = wait_for("ctrace to close the stat files of deleted namespaces", || {
-        let (open, namespaces) = (open_stat_files(pid), system_namespaces());
-        (open <= namespaces).then_some((open, namespaces))
-    });
     eprintln!(
-        "ctrace record: {open} stat files open for {namespaces} namespaces after {} came and went",
+        "ctrace record: {} stat files open for {} namespaces after {} came and went",
+        seen.0,
+        seen.1,
         ROUNDS * PER_ROUND
     );
     let record = recording.stop().expect("record after the namespaces");
