@@ -268,6 +268,14 @@ impl Btf {
         id
     }
 
+    /// `sizeof(struct name)`.
+    pub fn struct_size(&self, name: &str) -> Option<u32> {
+        match self.kind(self.find(name, |k| matches!(k, Kind::Struct { .. }))?)? {
+            Kind::Struct { size, .. } => Some(*size),
+            _ => None,
+        }
+    }
+
     /// Byte offset of `path` ("a.b.c") inside `struct owner`, looking through
     /// anonymous struct and union members as C does.
     pub fn member_offset(&self, owner: &str, path: &str) -> Result<u32, BtfError> {
@@ -503,6 +511,9 @@ mod tests {
         assert_eq!(btf.member_offset("outer", "in.b").unwrap(), 12);
         assert_eq!(btf.member_offset("outer", "z").unwrap(), 16);
         assert_eq!(btf.member_offset("outer", "t.b").unwrap(), 28);
+        assert_eq!(btf.struct_size("outer"), Some(32));
+        assert_eq!(btf.struct_size("inner"), Some(8));
+        assert_eq!(btf.struct_size("colour"), None, "an enum is not a struct");
     }
 
     #[test]

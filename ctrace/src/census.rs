@@ -29,6 +29,19 @@ pub struct SourceEntries {
     pub states: Vec<(ConnState, u64)>,
 }
 
+/// Entries to one destination port (a service), for one protocol.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PortEntries {
+    pub proto: Protocol,
+    pub dport: u16,
+    pub entries: u64,
+    /// Entries by TCP state, most first.
+    pub states: Vec<(ConnState, u64)>,
+}
+
+/// Ports kept in [`Census::by_port`].
+pub const TOP_PORTS: usize = 10;
+
 /// A namespace's table, counted.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Census {
@@ -38,6 +51,17 @@ pub struct Census {
     pub by_state: BTreeMap<ConnState, u64>,
     /// By source, most entries first.
     pub by_source: Vec<SourceEntries>,
+    /// The [`TOP_PORTS`] destination ports with most entries, most first.
+    pub by_port: Vec<PortEntries>,
+}
+
+/// What the census reads of one table line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub src: IpAddr,
+    pub dport: u16,
+    pub proto: Protocol,
+    pub state: ConnState,
 }
 
 fn state_named(word: &str) -> Option<ConnState> {
@@ -58,51 +82,70 @@ fn state_named(word: &str) -> Option<ConnState> {
 
 /// Parses one line of /proc/net/nf_conntrack:
 /// `ipv4 2 tcp 6 431999 ESTABLISHED src=.. dst=.. sport=.. dport=.. ...`.
-/// The first `src=` is the original direction's source.
-pub fn parse_line(line: &str) -> Option<(IpAddr, Protocol, ConnState)> {
+/// The first `src=` and `dport=` are the original direction's.
+pub fn parse_line(line: &str) -> Option<Entry> {
     let mut words = line.split_whitespace();
     let _l3 = words.next()?;
     let _l3num = words.next()?;
     let _l4 = words.next()?;
     let proto = Protocol::from_number(words.next()?.parse().ok()?);
     let _timeout = words.next()?;
-    let mut state = ConnState::None;
+    let (mut state, mut src) = (ConnState::None, None);
     for word in words {
         if let Some(addr) = word.strip_prefix("src=") {
-            return Some((addr.parse().ok()?, proto, state));
-        }
-        if proto == Protocol::Tcp {
+            src = Some(addr.parse().ok()?);
+        } else if let Some(port) = word.strip_prefix("dport=") {
+            return Some(Entry { src: src?, dport: port.parse().ok()?, proto, state });
+        } else if src.is_none() && proto == Protocol::Tcp {
             if let Some(s) = state_named(word) {
                 state = s;
             }
         }
     }
-    None
+    // Protocols without ports (ICMP has type/code/id instead).
+    Some(Entry { src: src?, dport: 0, proto, state })
+}
+
+/// States most first, ties by state.
+fn sorted(states: BTreeMap<ConnState, u64>) -> Vec<(ConnState, u64)> {
+    let mut states: Vec<(ConnState, u64)> = states.into_iter().collect();
+    states.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    states
 }
 
 /// Counts a table's lines.
 pub fn count(netns: u32, lines: impl Iterator<Item = String>) -> Census {
     let mut census = Census::default();
     let mut sources: HashMap<(IpAddr, Protocol), BTreeMap<ConnState, u64>> = HashMap::new();
+    let mut ports: HashMap<(Protocol, u16), BTreeMap<ConnState, u64>> = HashMap::new();
     for (i, line) in lines.enumerate() {
         if i >= MAX_ENTRIES {
             census.truncated = true;
             break;
         }
-        let Some((src, proto, state)) = parse_line(&line) else { continue };
+        let Some(Entry { src, dport, proto, state }) = parse_line(&line) else { continue };
         census.entries += 1;
         *census.by_state.entry(state).or_default() += 1;
         *sources.entry((src, proto)).or_default().entry(state).or_default() += 1;
+        *ports.entry((proto, dport)).or_default().entry(state).or_default() += 1;
     }
     census.by_source = sources
         .into_iter()
         .map(|((src, proto), states)| {
-            let mut states: Vec<(ConnState, u64)> = states.into_iter().collect();
-            states.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+            let states = sorted(states);
             SourceEntries { netns, src, proto, entries: states.iter().map(|s| s.1).sum(), states }
         })
         .collect();
     census.by_source.sort_by(|a, b| b.entries.cmp(&a.entries).then(a.src.cmp(&b.src)));
+    census.by_port = ports
+        .into_iter()
+        .map(|((proto, dport), states)| {
+            let states = sorted(states);
+            PortEntries { proto, dport, entries: states.iter().map(|s| s.1).sum(), states }
+        })
+        .collect();
+    census.by_port.sort_by(|a, b| b.entries.cmp(&a.entries).then((a.proto, a.dport).cmp(&(b.proto, b.dport))));
+    census.by_port.truncate(TOP_PORTS);
     census
 }
 
@@ -149,13 +192,23 @@ garbage
             ("198.18.0.6".into(), Protocol::Udp)
         );
         assert_eq!(census.by_source[2].states, [(ConnState::SynRecv, 1)]);
+        let port = &census.by_port[0];
+        assert_eq!((port.proto, port.dport, port.entries), (Protocol::Tcp, 8080, 3));
+        assert_eq!(port.states, [(ConnState::Established, 2), (ConnState::TimeWait, 1)]);
+        assert_eq!(census.by_port.len(), 3);
     }
 
     #[test]
     fn unknown_lines_are_skipped() {
         assert_eq!(parse_line("garbage"), None);
         assert_eq!(parse_line(""), None);
-        let (src, proto, state) = parse_line(TABLE.lines().nth(3).unwrap()).unwrap();
-        assert_eq!((src.to_string(), proto, state), ("198.18.0.6".into(), Protocol::Udp, ConnState::None));
+        let entry = parse_line(TABLE.lines().nth(3).unwrap()).unwrap();
+        assert_eq!(
+            (entry.src.to_string(), entry.dport, entry.proto, entry.state),
+            ("198.18.0.6".into(), 9, Protocol::Udp, ConnState::None)
+        );
+        let icmp = "ipv4     2 icmp     1 29 src=198.18.0.2 dst=198.18.1.1 type=8 code=0 id=7 src=198.18.1.1 \
+                    dst=198.18.0.2 type=0 code=0 id=7 mark=0 use=1";
+        assert_eq!(parse_line(icmp).map(|e| (e.dport, e.proto)), Some((0, Protocol::Icmp)));
     }
 }

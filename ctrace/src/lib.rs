@@ -4,13 +4,14 @@
 //! `hooks` loads the kernel programs, `engine` drains their ring buffer,
 //! `decode` turns records into the `model`, `classify` names the reason,
 //! `aggregate` counts per source (and sums floods up), `export` writes files;
-//! `record`, `live` and `serve` are front ends over the engine. `netns`
+//! `record`, `live`, `serve` and `doctor` are front ends over the engine. `netns`
 //! reads the kernel's own counters to compare.
 pub mod aggregate;
 pub mod btf;
 pub mod census;
 pub mod classify;
 pub mod decode;
+pub mod doctor;
 pub mod engine;
 pub mod export;
 pub mod hooks;

@@ -23,7 +23,8 @@ use ctrace::{
         sudo ctrace live\n  \
         sudo ctrace record --duration 30 --output drops.json\n  \
         ctrace report drops.json --format svg --output drops.svg\n  \
-        sudo ctrace serve --listen 127.0.0.1:9640"
+        sudo ctrace serve --listen 127.0.0.1:9640\n  \
+        sudo ctrace doctor"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -149,6 +150,31 @@ enum Command {
         #[command(flatten)]
         hooks: HookChoice,
     },
+    /// What to change: watches a short window, reads the kernel's counters,
+    /// settings and tables, and says what is wrong, with the numbers that
+    /// show it and the exact command (and config file) that fixes it.
+    /// Changes nothing.
+    #[command(after_help = "It looks at every network namespace with conntrack activity (or --netns), and at \
+        the machine: occupancy and peak against nf_conntrack_max, the kernel's drop, early_drop, insert_failed \
+        and invalid counters, hash size and memory per entry, what fills each table (TCP states, ports, the \
+        timeouts that hold them), local services worth a NOTRACK rule, the DNS insertion race, and the kernel \
+        log's \"table full\" lines.\n\n\
+        Exit status: 0 healthy, 1 warnings, 2 critical, 3 doctor itself failed (no privileges, bad \
+        arguments). JSON schema: docs/doctor.md.\n\n\
+        Examples:\n  sudo ctrace doctor\n  sudo ctrace doctor --netns web --window 30\n  \
+        sudo ctrace doctor --format json | jq '.findings[] | select(.severity != \"info\")'")]
+    Doctor {
+        /// Seconds to watch drops and rates (Ctrl-C ends it early).
+        #[arg(long, value_name = "SECS", default_value = "5", value_parser = parse_duration)]
+        window: Duration,
+        /// Only this namespace: its `ip netns` name, `host`, `pid N`, or its inode number.
+        #[arg(long, value_name = "NAME")]
+        netns: Option<String>,
+        #[arg(long, value_enum, default_value = "text")]
+        format: DoctorFormat,
+        #[command(flatten)]
+        hooks: HookChoice,
+    },
     /// Show, for this kernel, each hook, the tier it uses and why: attaches
     /// and detaches again (root), or only checks what it can (otherwise).
     Probes {
@@ -165,6 +191,15 @@ enum Command {
         dir: PathBuf,
     },
 }
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum DoctorFormat {
+    Text,
+    Json,
+}
+
+/// `doctor`'s status when it could not diagnose: apart from its verdicts.
+const DOCTOR_FAILED: u8 = 3;
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
     let secs: f64 = text.parse().map_err(|_| format!("`{text}` is not a number of seconds"))?;
@@ -217,7 +252,31 @@ fn manpages(dir: &std::path::Path) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // doctor's 1 and 2 are verdicts: its usage errors must not read as one.
+        Err(err) if err.use_stderr() && std::env::args().nth(1).as_deref() == Some("doctor") => {
+            let _ = err.print();
+            return ExitCode::from(DOCTOR_FAILED);
+        }
+        Err(err) => err.exit(),
+    };
+    if let Command::Doctor { window, netns, format, hooks } = cli.command {
+        let options = ctrace::doctor::Options { window, netns, json: matches!(format, DoctorFormat::Json), hooks };
+        return match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(runtime) => match runtime.block_on(ctrace::doctor::run(options)) {
+                Ok(code) => ExitCode::from(code),
+                Err(err) => {
+                    eprintln!("ctrace: error: {err:#}");
+                    ExitCode::from(DOCTOR_FAILED)
+                }
+            },
+            Err(err) => {
+                eprintln!("ctrace: error: cannot start the runtime: {err}");
+                ExitCode::from(DOCTOR_FAILED)
+            }
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(err) => {
@@ -232,6 +291,7 @@ fn main() -> ExitCode {
                 record::run(record::Options { duration, output, format, top: top as usize, capacity, hooks }).await
             }
             Command::Probes { json } => probes(json),
+            Command::Doctor { .. } => unreachable!("handled above"),
             Command::Report { file, format, top, output } => report(&file, format, top as usize, &output),
             Command::Serve { listen, top, capacity, hooks } => {
                 serve::run(serve::Options { listen, top: top as usize, capacity: capacity as usize, hooks }).await

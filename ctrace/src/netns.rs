@@ -130,6 +130,18 @@ pub struct StatReader {
 /// that enters it (setns affects only the calling thread). The open file
 /// stays bound to that namespace.
 pub fn open_in(ns_path: &Path, name: &str) -> io::Result<File> {
+    open_as_in(ns_path, &Path::new("/proc/thread-self/net").join(name))
+}
+
+/// Reads a file that depends on the reader's network namespace (a
+/// `/proc/sys/net` sysctl, `/proc/thread-self/net/...`) as seen from the
+/// namespace at `ns_path`.
+pub fn read_in(ns_path: &Path, path: &Path) -> io::Result<String> {
+    io::read_to_string(open_as_in(ns_path, path)?)
+}
+
+/// Opens `path` from a thread inside the namespace at `ns_path`.
+fn open_as_in(ns_path: &Path, path: &Path) -> io::Result<File> {
     let ns = File::open(ns_path)?;
     std::thread::scope(|scope| {
         scope
@@ -139,7 +151,7 @@ pub fn open_in(ns_path: &Path, name: &str) -> io::Result<File> {
                 if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                     return Err(io::Error::last_os_error());
                 }
-                File::open(Path::new("/proc/thread-self/net").join(name))
+                File::open(path)
             })
             .join()
             .unwrap_or_else(|_| Err(io::Error::other("namespace thread panicked")))

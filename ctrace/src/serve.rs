@@ -58,6 +58,9 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     state.tick(engine.sample());
     let (render_tx, mut renders) = mpsc::channel::<Render>(MAX_CONNECTIONS);
     tokio::spawn(accept_loop(listener, render_tx));
+    // Before the readiness line: a SIGTERM from then on must stop cleanly.
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
     eprintln!(
         "ctrace: {} attached; serving http://{}/metrics{}",
         engine.attached.tier,
@@ -65,8 +68,6 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         if options.listen.ip().is_loopback() { "" } else { " (not loopback: reachable from the network)" }
     );
 
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {

@@ -1,0 +1,320 @@
+//! `ctrace doctor` against real incidents in namespaces the tests make: it
+//! must name the right finding with the kernel's own numbers, stay quiet
+//! about a healthy namespace, and its advice, applied, must work.
+use std::{
+    io::{BufRead, BufReader},
+    net::Ipv4Addr,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use ctrace_tests::{
+    ctrace_bin, nft_counter, require_root, run, wait_for, Lab, Sysctl, TempDir, FILL_TIMEOUT, HANG, SERVER,
+};
+use serde_json::Value;
+
+const FILLER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+const STORM_A: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
+const STORM_B: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 4);
+const SERVICE_PORT: u16 = 8080;
+const TABLE_MAX: u64 = 64;
+
+/// Counts SYNs per source before conntrack (raw priority), and turns
+/// conntrack on in the namespace.
+const RULES: &str = "
+table inet ctrace_doctor {
+    counter syn_storm_a {}
+    counter syn_storm_b {}
+    chain raw {
+        type filter hook prerouting priority raw; policy accept;
+        ip saddr 198.18.0.3 tcp flags & (syn | ack) == syn counter name syn_storm_a
+        ip saddr 198.18.0.4 tcp flags & (syn | ack) == syn counter name syn_storm_b
+    }
+    chain track {
+        type filter hook input priority filter; policy accept;
+        ct state new counter
+    }
+}
+";
+
+/// A running `ctrace doctor --format json`; its report once stopped.
+struct Doctor {
+    child: Child,
+    out: TempDir,
+}
+
+impl Doctor {
+    /// Starts doctor on one namespace with a window that only SIGINT ends,
+    /// and waits until it watches.
+    fn start(netns: &str) -> Self {
+        let out = TempDir::new("doctor");
+        let stdout = std::fs::File::create(out.0.join("report.json")).expect("report file");
+        let mut child = Command::new(ctrace_bin())
+            .args(["doctor", "--format", "json", "--window", "3600", "--netns", netns])
+            .stdout(stdout)
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ctrace doctor");
+        let stderr = child.stderr.take().expect("piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[doctor] {line}");
+                let _ = tx.send(line);
+            }
+        });
+        loop {
+            match rx.recv_timeout(HANG) {
+                Ok(line) if line.contains("watching") => return Doctor { child, out },
+                Ok(_) => {}
+                Err(_) => panic!("ctrace doctor did not start watching (exit {:?})", child.try_wait()),
+            }
+        }
+    }
+
+    /// Ends the window (as Ctrl-C does); the exit status and the report.
+    fn stop(mut self) -> (ExitStatus, Value) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let status = self.child.wait().expect("wait for doctor");
+        let text = std::fs::read_to_string(self.out.0.join("report.json")).expect("report");
+        let report = serde_json::from_str(&text).unwrap_or_else(|e| panic!("doctor's JSON: {e}: {text}"));
+        (status, report)
+    }
+}
+
+impl Drop for Doctor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn findings_for(report: &Value, netns: u32) -> Vec<&Value> {
+    report["findings"].as_array().expect("findings").iter().filter(|f| f["netns"] == netns).collect()
+}
+
+fn namespace(report: &Value, netns: u32) -> &Value {
+    report["evidence"]["namespaces"]
+        .as_array()
+        .expect("namespaces")
+        .iter()
+        .find(|n| n["netns"] == netns)
+        .unwrap_or_else(|| panic!("namespace {netns} not in the report: {report:#}"))
+}
+
+/// The exit status is the worst finding's: 0 healthy, 1 warning, 2 critical.
+fn check_status(status: ExitStatus, report: &Value) {
+    let worst =
+        report["findings"].as_array().unwrap().iter().map(|f| f["severity"].as_str().unwrap()).fold(0, |worst, s| {
+            worst.max(match s {
+                "critical" => 2,
+                "warning" => 1,
+                _ => 0,
+            })
+        });
+    assert_eq!(status.code(), Some(worst), "exit status vs findings: {report:#}");
+    assert_eq!(report["exit_code"], worst);
+}
+
+/// A namespace with a few live connections and nothing wrong: no warning
+/// about it, and its entries are the kernel's.
+#[test]
+fn a_healthy_namespace_gets_no_warning() {
+    require_root();
+    let lab = Lab::new("dochealthy", &[FILLER]).expect("lab");
+    lab.track_connections("ctrace_doctor").expect("conntrack on");
+    let _listener = lab.listen(SERVICE_PORT).expect("listener");
+    let held: Vec<_> = (0..5).map(|_| lab.connect(FILLER, SERVICE_PORT, FILL_TIMEOUT).expect("connect")).collect();
+    let doctor = Doctor::start(&lab.server.name);
+    let entries = lab.server.conntrack_stat().unwrap().entries;
+    let (status, report) = doctor.stop();
+    drop(held);
+
+    assert_eq!(report["schema"], "ctrace.doctor.v1");
+    check_status(status, &report);
+    let netns = lab.server.inode();
+    let ns = namespace(&report, netns);
+    assert_eq!(ns["entries"], entries, "entries vs the kernel's: {ns:#}");
+    assert_eq!(ns["census"]["entries"], entries, "the census counts the kernel's table: {ns:#}");
+    let serious: Vec<_> = findings_for(&report, netns).into_iter().filter(|f| f["severity"] != "info").collect();
+    assert!(serious.is_empty(), "a healthy namespace got warnings: {serious:#?}");
+    assert_eq!(report["evidence"]["namespaces"].as_array().unwrap().len(), 1, "--netns shows one namespace");
+}
+
+/// A table-full storm from named clients: critical, with the kernel's drop
+/// count and each source's SYNs exact; then doctor's suggested maximum,
+/// applied as it says, lets the same storm through with no drop.
+#[test]
+fn a_full_table_is_critical_and_the_suggested_max_stops_the_drops() {
+    require_root();
+    let lab = Lab::new("docfull", &[FILLER, STORM_A, STORM_B]).expect("lab");
+    let rules = TempDir::new("docrules");
+    let rules_file = rules.0.join("rules.nft");
+    std::fs::write(&rules_file, RULES).unwrap();
+    lab.server.exec("nft", &["-f", rules_file.to_str().unwrap()]).expect("nft rules");
+    let _listener = lab.listen(SERVICE_PORT).expect("listener");
+    let netns = lab.server.inode();
+
+    let doctor = Doctor::start(&lab.server.name);
+    let before = lab.server.conntrack_stat().unwrap();
+    let max = Sysctl::set("net.netfilter.nf_conntrack_max", &TABLE_MAX.to_string()).expect("sysctl");
+    let room = TABLE_MAX - before.entries;
+    let held: Vec<_> = (0..room).map(|_| lab.connect(FILLER, SERVICE_PORT, FILL_TIMEOUT).expect("fill")).collect();
+    assert_eq!(lab.server.conntrack_stat().unwrap().entries, TABLE_MAX, "table not full");
+    let storm = storm(&lab);
+    let after = wait_for("the kernel to drop every storm SYN", || {
+        let stat = lab.server.conntrack_stat().unwrap();
+        (stat.drop - before.drop >= storm).then_some(stat)
+    });
+    // Keep the table full until doctor has read every drop (tracepoint
+    // tier: a drop is table_full if the table is at max when it is read).
+    let (status, report) = doctor.stop();
+    let kernel_drops = after.drop - before.drop;
+    let syn = |name| nft_counter(&lab.server, "inet", "ctrace_doctor", name).unwrap();
+    let syns = syn("syn_storm_a") + syn("syn_storm_b");
+    eprintln!("ground truth: {syns} storm SYNs, namespace drop counter +{kernel_drops}");
+
+    assert_eq!(status.code(), Some(2), "a full table is critical: {report:#}");
+    check_status(status, &report);
+    let ns = namespace(&report, netns);
+    assert_eq!(ns["end"]["drop"].as_u64().unwrap() - ns["start"]["drop"].as_u64().unwrap(), kernel_drops);
+    assert_eq!(ns["drops"]["table_full"], syns, "ctrace's table_full drops vs the raw table's SYNs: {ns:#}");
+    assert_eq!(ns["peak"], TABLE_MAX);
+    let found = findings_for(&report, netns);
+    let full = found.iter().find(|f| f["id"] == "table_full").unwrap_or_else(|| panic!("no table_full: {found:#?}"));
+    assert_eq!(full["severity"], "critical");
+    assert!(full["evidence"][0].as_str().unwrap().contains(&format!("+{kernel_drops} ")), "{full:#}");
+    let sources = ns["drop_sources"].as_array().unwrap();
+    for src in [STORM_A, STORM_B] {
+        assert!(sources.iter().any(|s| s[0] == src.to_string()), "{src} not among the dropped sources: {ns:#}");
+    }
+    let suggested = full["settings"]["net.netfilter.nf_conntrack_max"].as_u64().expect("a suggested max");
+    let fix = format!("sysctl -w net.netfilter.nf_conntrack_max={suggested}");
+    assert_eq!(full["fix"][0], fix);
+
+    // The advice, as written (the guard above restores the old value).
+    run("sh", &["-c", &fix]).expect("apply the suggested max");
+    let before = lab.server.conntrack_stat().unwrap();
+    let storm_again = storm_held(&lab);
+    let after = lab.server.conntrack_stat().unwrap();
+    assert_eq!(after.drop - before.drop, 0, "drops with the suggested max {suggested}");
+    assert_eq!(after.entries, TABLE_MAX + storm_again.len() as u64, "every storm flow has its entry");
+    drop((storm_again, held, max));
+}
+
+/// 50 SYNs from two sources that conntrack must drop; returns how many.
+fn storm(lab: &Lab) -> u64 {
+    (0..50)
+        .map(|round| {
+            let src = if round % 5 < 3 { STORM_A } else { STORM_B };
+            let result = lab.connect(src, SERVICE_PORT, Duration::from_millis(50));
+            assert!(result.is_err(), "a connection got through a full table");
+        })
+        .count() as u64
+}
+
+/// The same 50 connections, now expected to open; held open.
+fn storm_held(lab: &Lab) -> Vec<socket2::Socket> {
+    (0..50)
+        .map(|round| {
+            let src = if round % 5 < 3 { STORM_A } else { STORM_B };
+            lab.connect(src, SERVICE_PORT, FILL_TIMEOUT)
+                .unwrap_or_else(|e| panic!("connection {round} to {SERVER} failed with the suggested max: {e}"))
+        })
+        .collect()
+}
+
+/// The namespace's TIME_WAIT entries from the kernel's own table: each
+/// one's client port and the seconds it has left.
+fn time_wait_entries(lab: &Lab) -> Vec<(u16, u64)> {
+    let table = lab.server.proc_net("nf_conntrack").expect("table");
+    table
+        .lines()
+        .filter(|l| l.split_whitespace().nth(5) == Some("TIME_WAIT"))
+        .filter_map(|l| {
+            let left = l.split_whitespace().nth(4)?.parse().ok()?;
+            let sport = l.split_whitespace().find_map(|w| w.strip_prefix("sport="))?.parse().ok()?;
+            Some((sport, left))
+        })
+        .collect()
+}
+
+/// Short connections, closed at both ends (the server closes its end at
+/// once): their entries go to TIME_WAIT. Returns their client ports.
+fn short_connections(lab: &Lab, count: usize) -> Vec<u16> {
+    (0..count)
+        .map(|_| {
+            let socket = lab.connect(FILLER, SERVICE_PORT, FILL_TIMEOUT).expect("connect");
+            let port = socket.local_addr().unwrap().as_socket().unwrap().port();
+            socket.shutdown(std::net::Shutdown::Both).expect("shutdown");
+            port
+        })
+        .collect()
+}
+
+/// A TIME_WAIT pile-up: doctor names the timeout and the shorter value;
+/// applied with its own command, new entries hold their slot that long.
+#[test]
+fn a_time_wait_pile_up_gets_a_shorter_timeout_that_works() {
+    require_root();
+    const PILE: usize = 120;
+    let lab = Lab::new("doctw", &[FILLER]).expect("lab");
+    lab.track_connections("ctrace_doctor").expect("conntrack on");
+    let listener = std::sync::Arc::new(lab.listen(SERVICE_PORT).expect("listener"));
+    let accepting = listener.clone();
+    let closer = std::thread::spawn(move || {
+        while let Ok((socket, _)) = accepting.accept() {
+            drop(socket)
+        }
+    });
+    let max = Sysctl::set("net.netfilter.nf_conntrack_max", "128").expect("sysctl");
+    let pile_ports = short_connections(&lab, PILE);
+    let pile = wait_for("the closed connections to reach TIME_WAIT", || {
+        let entries = time_wait_entries(&lab);
+        pile_ports.iter().all(|p| entries.iter().any(|(sport, _)| sport == p)).then_some(entries)
+    });
+    let default_timeout =
+        lab.server.exec("sysctl", &["-n", "net.netfilter.nf_conntrack_tcp_timeout_time_wait"]).unwrap();
+    assert!(pile.iter().all(|&(_, left)| left > 30), "the pile holds its slots longer than 30 s: {pile:?}");
+
+    let doctor = Doctor::start(&lab.server.name);
+    let (status, report) = doctor.stop();
+    check_status(status, &report);
+    let netns = lab.server.inode();
+    let found = findings_for(&report, netns);
+    let f = found
+        .iter()
+        .find(|f| f["id"] == "timeout_holds_slots")
+        .unwrap_or_else(|| panic!("no timeout finding: {found:#?}"));
+    assert_eq!(f["severity"], "warning", "{f:#}");
+    let name = "net.netfilter.nf_conntrack_tcp_timeout_time_wait";
+    assert_eq!(f["settings"][name], 30);
+    let fix = format!("ip netns exec {} sysctl -w {name}=30", lab.server.name);
+    assert_eq!(f["fix"][0], fix);
+    assert!(f["evidence"][0].as_str().unwrap().contains(&format!("= {} s", default_timeout.trim())), "{f:#}");
+
+    // The advice, as written: entries made from now on leave within 30 s.
+    run("sh", &["-c", &fix]).expect("apply the timeout");
+    let new_ports = short_connections(&lab, 5);
+    let after = wait_for("the new connections to reach TIME_WAIT", || {
+        let entries = time_wait_entries(&lab);
+        let new: Vec<u64> =
+            entries.iter().filter(|(sport, _)| new_ports.contains(sport)).map(|&(_, left)| left).collect();
+        (new.len() == new_ports.len()).then_some(new)
+    });
+    assert!(after.iter().all(|&left| left <= 30), "new TIME_WAIT entries hold at most 30 s: {after:?}");
+    eprintln!(
+        "TIME_WAIT entries: {} before the fix with {}-{} s left; {} after it with {:?} s left",
+        pile.len(),
+        pile.iter().map(|e| e.1).min().unwrap(),
+        pile.iter().map(|e| e.1).max().unwrap(),
+        after.len(),
+        after
+    );
+    // Wakes the accept loop (shutting a listener down ends its accept).
+    listener.shutdown(std::net::Shutdown::Read).expect("shut the listener");
+    closer.join().expect("closer thread");
+    drop(max);
+}
