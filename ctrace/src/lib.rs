@@ -5,12 +5,14 @@
 //! `decode` turns records into the `model`, `classify` names the reason,
 //! `aggregate` counts per source (and sums floods up), `export` writes files;
 //! `record`, `live`, `serve` and `doctor` are front ends over the engine. `netns`
-//! reads the kernel's own counters to compare.
+//! reads the kernel's own counters to compare; `demo` makes an incident to
+//! watch, in namespaces of its own.
 pub mod aggregate;
 pub mod btf;
 pub mod census;
 pub mod classify;
 pub mod decode;
+pub mod demo;
 pub mod doctor;
 pub mod engine;
 pub mod export;

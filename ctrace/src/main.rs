@@ -175,6 +175,40 @@ enum Command {
         #[command(flatten)]
         hooks: HookChoice,
     },
+    /// Reproduce an incident in two network namespaces the command makes
+    /// (198.18.0.0/16, nothing leaves them), to see what ctrace shows
+    /// before a real one. Removes everything on exit.
+    #[command(after_help = "The demo fills its own namespace's table up to the real nf_conntrack_max (one value \
+        for the machine; the count is per namespace, so no other namespace is affected). Where that takes \
+        much kernel memory it asks for --yes, or --lower-max N, which lowers the maximum for the whole machine \
+        until the demo ends and restores it on every exit. After a kill, `ctrace demo --cleanup` removes the \
+        namespaces and restores the maximum.\n\n\
+        Examples:\n  sudo ctrace demo --scenario table-full --lower-max 4096 &\n  \
+        sudo ctrace doctor --netns ctrace-demo-srv\n  \
+        sudo ctrace demo --scenario syn-flood --duration 20 --record flood.json --lower-max 4096\n  \
+        sudo ctrace demo --cleanup")]
+    Demo {
+        #[arg(long, value_enum, default_value = "table-full")]
+        scenario: ctrace::demo::Scenario,
+        /// Seconds the incident lasts (Ctrl-C ends it early).
+        #[arg(long, value_name = "SECS", default_value = "60", value_parser = parse_duration)]
+        duration: Duration,
+        /// Go on although filling the table takes much kernel memory.
+        #[arg(long)]
+        yes: bool,
+        /// Lower nf_conntrack_max to N for the demo (machine-wide; restored on exit).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(64..))]
+        lower_max: Option<u64>,
+        /// Also record the demo to FILE (`ctrace record`).
+        #[arg(long, value_name = "FILE")]
+        record: Option<PathBuf>,
+        /// After the traffic, keep the namespaces and their tables until Ctrl-C.
+        #[arg(long)]
+        keep: bool,
+        /// Remove what a killed demo left (namespaces, a lowered maximum), and exit.
+        #[arg(long, exclusive = true)]
+        cleanup: bool,
+    },
     /// Show, for this kernel, each hook, the tier it uses and why: attaches
     /// and detaches again (root), or only checks what it can (otherwise).
     Probes {
@@ -292,6 +326,10 @@ fn main() -> ExitCode {
             }
             Command::Probes { json } => probes(json),
             Command::Doctor { .. } => unreachable!("handled above"),
+            Command::Demo { cleanup: true, .. } => ctrace::demo::cleanup(),
+            Command::Demo { scenario, duration, yes, lower_max, record, keep, cleanup: false } => {
+                ctrace::demo::run(ctrace::demo::Options { scenario, duration, yes, lower_max, record, keep }).await
+            }
             Command::Report { file, format, top, output } => report(&file, format, top as usize, &output),
             Command::Serve { listen, top, capacity, hooks } => {
                 serve::run(serve::Options { listen, top: top as usize, capacity: capacity as usize, hooks }).await

@@ -17,6 +17,7 @@ use std::{
 use anyhow::{bail, Context as _};
 use socket2::{Domain, Protocol, Socket, Type};
 
+pub mod doctor;
 pub mod nfqueue;
 
 /// How long a wait may last before the test calls it a hang. Waits end on

@@ -1,18 +1,12 @@
 //! `ctrace doctor` against real incidents in namespaces the tests make: it
 //! must name the right finding with the kernel's own numbers, stay quiet
 //! about a healthy namespace, and its advice, applied, must work.
-use std::{
-    io::{BufRead, BufReader},
-    net::Ipv4Addr,
-    process::{Child, Command, ExitStatus, Stdio},
-    sync::mpsc,
-    time::Duration,
-};
+use std::{net::Ipv4Addr, time::Duration};
 
 use ctrace_tests::{
-    ctrace_bin, nft_counter, require_root, run, wait_for, Lab, Sysctl, TempDir, FILL_TIMEOUT, HANG, SERVER,
+    doctor::{check_status, findings_for, namespace, Doctor},
+    nft_counter, require_root, run, wait_for, Lab, Sysctl, TempDir, FILL_TIMEOUT, SERVER,
 };
-use serde_json::Value;
 
 const FILLER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 const STORM_A: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
@@ -37,86 +31,6 @@ table inet ctrace_doctor {
     }
 }
 ";
-
-/// A running `ctrace doctor --format json`; its report once stopped.
-struct Doctor {
-    child: Child,
-    out: TempDir,
-}
-
-impl Doctor {
-    /// Starts doctor on one namespace with a window that only SIGINT ends,
-    /// and waits until it watches.
-    fn start(netns: &str) -> Self {
-        let out = TempDir::new("doctor");
-        let stdout = std::fs::File::create(out.0.join("report.json")).expect("report file");
-        let mut child = Command::new(ctrace_bin())
-            .args(["doctor", "--format", "json", "--window", "3600", "--netns", netns])
-            .stdout(stdout)
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn ctrace doctor");
-        let stderr = child.stderr.take().expect("piped");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("[doctor] {line}");
-                let _ = tx.send(line);
-            }
-        });
-        loop {
-            match rx.recv_timeout(HANG) {
-                Ok(line) if line.contains("watching") => return Doctor { child, out },
-                Ok(_) => {}
-                Err(_) => panic!("ctrace doctor did not start watching (exit {:?})", child.try_wait()),
-            }
-        }
-    }
-
-    /// Ends the window (as Ctrl-C does); the exit status and the report.
-    fn stop(mut self) -> (ExitStatus, Value) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        let status = self.child.wait().expect("wait for doctor");
-        let text = std::fs::read_to_string(self.out.0.join("report.json")).expect("report");
-        let report = serde_json::from_str(&text).unwrap_or_else(|e| panic!("doctor's JSON: {e}: {text}"));
-        (status, report)
-    }
-}
-
-impl Drop for Doctor {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn findings_for(report: &Value, netns: u32) -> Vec<&Value> {
-    report["findings"].as_array().expect("findings").iter().filter(|f| f["netns"] == netns).collect()
-}
-
-fn namespace(report: &Value, netns: u32) -> &Value {
-    report["evidence"]["namespaces"]
-        .as_array()
-        .expect("namespaces")
-        .iter()
-        .find(|n| n["netns"] == netns)
-        .unwrap_or_else(|| panic!("namespace {netns} not in the report: {report:#}"))
-}
-
-/// The exit status is the worst finding's: 0 healthy, 1 warning, 2 critical.
-fn check_status(status: ExitStatus, report: &Value) {
-    let worst =
-        report["findings"].as_array().unwrap().iter().map(|f| f["severity"].as_str().unwrap()).fold(0, |worst, s| {
-            worst.max(match s {
-                "critical" => 2,
-                "warning" => 1,
-                _ => 0,
-            })
-        });
-    assert_eq!(status.code(), Some(worst), "exit status vs findings: {report:#}");
-    assert_eq!(report["exit_code"], worst);
-}
 
 /// A namespace with a few live connections and nothing wrong: no warning
 /// about it, and its entries are the kernel's.

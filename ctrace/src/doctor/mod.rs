@@ -168,7 +168,7 @@ fn machine_evidence(window_s: f64, tier: Tier) -> Evidence {
 
 /// The slab object size if readable (what the allocator really takes),
 /// else `sizeof(struct nf_conn)` from the running kernel's BTF.
-fn entry_size() -> Option<EntrySize> {
+pub fn entry_size() -> Option<EntrySize> {
     if let Some(bytes) = std::fs::read_to_string("/proc/slabinfo").ok().and_then(|s| evidence::slab_object_size(&s)) {
         return Some(EntrySize { bytes, source: "slabinfo" });
     }

@@ -318,7 +318,7 @@ fn invalid(evidence: &Evidence, ns: &NamespaceEvidence) -> Option<Finding> {
          routes, lost state) is the usual cause"
             .into(),
     );
-    f.fix.push("see who sends them: ctrace live --invalid --filter conntrack_other".into());
+    f.fix.push("see who sends them: ctrace live --invalid".into());
     f.fix.push(inside(
         ns,
         "sysctl -w net.netfilter.nf_conntrack_tcp_be_liberal=1  # only if out-of-window TCP is expected",
