@@ -155,8 +155,8 @@ enum Command {
     /// show it and the exact command (and config file) that fixes it.
     /// Changes nothing.
     #[command(after_help = "It looks at every network namespace with conntrack activity (or --netns), and at \
-        the machine: occupancy and peak against nf_conntrack_max, the kernel's drop, early_drop, insert_failed \
-        and invalid counters, hash size and memory per entry, what fills each table (TCP states, ports, the \
+        the machine: occupancy and peak against nf_conntrack_max, the kernel's drop, early_drop, insert_failed, \
+        invalid and chaintoolong counters, hash size and memory per entry, what fills each table (TCP states, ports, the \
         timeouts that hold them), local services worth a NOTRACK rule, the DNS insertion race, and the kernel \
         log's \"table full\" lines.\n\n\
         Exit status: 0 healthy, 1 warnings, 2 critical, 3 doctor itself failed (no privileges, bad \

@@ -28,6 +28,8 @@ pub struct ConntrackStats {
     pub drop: u64,
     pub early_drop: u64,
     pub clash_resolve: u64,
+    /// Insertions refused because a hash chain was too long (5.17+; 0 before).
+    pub chain_too_long: u64,
 }
 
 impl ConntrackStats {
@@ -57,6 +59,8 @@ impl ConntrackStats {
             drop: column("drop"),
             early_drop: column("early_drop"),
             clash_resolve: column("clashres"),
+            // The kernel prints its chaintoolong count under this header.
+            chain_too_long: column("chainlength"),
         })
     }
 
@@ -70,6 +74,7 @@ impl ConntrackStats {
             drop: self.drop.wrapping_sub(start.drop),
             early_drop: self.early_drop.wrapping_sub(start.early_drop),
             clash_resolve: self.clash_resolve.wrapping_sub(start.clash_resolve),
+            chain_too_long: self.chain_too_long.wrapping_sub(start.chain_too_long),
         }
     }
 
@@ -289,7 +294,7 @@ mod tests {
     const SAMPLE: &str = "\
 entries  clashres found new invalid ignore delete chainlength insert insert_failed drop early_drop icmp_error  expect_new expect_create expect_delete search_restart
 00000040  00000001 00000000 00000000 00000002 00000000 00000000 00000000 00000000 00000000 0000000a 00000000 00000000  00000000 00000000 00000000 00000000
-00000040  00000000 00000000 00000000 00000001 00000000 00000000 00000000 00000000 00000003 00000005 00000002 00000000  00000000 00000000 00000000 00000000
+00000040  00000000 00000000 00000000 00000001 00000000 00000000 00000004 00000000 00000003 00000005 00000002 00000000  00000000 00000000 00000000 00000000
 ";
 
     #[test]
@@ -297,7 +302,15 @@ entries  clashres found new invalid ignore delete chainlength insert insert_fail
         let stats = ConntrackStats::parse(SAMPLE).unwrap();
         assert_eq!(
             stats,
-            ConntrackStats { entries: 64, invalid: 3, insert_failed: 3, drop: 15, early_drop: 2, clash_resolve: 1 }
+            ConntrackStats {
+                entries: 64,
+                invalid: 3,
+                insert_failed: 3,
+                drop: 15,
+                early_drop: 2,
+                clash_resolve: 1,
+                chain_too_long: 4
+            }
         );
     }
 

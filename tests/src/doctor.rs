@@ -1,13 +1,9 @@
 //! Running `ctrace doctor` in a test, and reading its JSON report.
-use std::{
-    io::{BufRead, BufReader},
-    process::{Child, Command, ExitStatus, Stdio},
-    sync::mpsc,
-};
+use std::process::{Child, Command, ExitStatus};
 
 use serde_json::Value;
 
-use crate::{ctrace_bin, TempDir, HANG};
+use crate::{ctrace_bin, spawn_reading_stderr, TempDir, HANG};
 
 /// A running `ctrace doctor --format json`; its report once stopped.
 pub struct Doctor {
@@ -21,20 +17,12 @@ impl Doctor {
     pub fn start(netns: &str) -> Self {
         let out = TempDir::new("doctor");
         let stdout = std::fs::File::create(out.0.join("report.json")).expect("report file");
-        let mut child = Command::new(ctrace_bin())
-            .args(["doctor", "--format", "json", "--window", "3600", "--netns", netns])
-            .stdout(stdout)
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn ctrace doctor");
-        let stderr = child.stderr.take().expect("piped");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("[doctor] {line}");
-                let _ = tx.send(line);
-            }
-        });
+        let (mut child, rx) = spawn_reading_stderr(
+            Command::new(ctrace_bin())
+                .args(["doctor", "--format", "json", "--window", "3600", "--netns", netns])
+                .stdout(stdout),
+            "doctor",
+        );
         loop {
             match rx.recv_timeout(HANG) {
                 Ok(line) if line.contains("watching") => return Doctor { child, out },

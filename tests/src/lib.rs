@@ -51,6 +51,14 @@ pub fn wait_for_explained<T>(what: &str, mut ready: impl FnMut() -> Option<T>, s
     }
 }
 
+/// Loads nf_conntrack where it is a module not loaded yet (a fresh guest):
+/// without it no namespace has conntrack counters or nf_conntrack_max.
+pub fn ensure_conntrack_loaded() {
+    if !Path::new("/proc/sys/net/netfilter/nf_conntrack_max").exists() {
+        run("modprobe", &["nf_conntrack"]).expect("nf_conntrack is not loaded and modprobe failed");
+    }
+}
+
 /// Privileged tests cannot be faked: without root they fail, saying why.
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
@@ -700,6 +708,23 @@ impl Drop for Recording {
             let _ = child.wait();
         }
     }
+}
+
+/// Spawns `command` with its stderr read line by line on a thread: each
+/// line echoed (prefixed with `[tag]`) and sent on the returned channel.
+pub fn spawn_reading_stderr(command: &mut Command, tag: &'static str) -> (Child, mpsc::Receiver<String>) {
+    let mut child = command.stderr(Stdio::piped()).spawn().unwrap_or_else(|e| panic!("spawn {tag}: {e}"));
+    let stderr = child.stderr.take().expect("piped");
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("[{tag}] {line}");
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (child, lines)
 }
 
 /// A process's peak resident memory so far (VmHWM), in KiB.

@@ -34,6 +34,15 @@ fn unknown_flags_and_bad_values_are_usage_errors() {
 
     let out = ctrace(&["frobnicate"]);
     assert_eq!(out.status.code(), Some(2));
+
+    // doctor's 1 and 2 are verdicts: its usage errors are 3.
+    for args in [&["doctor", "--bogus"][..], &["doctor", "--window", "0"], &["doctor", "--format", "yaml"]] {
+        let out = ctrace(args);
+        assert_eq!(out.status.code(), Some(3), "{args:?}: {}", stderr(&out));
+        assert!(out.stdout.is_empty(), "no report on a usage error");
+    }
+    let out = ctrace(&["demo", "--cleanup", "--scenario", "invalid"]);
+    assert_eq!(out.status.code(), Some(2), "--cleanup takes nothing else: {}", stderr(&out));
 }
 
 #[test]
@@ -56,17 +65,30 @@ fn without_privileges_it_says_what_is_missing() {
     let world = std::os::unix::fs::PermissionsExt::from_mode(0o755);
     std::fs::set_permissions(&dir.0, std::fs::Permissions::clone(&world)).unwrap();
     std::fs::set_permissions(&bin, world).unwrap();
-    let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
-        .arg(&bin)
-        .args(["record", "--duration", "1", "--output", "-"])
-        .output()
-        .expect("setpriv");
+    let as_nobody = |args: &[&str]| {
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
+            .arg(&bin)
+            .args(args)
+            .output()
+            .expect("setpriv")
+    };
+    let out = as_nobody(&["record", "--duration", "1", "--output", "-"]);
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("needs root") && err.contains("CAP_BPF"), "{err}");
     assert_eq!(err.lines().count(), 1, "one sentence, not a backtrace: {err}");
     assert!(out.stdout.is_empty(), "no half file on stdout");
+
+    // doctor: the same sentence, and 3 (it could not diagnose), not a verdict.
+    let out = as_nobody(&["doctor", "--window", "1"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stderr(&out).contains("needs root"), "{}", stderr(&out));
+    assert!(out.stdout.is_empty());
+
+    let out = as_nobody(&["demo", "--duration", "1"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("run it as root"), "{}", stderr(&out));
 }
 
 #[test]

@@ -5,17 +5,16 @@
 //! The demo lowers nf_conntrack_max (machine-wide) for its run, so these
 //! tests run one at a time like every privileged test here.
 use std::{
-    io::{BufRead, BufReader},
     mem::ManuallyDrop,
     path::Path,
-    process::{Child, Command, ExitStatus, Stdio},
+    process::{Child, Command, ExitStatus},
     sync::mpsc,
 };
 
 use ctrace_tests::{
     ctrace_bin,
     doctor::{check_status, findings_for, namespace, Doctor},
-    require_root, wait_for, ConntrackStat, Netns, HANG,
+    require_root, spawn_reading_stderr, wait_for, ConntrackStat, Netns, HANG,
 };
 use serde_json::Value;
 
@@ -25,6 +24,7 @@ const STATE_FILE: &str = "/run/ctrace-demo.state";
 const LOWER_MAX: &str = "256";
 
 fn conntrack_max() -> String {
+    ctrace_tests::ensure_conntrack_loaded();
     std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_max").unwrap().trim().to_string()
 }
 
@@ -49,20 +49,7 @@ struct Demo {
 
 impl Demo {
     fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(ctrace_bin())
-            .arg("demo")
-            .args(args)
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn ctrace demo");
-        let stderr = child.stderr.take().expect("piped");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("[demo] {line}");
-                let _ = tx.send(line);
-            }
-        });
+        let (child, lines) = spawn_reading_stderr(Command::new(ctrace_bin()).arg("demo").args(args), "demo");
         Demo { child, lines }
     }
 

@@ -235,9 +235,7 @@ fn namespaces_that_come_and_go_leave_no_open_files() {
     const PER_ROUND: usize = 100;
     // Namespaces have conntrack counters only once nf_conntrack is loaded
     // (a module on most kernels, loaded by the first rule that needs it).
-    if !Path::new("/proc/net/stat/nf_conntrack").exists() {
-        run("modprobe", &["nf_conntrack"]).expect("nf_conntrack is not loaded and modprobe failed");
-    }
+    ctrace_tests::ensure_conntrack_loaded();
     let dir = TempDir::new("netnsfd");
     let path = dir.0.join("r.json");
     let mut recording = ctrace_tests::Recording::start(&path, &[]).expect("ctrace record");

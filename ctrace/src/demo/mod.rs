@@ -152,7 +152,15 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
              `sudo ctrace demo --cleanup` removes them"
         );
     }
-    let original = netns::conntrack_max().context("nf_conntrack is not loaded (no nf_conntrack_max)")?;
+    if netns::conntrack_max().is_none() {
+        // Its first rule would load it anyway; the maximum is needed first.
+        eprintln!("ctrace demo: loading nf_conntrack (modprobe nf_conntrack)");
+        let loaded = std::process::Command::new("modprobe").arg("nf_conntrack").status();
+        if !loaded.is_ok_and(|s| s.success()) {
+            bail!("nf_conntrack is not loaded and `modprobe nf_conntrack` failed");
+        }
+    }
+    let original = netns::conntrack_max().context("nf_conntrack loaded but nf_conntrack_max is unreadable")?;
     let scenario = options.scenario;
     let fills = matches!(scenario, Scenario::TableFull | Scenario::SynFlood);
     let _lowered = match options.lower_max {

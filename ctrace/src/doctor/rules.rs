@@ -97,6 +97,7 @@ pub fn diagnose(evidence: &Evidence) -> Vec<Finding> {
         findings.extend(drops(evidence, ns));
         findings.extend(early_drops(evidence, ns));
         findings.extend(insert_failed(evidence, ns));
+        findings.extend(chains_too_long(evidence, ns));
         findings.extend(invalid(evidence, ns));
         findings.extend(near_full(evidence, ns));
         findings.extend(timeouts(evidence, ns));
@@ -195,8 +196,10 @@ fn drops(evidence: &Evidence, ns: &NamespaceEvidence) -> Option<Finding> {
     };
     let mut f =
         Finding::new(Severity::Critical, if full { "table_full" } else { "conntrack_drops" }, Some(ns), summary);
+    // ctrace attaches a moment before the counters' first read: under a
+    // running storm the two counts differ by the drops in between.
     f.evidence.push(format!(
-        "kernel drop counter +{kernel} ({:.1}/s); ctrace attributed {} (table_full {table_full})",
+        "kernel drop counter +{kernel} ({:.1}/s); ctrace saw {} since attaching (table_full {table_full})",
         rate(kernel, evidence.window_s),
         ns.conntrack_drops()
     ));
@@ -297,6 +300,34 @@ fn insert_failed(evidence: &Evidence, ns: &NamespaceEvidence) -> Option<Finding>
              socket, separate them; if chains are long, raise the hash size (see sizing)"
                 .into(),
         );
+    }
+    Some(f)
+}
+
+/// Insertions refused because their hash chain was too long: too few
+/// buckets for the entries (or a hash skewed by the traffic).
+fn chains_too_long(evidence: &Evidence, ns: &NamespaceEvidence) -> Option<Finding> {
+    let n = ns.delta().chain_too_long;
+    if n == 0 {
+        return None;
+    }
+    let mut f = Finding::new(
+        Severity::Warning,
+        "chains_too_long",
+        Some(ns),
+        format!("conntrack refused {n} new entries because their hash chain was too long"),
+    );
+    f.evidence.push(format!(
+        "chaintoolong counter +{n} ({:.1}/s); buckets {}, max {}",
+        rate(n, evidence.window_s),
+        evidence.buckets.map_or("?".into(), |b| b.to_string()),
+        evidence.max.map_or("?".into(), |m| m.to_string())
+    ));
+    if let Some(max) = evidence.max {
+        let hashsize = (max / 2).max(evidence.buckets.unwrap_or(0) * 2);
+        f.fix.push(format!("echo {hashsize} > /sys/module/nf_conntrack/parameters/hashsize"));
+        f.persist.push(format!("echo 'options nf_conntrack hashsize={hashsize}' > /etc/modprobe.d/nf_conntrack.conf"));
+        f.settings.insert("nf_conntrack.hashsize".into(), hashsize);
     }
     Some(f)
 }
@@ -708,6 +739,19 @@ mod tests {
         assert_eq!(hash.settings["nf_conntrack.hashsize"], 131_072);
         let log = findings.iter().find(|f| f.id == "kernel_log").expect("log finding");
         assert_eq!(log.severity, Severity::Info);
+    }
+
+    #[test]
+    fn long_chains_get_a_bigger_hash() {
+        let mut evidence = machine();
+        evidence.max = Some(262_144);
+        evidence.buckets = Some(262_144);
+        let mut ns = namespace(10);
+        ns.end.chain_too_long = 7;
+        evidence.namespaces.push(ns);
+        let f = diagnose(&evidence).into_iter().find(|f| f.id == "chains_too_long").expect("chains finding");
+        assert_eq!(f.severity, Severity::Warning);
+        assert_eq!(f.settings["nf_conntrack.hashsize"], 524_288);
     }
 
     #[test]
