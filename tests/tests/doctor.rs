@@ -227,6 +227,33 @@ fn a_time_wait_pile_up_gets_a_shorter_timeout_that_works() {
         after.len(),
         after
     );
+    // The report's NOTRACK advice for the port, its nft commands run as
+    // printed: new connections to it work and make no entry at all.
+    let notrack = found
+        .iter()
+        .find(|f| f["id"] == "notrack_candidate")
+        .unwrap_or_else(|| panic!("no notrack finding: {found:#?}"));
+    let commands: Vec<&str> = notrack["fix"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .filter(|c| c.starts_with("ip netns exec") && c.contains(" nft "))
+        .collect();
+    assert_eq!(commands.len(), 5, "table, two chains, two rules: {notrack:#}");
+    for command in &commands {
+        run("sh", &["-c", command]).unwrap_or_else(|e| panic!("{command}: {e:#}"));
+    }
+    let untracked = short_connections(&lab, 5);
+    let table = lab.server.proc_net("nf_conntrack").expect("table");
+    let in_table = |ports: &[u16]| -> Vec<u16> {
+        ports.iter().copied().filter(|p| table.contains(&format!("sport={p} dport={SERVICE_PORT}"))).collect()
+    };
+    assert_eq!(in_table(&new_ports), new_ports, "the connections before the rules are found in the table");
+    let tracked = in_table(&untracked);
+    assert!(tracked.is_empty(), "connections tracked despite the notrack rules: {tracked:?}");
+    eprintln!("notrack applied: {} new connections, none in the table", untracked.len());
+
     // Wakes the accept loop (shutting a listener down ends its accept).
     listener.shutdown(std::net::Shutdown::Read).expect("shut the listener");
     closer.join().expect("closer thread");
