@@ -3,7 +3,7 @@ use std::process::{Child, Command, ExitStatus};
 
 use serde_json::Value;
 
-use crate::{ctrace_bin, spawn_reading_stderr, TempDir, HANG};
+use crate::{ctrace_bin, spawn_reading_stderr, wait_for, TempDir, HANG};
 
 /// A running `ctrace doctor --format json`; its report once stopped.
 pub struct Doctor {
@@ -36,7 +36,7 @@ impl Doctor {
     pub fn stop(mut self) -> (ExitStatus, Value) {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        let status = self.child.wait().expect("wait for doctor");
+        let status = wait_for("ctrace doctor to report after SIGINT", || self.child.try_wait().expect("doctor"));
         let text = std::fs::read_to_string(self.out.0.join("report.json")).expect("report");
         let report = serde_json::from_str(&text).unwrap_or_else(|e| panic!("doctor's JSON: {e}: {text}"));
         (status, report)

@@ -717,11 +717,11 @@ pub fn spawn_reading_stderr(command: &mut Command, tag: &'static str) -> (Child,
     let stderr = child.stderr.take().expect("piped");
     let (tx, lines) = mpsc::channel();
     std::thread::spawn(move || {
+        // Drains to the end even when nobody listens any more, so the child
+        // never meets a full or closed pipe.
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             eprintln!("[{tag}] {line}");
-            if tx.send(line).is_err() {
-                break;
-            }
+            let _ = tx.send(line);
         }
     });
     (child, lines)
