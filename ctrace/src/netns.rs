@@ -147,6 +147,13 @@ pub fn read_in(ns_path: &Path, path: &Path) -> io::Result<String> {
 
 /// Opens `path` from a thread inside the namespace at `ns_path`.
 fn open_as_in(ns_path: &Path, path: &Path) -> io::Result<File> {
+    run_in(ns_path, || File::open(path))?
+}
+
+/// Runs `f` on a short-lived thread that enters the namespace at `ns_path`
+/// (setns moves only the calling thread; files and sockets made there stay
+/// bound to the namespace after the thread ends).
+pub fn run_in<T: Send>(ns_path: &Path, f: impl FnOnce() -> T + Send) -> io::Result<T> {
     let ns = File::open(ns_path)?;
     std::thread::scope(|scope| {
         scope
@@ -156,7 +163,7 @@ fn open_as_in(ns_path: &Path, path: &Path) -> io::Result<File> {
                 if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                     return Err(io::Error::last_os_error());
                 }
-                File::open(path)
+                Ok(f())
             })
             .join()
             .unwrap_or_else(|_| Err(io::Error::other("namespace thread panicked")))

@@ -2,9 +2,7 @@
 //! with addresses in 198.18.0.0/16 only. Made with `ip` and `nft` (or
 //! `iptables`), removed on drop; `--cleanup` removes what a killed run left.
 use std::{
-    fs::File,
     net::Ipv4Addr,
-    os::fd::AsRawFd,
     path::{Path, PathBuf},
     process::Command,
 };
@@ -41,21 +39,9 @@ pub fn exec_in(ns: &str, program: &str, args: &[&str]) -> anyhow::Result<()> {
     ip(&all)
 }
 
-/// Runs `f` on a thread inside the namespace (sockets made there stay in it).
+/// Runs `f` on a thread inside a demo namespace (sockets made there stay in it).
 pub fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> anyhow::Result<T> {
-    let file = File::open(ns_path(ns)).with_context(|| format!("namespace {ns} is gone"))?;
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                // SAFETY: a valid namespace fd; only this thread moves.
-                if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    bail!("cannot enter {ns}: {}", std::io::Error::last_os_error());
-                }
-                Ok(f())
-            })
-            .join()
-            .unwrap_or_else(|_| bail!("a thread in {ns} panicked"))
-    })
+    crate::netns::run_in(&ns_path(ns), f).with_context(|| format!("cannot enter namespace {ns}"))
 }
 
 /// The two namespaces, deleted on drop.
@@ -83,12 +69,8 @@ impl Lab {
         // Replies to spoofed sources (198.19.0.0/16 too) go back over the
         // veth, never anywhere else.
         exec_in(SERVER_NS, "ip", &["route", "add", "198.19.0.0/16", "dev", "veth-s"])?;
-        // Entries the demo makes stay for its whole run.
-        for sysctl in ["nf_conntrack_udp_timeout", "nf_conntrack_udp_timeout_stream"] {
-            // (Absent until conntrack is loaded: set again below.)
-            let _ = exec_in(SERVER_NS, "sysctl", &["-qw", &format!("net.netfilter.{sysctl}=3600")]);
-        }
         track(invalid_drop_rule)?;
+        // Entries the demo makes stay for its whole run.
         for sysctl in ["nf_conntrack_udp_timeout", "nf_conntrack_udp_timeout_stream"] {
             exec_in(SERVER_NS, "sysctl", &["-qw", &format!("net.netfilter.{sysctl}=3600")])?;
         }

@@ -331,15 +331,12 @@ impl Sink for Seen {
     }
 
     fn on_conntrack(&mut self, event: &CtEvent, _state: ConnState) {
-        let ns = self.namespaces.entry(event.netns).or_default();
-        match event.kind {
-            CtKind::Insert => {
-                ns.inserts += 1;
-                *ns.insert_ports.entry((event.proto, event.dport)).or_default() += 1;
-            }
-            // Refused insertions of packets not dropped (held by a queue).
-            CtKind::InsertFailed => {}
-            _ => {}
+        // Only insertions: refused ones are counted where their packet is
+        // dropped (on_drop), the kernel's counters give the rest.
+        if event.kind == CtKind::Insert {
+            let ns = self.namespaces.entry(event.netns).or_default();
+            ns.inserts += 1;
+            *ns.insert_ports.entry((event.proto, event.dport)).or_default() += 1;
         }
     }
 

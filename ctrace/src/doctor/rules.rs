@@ -152,6 +152,18 @@ fn inside(ns: &NamespaceEvidence, command: &str) -> String {
     format!("{}{command}", ns.exec_prefix)
 }
 
+/// Adds the fix for a new maximum ([`suggested_max`] for this peak and
+/// these refused flows) when it is above the present one. Returns the
+/// suggestion and whether the memory cap cut it.
+fn raise_max(finding: &mut Finding, evidence: &Evidence, max: u64, peak: u64, refused: u64) -> (u64, bool) {
+    let entry = evidence.entry_size.as_ref().map(|e| e.bytes);
+    let (suggested, capped) = suggested_max(max, peak, refused, entry, evidence.mem_total_bytes);
+    if suggested > max {
+        max_fix(finding, evidence, suggested);
+    }
+    (suggested, capped)
+}
+
 fn max_fix(finding: &mut Finding, evidence: &Evidence, suggested: u64) {
     finding.fix.push(format!("sysctl -w net.netfilter.nf_conntrack_max={suggested}"));
     finding.persist.push(format!("echo 'net.netfilter.nf_conntrack_max = {suggested}' >> {SYSCTL_FILE}"));
@@ -221,17 +233,17 @@ fn drops(evidence: &Evidence, ns: &NamespaceEvidence) -> Option<Finding> {
         ));
     }
     if full && max > 0 {
-        let entry = evidence.entry_size.as_ref().map(|e| e.bytes);
-        let (suggested, capped) = suggested_max(max, ns.peak, dropped, entry, evidence.mem_total_bytes);
+        let before_fix = f.evidence.len();
+        let (suggested, capped) = raise_max(&mut f, evidence, max, ns.peak, dropped);
         if capped {
-            f.evidence.push(format!(
-                "{suggested} is the most a table may take of this machine's memory ({:.1}%): free slots instead \
-                 (see the timeout and NOTRACK findings)",
-                MEMORY_SHARE * 100.0
-            ));
-        }
-        if suggested > max {
-            max_fix(&mut f, evidence, suggested);
+            f.evidence.insert(
+                before_fix,
+                format!(
+                    "{suggested} is the most a table may take of this machine's memory ({:.1}%): free slots \
+                     instead (see the timeout and NOTRACK findings)",
+                    MEMORY_SHARE * 100.0
+                ),
+            );
         }
     }
     Some(f)
@@ -252,11 +264,7 @@ fn early_drops(evidence: &Evidence, ns: &NamespaceEvidence) -> Option<Finding> {
     );
     f.evidence.push(format!("early_drop counter +{n} ({:.1}/s)", rate(n, evidence.window_s)));
     if let Some(max) = evidence.max {
-        let entry = evidence.entry_size.as_ref().map(|e| e.bytes);
-        let (suggested, _) = suggested_max(max, ns.peak, n, entry, evidence.mem_total_bytes);
-        if suggested > max {
-            max_fix(&mut f, evidence, suggested);
-        }
+        raise_max(&mut f, evidence, max, ns.peak, n);
     }
     Some(f)
 }
@@ -381,11 +389,7 @@ fn near_full(evidence: &Evidence, ns: &NamespaceEvidence) -> Option<Finding> {
             max.saturating_sub(ns.entries) as f64 / per_s
         ));
     }
-    let entry = evidence.entry_size.as_ref().map(|e| e.bytes);
-    let (suggested, _) = suggested_max(max, fullest, 0, entry, evidence.mem_total_bytes);
-    if suggested > max {
-        max_fix(&mut f, evidence, suggested);
-    }
+    raise_max(&mut f, evidence, max, fullest, 0);
     Some(f)
 }
 
