@@ -4,8 +4,17 @@
 //! This sees every entry, including those older than ctrace, on every tier.
 //! Reading a big table is not free (about a second per million entries), so
 //! it runs on its own thread, a few seconds apart, and stops after a bound.
+//!
+//! The kernel's listing is not a snapshot: it hands out a page of lines per
+//! read and finds where to go on by counting entries from the start of the
+//! hash table, which all namespaces share. Entries that leave meanwhile,
+//! in any namespace, make it skip entries that stayed (seen on 6.1 and
+//! 6.12: 668 of 987 lines while another namespace churned; not on 6.18).
+//! So a listing short of the namespace's count is taken again, and the
+//! census says how many entries the kernel counted.
 use std::{
     collections::{BTreeMap, HashMap},
+    fs::File,
     io::{BufRead, BufReader},
     net::IpAddr,
     path::PathBuf,
@@ -45,7 +54,11 @@ pub const TOP_PORTS: usize = 10;
 /// A namespace's table, counted.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Census {
+    /// Entries listed.
     pub entries: u64,
+    /// The namespace's entry count (`nf_conntrack_count`) read just after
+    /// the listing: more than `entries` when the listing skipped some.
+    pub kernel_entries: Option<u64>,
     /// True when the table had more than [`MAX_ENTRIES`] and the rest was not read.
     pub truncated: bool,
     pub by_state: BTreeMap<ConnState, u64>,
@@ -149,17 +162,48 @@ pub fn count(netns: u32, lines: impl Iterator<Item = String>) -> Census {
     census
 }
 
+/// Listings taken at most per census when they come out short.
+const LISTINGS: usize = 3;
+
+/// A listing is complete enough when it misses at most this share of the
+/// kernel's count (a busy table changes while it is read).
+const SHORT_SHARE: f64 = 0.02;
+
+/// Whether a listing of `listed` entries is short of the kernel's count.
+pub fn is_short(listed: u64, kernel: Option<u64>) -> bool {
+    kernel.is_some_and(|kernel| (listed as f64) < kernel as f64 * (1.0 - SHORT_SHARE))
+}
+
 /// Reads a namespace's table on a thread that enters it; the result comes
 /// back on the returned channel. None if the namespace cannot be entered.
 pub fn spawn(netns: u32, ns_path: PathBuf) -> std::sync::mpsc::Receiver<Option<Census>> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let census = crate::netns::open_in(&ns_path, "nf_conntrack")
-            .ok()
-            .map(|file| count(netns, BufReader::new(file).lines().map_while(Result::ok)));
+        let census = crate::netns::run_in(&ns_path, || take(netns)).ok().flatten();
         let _ = tx.send(census);
     });
     rx
+}
+
+/// Lists the table of the calling thread's namespace, again when the
+/// listing is short of the kernel's count; the fullest listing is kept.
+fn take(netns: u32) -> Option<Census> {
+    let mut fullest: Option<Census> = None;
+    for _ in 0..LISTINGS {
+        let file = File::open("/proc/thread-self/net/nf_conntrack").ok()?;
+        let mut census = count(netns, BufReader::new(file).lines().map_while(Result::ok));
+        census.kernel_entries = std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_count")
+            .ok()
+            .and_then(|s| s.trim().parse().ok());
+        let done = census.truncated || !is_short(census.entries, census.kernel_entries);
+        if fullest.as_ref().is_none_or(|f| census.entries > f.entries) {
+            fullest = Some(census);
+        }
+        if done {
+            break;
+        }
+    }
+    fullest
 }
 
 #[cfg(test)]
@@ -210,5 +254,15 @@ garbage
         let icmp = "ipv4     2 icmp     1 29 src=198.18.0.2 dst=198.18.1.1 type=8 code=0 id=7 src=198.18.1.1 \
                     dst=198.18.0.2 type=0 code=0 id=7 mark=0 use=1";
         assert_eq!(parse_line(icmp).map(|e| (e.dport, e.proto)), Some((0, Protocol::Icmp)));
+    }
+
+    #[test]
+    fn a_listing_is_short_when_it_misses_more_than_two_percent() {
+        assert!(is_short(94, Some(120)));
+        assert!(!is_short(118, Some(120)), "within 2%: a busy table moves while it is read");
+        assert!(!is_short(120, Some(120)));
+        assert!(!is_short(130, Some(120)), "entries added while reading");
+        assert!(!is_short(0, None), "no count to compare with");
+        assert!(is_short(0, Some(1)));
     }
 }

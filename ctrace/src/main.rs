@@ -186,6 +186,7 @@ enum Command {
         Examples:\n  sudo ctrace demo --scenario table-full --lower-max 4096 &\n  \
         sudo ctrace doctor --netns ctrace-demo-srv\n  \
         sudo ctrace demo --scenario syn-flood --duration 20 --record flood.json --lower-max 4096\n  \
+        sudo ctrace demo --scenario dns-race --duration 20   # needs two CPUs\n  \
         sudo ctrace demo --cleanup")]
     Demo {
         #[arg(long, value_enum, default_value = "table-full")]

@@ -85,11 +85,16 @@ impl Drop for Demo {
 /// traffic stops; returns doctor's report, its exit status and the demo
 /// namespace's counters (the kernel's) at that point.
 fn scenario_under_doctor(scenario: &str, duration: &str) -> (ExitStatus, Value, ConntrackStat, u32) {
+    scenario_under_doctor_with(&["--scenario", scenario, "--duration", duration, "--lower-max", LOWER_MAX])
+}
+
+/// As [`scenario_under_doctor`], with the demo's arguments as given.
+fn scenario_under_doctor_with(args: &[&str]) -> (ExitStatus, Value, ConntrackStat, u32) {
     let max_before = conntrack_max();
     // doctor resolves --netns at the end of its window: the namespace is
     // made after it starts, so it sees the whole incident.
     let doctor = Doctor::start(SERVER_NS);
-    let mut demo = Demo::start(&["--scenario", scenario, "--lower-max", LOWER_MAX, "--duration", duration, "--keep"]);
+    let mut demo = Demo::start(&[args, &["--keep"]].concat());
     demo.wait_for_line("traffic stopped");
     // Packets still queued when the senders stopped: until the counters rest.
     let mut last = demo_stat();
@@ -172,6 +177,53 @@ fn invalid_demo_matches_the_kernels_invalid_counter() {
     assert!(f["summary"].as_str().unwrap().contains(&format!("found {} packets invalid", stat.invalid)), "{f:#}");
     // The demo's `ct state invalid drop` rule dropped each one.
     assert_eq!(ns["drops"]["ruleset"], stat.invalid, "{ns:#}");
+}
+
+/// The DNS race: the demo's lookups send A and AAAA from one socket on two
+/// CPUs at once; the kernel's clashres (and insert_failed, where it cannot
+/// settle one) counts the races, and doctor reports exactly that. No
+/// lowered maximum: the lookups' entries leave on their own.
+#[test]
+fn dns_race_demo_is_named_with_the_kernels_clash_count() {
+    require_root();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus < 2 {
+        eprintln!("NOT EXERCISED: the race needs two CPUs and this machine has {cpus}");
+        let out = Command::new(ctrace_bin()).args(["demo", "--scenario", "dns-race", "--duration", "1"]).output();
+        let out = out.expect("ctrace demo");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("needs two CPUs"), "the demo says why it cannot race");
+        return;
+    }
+    let (_, report, stat, netns) = scenario_under_doctor_with(&["--scenario", "dns-race", "--duration", "3"]);
+    let races = stat.clash_resolve + stat.insert_failed;
+    eprintln!(
+        "dns-race demo: kernel clashres {}, insert_failed {}, drop {}; tier {}",
+        stat.clash_resolve, stat.insert_failed, stat.drop, report["evidence"]["tier"]
+    );
+    assert!(races > 0, "no lookup raced in 3 s on {cpus} CPUs");
+    let ns = namespace(&report, netns);
+    // The namespace is younger than the window: its counters are totals.
+    assert_eq!(ns["end"]["clash_resolve"], stat.clash_resolve, "{ns:#}");
+    assert_eq!(ns["end"]["insert_failed"], stat.insert_failed, "{ns:#}");
+    if stat.clash_resolve > 0 {
+        let hooks = report["evidence"]["tier"] != "tracepoint";
+        let id = if hooks { "dns_race_resolved" } else { "clash_resolved" };
+        let found = findings_for(&report, netns);
+        let f = found
+            .iter()
+            .find(|f| f["id"] == "dns_race_resolved" || f["id"] == id)
+            .unwrap_or_else(|| panic!("no race finding: {found:#?}"));
+        assert_eq!(f["severity"], "info");
+        assert!(f["evidence"][0].as_str().unwrap().starts_with(&format!("clashres counter +{}", stat.clash_resolve)));
+        if hooks {
+            // The hooks saw each settled race, on the DNS port.
+            let raced = format!("raced to: udp/53 {}", stat.clash_resolve);
+            assert_eq!(f["evidence"][1], raced.as_str(), "{f:#}");
+        }
+    }
+    if stat.insert_failed > 0 {
+        assert_eq!(finding(&report, netns, "dns_insert_race")["severity"], "warning");
+    }
 }
 
 /// SIGKILL leaves the namespaces and the lowered maximum; `--cleanup`

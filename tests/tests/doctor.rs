@@ -224,8 +224,8 @@ fn a_time_wait_pile_up_gets_a_shorter_timeout_that_works() {
         .iter()
         .find(|f| f["id"] == "timeout_holds_slots")
         .unwrap_or_else(|| panic!("no timeout finding: {found:#?}"));
-    // A warning once the table is 90% full, else information.
-    let entries = namespace(&report, netns)["census"]["entries"].as_u64().unwrap();
+    // A warning once the table is 90% full (the kernel's count), else information.
+    let entries = namespace(&report, netns)["entries"].as_u64().unwrap();
     assert_eq!(f["severity"], if entries * 10 >= 128 * 9 { "warning" } else { "info" }, "{f:#}");
     let name = "net.netfilter.nf_conntrack_tcp_timeout_time_wait";
     assert_eq!(f["settings"][name], 30);
@@ -253,22 +253,20 @@ fn a_time_wait_pile_up_gets_a_shorter_timeout_that_works() {
     );
     // The report's NOTRACK advice for the port, its nft commands run as
     // printed: new connections to it work and make no entry at all. The
-    // finding needs 100 entries to the port in doctor's census; in one CI
-    // run in the 6.12 guest the census listed 94 of the 120 entries the
-    // test had just listed itself (under investigation, issue 10): then
-    // this part is not exercised, and says so.
-    let census_entries = namespace(&report, netns)["census"]["entries"].as_u64().unwrap();
-    let Some(notrack) = found.iter().find(|f| f["id"] == "notrack_candidate") else {
-        assert!(census_entries < 100, "no notrack finding with {census_entries} entries in the census: {found:#?}");
-        eprintln!(
-            "NOT EXERCISED: doctor's census listed {census_entries} of the {} TIME_WAIT entries, fewer than a \
-             NOTRACK finding needs (100)",
-            pile.len()
-        );
-        listener.shutdown(std::net::Shutdown::Read).expect("shut the listener");
-        closer.join().expect("closer thread");
-        return;
-    };
+    // kernel's listing of the table can skip entries when other namespaces'
+    // entries leave meanwhile (a CI run in the 6.12 guest listed 94 of 120):
+    // the finding then rests on the port's share of what was listed, and
+    // says so.
+    let census = &namespace(&report, netns)["census"];
+    let notrack = found
+        .iter()
+        .find(|f| f["id"] == "notrack_candidate")
+        .unwrap_or_else(|| panic!("no notrack finding (census {census:#}): {found:#?}"));
+    let listed = census["entries"].as_u64().unwrap();
+    let counted = census["kernel_entries"].as_u64().expect("the kernel's count beside the census");
+    let says_short =
+        notrack["evidence"].as_array().unwrap().iter().any(|e| e.as_str().unwrap().contains("the kernel listed"));
+    assert_eq!(says_short, listed * 50 < counted * 49, "listed {listed} of {counted}: {notrack:#}");
     let commands: Vec<&str> = notrack["fix"]
         .as_array()
         .unwrap()

@@ -18,6 +18,10 @@ pub const FILLER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 pub const STORM: [Ipv4Addr; 2] = [Ipv4Addr::new(198, 18, 0, 3), Ipv4Addr::new(198, 18, 0, 4)];
 /// Sends packets conntrack finds invalid.
 pub const ODD: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 5);
+/// The resolver whose parallel queries race.
+pub const RESOLVER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 6);
+/// The DNS port the resolver asks.
+pub const DNS_PORT: u16 = 53;
 pub const SERVICE_PORT: u16 = 8080;
 
 pub fn ip(args: &[&str]) -> anyhow::Result<()> {
@@ -48,7 +52,9 @@ pub fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> anyhow::Result<
 pub struct Lab;
 
 impl Lab {
-    pub fn create(invalid_drop_rule: bool) -> anyhow::Result<Lab> {
+    /// `udp_timeout_s`: how long the server's UDP entries stay (its own
+    /// sysctls, gone with it).
+    pub fn create(invalid_drop_rule: bool, udp_timeout_s: u32) -> anyhow::Result<Lab> {
         for ns in [SERVER_NS, CLIENT_NS] {
             ip(&["netns", "add", ns])?;
         }
@@ -60,7 +66,7 @@ impl Lab {
         }
         exec_in(CLIENT_NS, "ip", &["link", "add", "veth-c", "type", "veth", "peer", "name", "veth-s"])?;
         exec_in(CLIENT_NS, "ip", &["link", "set", "veth-s", "netns", SERVER_NS])?;
-        for addr in [FILLER, STORM[0], STORM[1], ODD] {
+        for addr in [FILLER, STORM[0], STORM[1], ODD, RESOLVER] {
             exec_in(CLIENT_NS, "ip", &["addr", "add", &format!("{addr}/16"), "dev", "veth-c"])?;
         }
         exec_in(SERVER_NS, "ip", &["addr", "add", &format!("{SERVER}/16"), "dev", "veth-s"])?;
@@ -70,9 +76,8 @@ impl Lab {
         // veth, never anywhere else.
         exec_in(SERVER_NS, "ip", &["route", "add", "198.19.0.0/16", "dev", "veth-s"])?;
         track(invalid_drop_rule)?;
-        // Entries the demo makes stay for its whole run.
         for sysctl in ["nf_conntrack_udp_timeout", "nf_conntrack_udp_timeout_stream"] {
-            exec_in(SERVER_NS, "sysctl", &["-qw", &format!("net.netfilter.{sysctl}=3600")])?;
+            exec_in(SERVER_NS, "sysctl", &["-qw", &format!("net.netfilter.{sysctl}={udp_timeout_s}")])?;
         }
         Ok(lab)
     }

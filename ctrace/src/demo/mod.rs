@@ -39,6 +39,9 @@ pub enum Scenario {
     /// Packets conntrack finds invalid (SYN+FIN), dropped by a
     /// `ct state invalid drop` rule.
     Invalid,
+    /// DNS lookups whose A and AAAA queries leave one socket at the same
+    /// moment from two CPUs: conntrack's insertion race (needs two CPUs).
+    DnsRace,
 }
 
 impl Scenario {
@@ -49,6 +52,7 @@ impl Scenario {
             Scenario::TimeWait => "time-wait",
             Scenario::SynFlood => "syn-flood",
             Scenario::Invalid => "invalid",
+            Scenario::DnsRace => "dns-race",
         }
     }
 }
@@ -74,6 +78,9 @@ const ASK_ABOVE_BYTES: u64 = 256 << 20;
 /// once, as in a flood from the whole address space.
 const FLOOD_RATE: u32 = 10_000;
 const MAX_SYSCTL: &str = "/proc/sys/net/netfilter/nf_conntrack_max";
+/// DNS lookups per second of the race: with entries kept a second, a few
+/// hundred in the table at most.
+const LOOKUP_RATE: u32 = 200;
 
 /// `nf_conntrack_max` lowered for the run, restored on drop.
 struct LoweredMax {
@@ -187,7 +194,10 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         }
     }
 
-    let lab = Lab::create(scenario == Scenario::Invalid)?;
+    // The fill's entries stay for the whole run; the lookups' leave after a
+    // second, as a resolver's do once answered.
+    let udp_timeout_s = if scenario == Scenario::DnsRace { 1 } else { 3600 };
+    let lab = Lab::create(scenario == Scenario::Invalid, udp_timeout_s)?;
     let server_path = lab::ns_path(SERVER_NS);
     let mut counters = StatReader::open(&server_path).context("reading the demo namespace's counters")?;
     let stop = Arc::new(AtomicBool::new(false));
@@ -246,6 +256,23 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             }));
             format!("SYN+FIN packets from {} to {SERVER}:{SERVICE_PORT}, 100/s", lab::ODD)
         }
+        Scenario::DnsRace => {
+            let sink = lab::in_ns(SERVER_NS, || traffic::udp_sink(lab::DNS_PORT))??;
+            let (stop, sent) = (stop.clone(), sent.clone());
+            workers.push(spawn_in(lab::CLIENT_NS, move || {
+                if let Err(err) = traffic::parallel_queries(lab::RESOLVER, lab::DNS_PORT, LOOKUP_RATE, &stop, &sent) {
+                    eprintln!("ctrace demo: parallel queries: {err}");
+                }
+                // SAFETY: our sink's fd, closed once the queries stopped.
+                unsafe { libc::close(sink) };
+            }));
+            format!(
+                "DNS lookups from {} to {SERVER}:{}, {LOOKUP_RATE}/s, each sending A and AAAA from one socket on two \
+                 CPUs at once",
+                lab::RESOLVER,
+                lab::DNS_PORT
+            )
+        }
     };
     eprintln!(
         "ctrace demo: running {} in namespace {SERVER_NS} for {} s: {what}\n\
@@ -273,13 +300,14 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let after = counters.read()?.delta_since(&before);
     eprintln!(
         "ctrace demo: {} packets sent; {SERVER_NS}: {} entries of {max}, drop +{}, early_drop +{}, \
-         insert_failed +{}, invalid +{}",
+         insert_failed +{}, invalid +{}, clashres +{}",
         sent.load(Ordering::Relaxed),
         after.entries,
         after.drop,
         after.early_drop,
         after.insert_failed,
-        after.invalid
+        after.invalid,
+        after.clash_resolve
     );
     if options.keep && !interrupted {
         eprintln!("ctrace demo: traffic stopped; {SERVER_NS} and its table kept until Ctrl-C");

@@ -248,6 +248,129 @@ pub fn forged(
     Ok(())
 }
 
+/// The CPUs this thread may run on.
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; getaffinity fills it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Vec::new();
+        }
+        (0..libc::CPU_SETSIZE as usize).filter(|&cpu| libc::CPU_ISSET(cpu, &set)).collect()
+    }
+}
+
+/// Keeps the calling thread on `cpu`.
+fn pin(cpu: usize) -> std::io::Result<()> {
+    // SAFETY: a valid set with one CPU, applied to the calling thread (0).
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+fn send(fd: i32, payload: &[u8]) -> bool {
+    // SAFETY: a connected fd of ours and a valid buffer.
+    unsafe { libc::send(fd, payload.as_ptr().cast(), payload.len(), 0) > 0 }
+}
+
+/// The DNS A/AAAA race: each lookup is a new UDP socket from `src` whose
+/// two queries leave at the same moment from two CPUs (a resolver sending
+/// A and AAAA in parallel), so both packets can pass conntrack before
+/// either one's new entry is inserted: the second insertion meets the first
+/// (a clash). The kernel settles it (`clashres`) or refuses the entry
+/// (`insert_failed`: the query is lost, the client waits out its timeout).
+/// The second CPU's thread sleeps between lookups and is woken for each;
+/// then both spin for a moment so that their sends meet.
+pub fn parallel_queries(
+    src: Ipv4Addr,
+    port: u16,
+    per_second: u32,
+    stop: &AtomicBool,
+    sent: &AtomicU64,
+) -> std::io::Result<()> {
+    use std::sync::atomic::AtomicI32;
+    let cpus = allowed_cpus();
+    let [first, second, ..] = cpus[..] else {
+        return Err(std::io::Error::other("the race needs two CPUs, and this process may use one"));
+    };
+    pin(first)?;
+    let pause = Duration::from_secs(1) / per_second.max(1);
+    // Lookup number r: `round` announces it, `ready` says the partner is
+    // about to send, `done` that it sent.
+    let (round, ready, done) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
+    let socket = AtomicI32::new(-1);
+    let finished = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let partner = scope.spawn(|| {
+            pin(second)?;
+            let mut seen = 0;
+            loop {
+                std::thread::park();
+                if finished.load(Ordering::Acquire) {
+                    return Ok(());
+                }
+                let r = round.load(Ordering::Acquire);
+                if r == seen {
+                    continue; // a spurious wake-up
+                }
+                seen = r;
+                let fd = socket.load(Ordering::Acquire);
+                ready.store(r, Ordering::Release);
+                send(fd, b"AAAA?");
+                done.store(r, Ordering::Release);
+            }
+        });
+        let mut r = 0;
+        while !stop.load(Ordering::Relaxed) {
+            let Ok(fd) = bound(libc::SOCK_DGRAM, src, 0) else { continue };
+            if connect(&fd, port) != 0 {
+                continue;
+            }
+            r += 1;
+            socket.store(fd.0, Ordering::Release);
+            round.store(r, Ordering::Release);
+            partner.thread().unpark();
+            let met = |step: &AtomicU64| {
+                while step.load(Ordering::Acquire) != r {
+                    if partner.is_finished() {
+                        return false;
+                    }
+                    std::hint::spin_loop();
+                }
+                true
+            };
+            if !met(&ready) {
+                break;
+            }
+            let a = send(fd.0, b"A?");
+            if !met(&done) {
+                break;
+            }
+            sent.fetch_add(1 + u64::from(a), Ordering::Relaxed);
+            drop(fd);
+            std::thread::sleep(pause);
+        }
+        finished.store(true, Ordering::Release);
+        partner.thread().unpark();
+        partner.join().unwrap_or_else(|_| Err(std::io::Error::other("the second sender panicked")))
+    })
+}
+
+/// A UDP socket bound to the server's port and never read (the demo's DNS
+/// server, which never answers: once its queue is full the kernel discards
+/// the rest, without an ICMP error); its fd, owned by the caller.
+pub fn udp_sink(port: u16) -> std::io::Result<i32> {
+    let fd = bound(libc::SOCK_DGRAM, SERVER, port)?;
+    let raw = fd.0;
+    std::mem::forget(fd);
+    Ok(raw)
+}
+
 /// Addresses spoofed sources are drawn from: 198.18.2.0 - 198.19.255.255,
 /// inside the benchmark range and outside the lab's own addresses.
 pub const SPOOFED_SOURCES: u32 = (1 << 17) - 512;

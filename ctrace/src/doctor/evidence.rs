@@ -65,6 +65,8 @@ pub struct NamespaceEvidence {
     pub distinct_drop_sources: u64,
     /// Refused insertions by destination port.
     pub insert_failed_ports: Vec<PortCount>,
+    /// Insertion races the kernel settled, by destination port (hook tiers).
+    pub clash_ports: Vec<PortCount>,
     /// New entries in the window (hook tiers only).
     pub inserts: Option<u64>,
     /// New entries by destination port (hook tiers only).
@@ -106,7 +108,11 @@ pub struct PortCount {
 /// The table's contents, counted.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct CensusSummary {
+    /// Entries the kernel listed.
     pub entries: u64,
+    /// The namespace's count just after the listing: more than `entries`
+    /// when the kernel's listing skipped some.
+    pub kernel_entries: Option<u64>,
     pub truncated: bool,
     pub by_state: BTreeMap<ConnState, u64>,
     /// UDP entries (state NONE in `by_state`, with other stateless ones).

@@ -216,6 +216,7 @@ fn namespace_evidence(
     };
     let census = crate::census::spawn(netns, path.to_path_buf()).recv().ok().flatten().map(|c| CensusSummary {
         entries: c.entries,
+        kernel_entries: c.kernel_entries,
         truncated: c.truncated,
         udp: c.by_source.iter().filter(|s| s.proto == Protocol::Udp).map(|s| s.entries).sum(),
         by_state: c.by_state,
@@ -310,6 +311,7 @@ struct SeenNamespace {
     drop_ports: FxHashMap<(Protocol, u16), u64>,
     insert_failed_ports: FxHashMap<(Protocol, u16), u64>,
     insert_ports: FxHashMap<(Protocol, u16), u64>,
+    clash_ports: FxHashMap<(Protocol, u16), u64>,
     inserts: u64,
     distinct: Distinct,
     sources: Option<crate::aggregate::heavy::SpaceSaving<IpAddr>>,
@@ -331,12 +333,19 @@ impl Sink for Seen {
     }
 
     fn on_conntrack(&mut self, event: &CtEvent, _state: ConnState) {
-        // Only insertions: refused ones are counted where their packet is
-        // dropped (on_drop), the kernel's counters give the rest.
-        if event.kind == CtKind::Insert {
-            let ns = self.namespaces.entry(event.netns).or_default();
-            ns.inserts += 1;
-            *ns.insert_ports.entry((event.proto, event.dport)).or_default() += 1;
+        // Insertions and settled races: refused ones are counted where their
+        // packet is dropped (on_drop), the kernel's counters give the rest.
+        match event.kind {
+            CtKind::Insert => {
+                let ns = self.namespaces.entry(event.netns).or_default();
+                ns.inserts += 1;
+                *ns.insert_ports.entry((event.proto, event.dport)).or_default() += 1;
+            }
+            CtKind::ClashResolved => {
+                let ns = self.namespaces.entry(event.netns).or_default();
+                *ns.clash_ports.entry((event.proto, event.dport)).or_default() += 1;
+            }
+            _ => {}
         }
     }
 
@@ -364,6 +373,7 @@ impl Seen {
         if hooks {
             ns.inserts = Some(seen.inserts);
             ns.insert_ports = top_ports(&seen.insert_ports);
+            ns.clash_ports = top_ports(&seen.clash_ports);
         }
     }
 }

@@ -97,6 +97,7 @@ pub fn diagnose(evidence: &Evidence) -> Vec<Finding> {
         findings.extend(drops(evidence, ns));
         findings.extend(early_drops(evidence, ns));
         findings.extend(insert_failed(evidence, ns));
+        findings.extend(clashes_resolved(evidence, ns));
         findings.extend(chains_too_long(evidence, ns));
         findings.extend(invalid(evidence, ns));
         findings.extend(near_full(evidence, ns));
@@ -294,20 +295,73 @@ fn insert_failed(evidence: &Evidence, ns: &NamespaceEvidence) -> Option<Finding>
         f.evidence.push(format!("refused to: {}", ports(&ns.insert_failed_ports)));
     }
     if dns {
-        f.fix.push(
-            "glibc clients: add `options single-request-reopen` to /etc/resolv.conf (A and AAAA from separate sockets)"
-                .into(),
-        );
-        f.fix.push(
-            "musl clients (Alpine), which ignore it: `options use-vc` (DNS over TCP), or a node-local DNS cache".into(),
-        );
-        f.persist.push("the resolver options in the image or pod spec (Kubernetes: dnsConfig.options)".into());
+        resolver_fixes(&mut f);
     } else {
         f.fix.push(
             "find who with `ctrace live --filter insert_failed`; if clashes are between parallel UDP flows of one \
              socket, separate them; if chains are long, raise the hash size (see sizing)"
                 .into(),
         );
+    }
+    Some(f)
+}
+
+/// What takes the A/AAAA race away: the two queries from separate sockets
+/// (separate flows), or not over UDP.
+fn resolver_fixes(f: &mut Finding) {
+    f.fix.push(
+        "glibc clients: add `options single-request-reopen` to /etc/resolv.conf (A and AAAA from separate sockets)"
+            .into(),
+    );
+    f.fix.push(
+        "musl clients (Alpine), which ignore it: `options use-vc` (DNS over TCP), or a node-local DNS cache".into(),
+    );
+    f.persist.push("the resolver options in the image or pod spec (Kubernetes: dnsConfig.options)".into());
+}
+
+/// Insertion races the kernel settled (`clashres`): two packets of one new
+/// flow both made an entry and the second found the first. Nothing was
+/// lost here, but these are the races that cost a query where the kernel
+/// cannot settle them (before 5.6 with NAT to different backends; always
+/// for TCP): named, so that a rising `insert_failed` is understood.
+fn clashes_resolved(evidence: &Evidence, ns: &NamespaceEvidence) -> Option<Finding> {
+    let n = ns.delta().clash_resolve;
+    if n == 0 {
+        return None;
+    }
+    let is_dns = |proto: Protocol, port: u16| proto == Protocol::Udp && port == 53;
+    // The hook tiers name the raced ports; on the tracepoint tier the table
+    // says whose flows these are likely to be.
+    let dns = if ns.clash_ports.is_empty() {
+        ns.census.as_ref().and_then(|c| c.by_port.first()).is_some_and(|p| is_dns(p.proto, p.dport))
+    } else {
+        ns.clash_ports.iter().any(|p| is_dns(p.proto, p.port))
+    };
+    let mut f = Finding::new(
+        Severity::Info,
+        if dns { "dns_race_resolved" } else { "clash_resolved" },
+        Some(ns),
+        if dns {
+            format!("{n} DNS lookups raced their A and AAAA queries through conntrack; the kernel settled every race")
+        } else {
+            format!("{n} new flows raced two packets through conntrack; the kernel settled every race")
+        },
+    );
+    f.evidence.push(format!("clashres counter +{n} ({:.1}/s), insert_failed +{}", rate(n, evidence.window_s), {
+        ns.delta().insert_failed
+    }));
+    if !ns.clash_ports.is_empty() {
+        f.evidence.push(format!("raced to: {}", ports(&ns.clash_ports)));
+    } else if dns {
+        f.evidence.push("the table's entries are mostly to udp/53 (this tier does not see which flows raced)".into());
+    }
+    f.evidence.push(
+        "no packet was lost to them here; where the kernel cannot settle a race (TCP, or UDP through NAT to \
+         different backends before Linux 5.6) it refuses the entry and the packet is dropped (insert_failed)"
+            .into(),
+    );
+    if dns {
+        resolver_fixes(&mut f);
     }
     Some(f)
 }
@@ -408,12 +462,27 @@ fn timeout_for(state: ConnState, proto: Protocol) -> Option<(&'static str, u64)>
     })
 }
 
+/// Says so when the kernel's listing of the table gave fewer entries than
+/// it counts (it skips entries when the table changes while it is read):
+/// shares are then of the entries listed.
+fn short_listing(ns: &NamespaceEvidence) -> Option<String> {
+    let census = ns.census.as_ref()?;
+    crate::census::is_short(census.entries, census.kernel_entries).then(|| {
+        format!(
+            "the kernel listed {} of the {} entries it counts (its listing skips entries when the table changes \
+             while it is read); shares are of the entries listed",
+            census.entries,
+            census.kernel_entries.unwrap_or_default()
+        )
+    })
+}
+
 /// One state (or UDP) holds most of a busy table: its timeout is what
 /// to shorten.
 fn timeouts(evidence: &Evidence, ns: &NamespaceEvidence) -> Option<Finding> {
     let census = ns.census.as_ref()?;
     let max = evidence.max?;
-    if census.entries == 0 || share(census.entries, max) < BUSY {
+    if census.entries == 0 || share(ns.entries, max) < BUSY {
         return None;
     }
     let tcp_states =
@@ -430,7 +499,7 @@ fn timeouts(evidence: &Evidence, ns: &NamespaceEvidence) -> Option<Finding> {
         return None;
     }
     let what = if proto == Protocol::Udp { "UDP".to_string() } else { state.as_str().to_string() };
-    let severity = if share(census.entries, max) >= NEAR_FULL { Severity::Warning } else { Severity::Info };
+    let severity = if share(ns.entries, max) >= NEAR_FULL { Severity::Warning } else { Severity::Info };
     let mut f = Finding::new(
         severity,
         "timeout_holds_slots",
@@ -441,7 +510,8 @@ fn timeouts(evidence: &Evidence, ns: &NamespaceEvidence) -> Option<Finding> {
             census.entries
         ),
     );
-    f.evidence.push(format!("{sysctl} = {current} s; table {} of {max}", census.entries));
+    f.evidence.push(format!("{sysctl} = {current} s; table {} of {max}", ns.entries));
+    f.evidence.extend(short_listing(ns));
     if state == ConnState::Established {
         f.evidence.push(
             "a shorter established timeout drops state of connections idle that long: keep it above the longest \
@@ -465,12 +535,14 @@ fn timeouts(evidence: &Evidence, ns: &NamespaceEvidence) -> Option<Finding> {
 fn notrack(evidence: &Evidence, ns: &NamespaceEvidence) -> Option<Finding> {
     let census = ns.census.as_ref()?;
     let max = evidence.max?;
-    if ns.notrack_rules == Some(true) || share(census.entries, max) < BUSY {
+    if census.entries == 0 || ns.notrack_rules == Some(true) || share(ns.entries, max) < BUSY {
         return None;
     }
+    // The port's share of what was listed, of the kernel's count.
+    let estimate = |listed: u64| (share(listed, census.entries) * ns.entries as f64).round() as u64;
     let port = census.by_port.iter().find(|p| {
         p.dport != 0
-            && p.entries >= NOTRACK_MIN_ENTRIES
+            && estimate(p.entries).max(p.entries) >= NOTRACK_MIN_ENTRIES
             && share(p.entries, census.entries) >= DOMINANT_SHARE
             && ns.listens(p.proto, p.dport)
     })?;
@@ -479,7 +551,7 @@ fn notrack(evidence: &Evidence, ns: &NamespaceEvidence) -> Option<Finding> {
         Protocol::Udp => "udp",
         _ => return None,
     };
-    let severity = if share(census.entries, max) >= NEAR_FULL { Severity::Warning } else { Severity::Info };
+    let severity = if share(ns.entries, max) >= NEAR_FULL { Severity::Warning } else { Severity::Info };
     let mut f = Finding::new(
         severity,
         "notrack_candidate",
@@ -491,6 +563,7 @@ fn notrack(evidence: &Evidence, ns: &NamespaceEvidence) -> Option<Finding> {
         ),
     );
     f.evidence.push(format!("{} of {} entries are to {proto} port {}", port.entries, census.entries, port.dport));
+    f.evidence.extend(short_listing(ns));
     f.evidence.push(
         "untracked packets skip `ct state` matches: allow the port explicitly in both directions before this".into(),
     );
@@ -679,6 +752,36 @@ mod tests {
         let f = diagnose(&evidence).into_iter().find(|f| f.id == "dns_insert_race").expect("dns finding");
         assert_eq!(f.severity, Severity::Warning);
         assert!(f.fix[0].contains("single-request-reopen"));
+    }
+
+    #[test]
+    fn settled_races_are_information_named_by_port_or_by_the_table() {
+        let mut evidence = machine();
+        let mut ns = namespace(10);
+        ns.end.clash_resolve = 40;
+        ns.clash_ports = vec![PortCount { proto: Protocol::Udp, port: 53, count: 40 }];
+        evidence.namespaces.push(ns.clone());
+        let f = diagnose(&evidence).into_iter().find(|f| f.id == "dns_race_resolved").expect("dns race finding");
+        assert_eq!(f.severity, Severity::Info);
+        assert!(f.evidence[0].starts_with("clashres counter +40"), "{:?}", f.evidence);
+        assert!(f.fix[0].contains("single-request-reopen"));
+        // Another port: named generically, no resolver advice.
+        ns.clash_ports = vec![PortCount { proto: Protocol::Udp, port: 4789, count: 40 }];
+        evidence.namespaces[0] = ns.clone();
+        let f = diagnose(&evidence).into_iter().find(|f| f.id == "clash_resolved").expect("clash finding");
+        assert!(f.fix.is_empty());
+        // No hooks: the table's top port decides.
+        ns.clash_ports.clear();
+        ns.census = Some(CensusSummary {
+            entries: 10,
+            by_port: vec![PortEntries { proto: Protocol::Udp, dport: 53, entries: 9, states: vec![] }],
+            ..Default::default()
+        });
+        evidence.namespaces[0] = ns.clone();
+        assert!(ids(&diagnose(&evidence)).contains(&"dns_race_resolved"));
+        ns.end.clash_resolve = 0;
+        evidence.namespaces[0] = ns;
+        assert!(!ids(&diagnose(&evidence)).iter().any(|id| id.contains("resolved")));
     }
 
     #[test]

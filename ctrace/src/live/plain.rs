@@ -183,8 +183,17 @@ fn census_lines(census: &crate::live::state::CensusView, max_rows: usize) -> Vec
         ));
     }
     let states: Vec<String> = census.by_state.iter().map(|(s, n)| format!("{s} {n}")).collect();
-    let truncated = if census.truncated { " (first 500,000 entries of a larger table)" } else { "" };
-    lines.push(format!("{} entries by state: {}{truncated}", census.entries, states.join(", ")));
+    let note = if census.truncated {
+        " (first 500,000 entries of a larger table)".to_string()
+    } else if crate::census::is_short(census.entries, census.kernel_entries) {
+        format!(
+            " (listed of {}: the kernel's listing skips entries when the table changes while it is read)",
+            census.kernel_entries.unwrap_or_default()
+        )
+    } else {
+        String::new()
+    };
+    lines.push(format!("{} entries by state: {}{note}", census.entries, states.join(", ")));
     lines
 }
 

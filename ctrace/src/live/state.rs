@@ -447,6 +447,7 @@ impl LiveState {
             }
             CensusView {
                 entries: self.census.values().map(|c| c.entries).sum(),
+                kernel_entries: self.census.values().map(|c| c.kernel_entries).sum(),
                 truncated: self.census.values().any(|c| c.truncated),
                 by_state: by_state.into_iter().collect(),
                 rows,
@@ -515,7 +516,10 @@ fn sort_rows(rows: &mut [TopRow], by: SortBy, descending: bool) {
 /// Who fills the table, from the kernel's own table (all tiers).
 #[derive(Clone, Debug, Serialize)]
 pub struct CensusView {
+    /// Entries listed.
     pub entries: u64,
+    /// The kernel's count of them (None if a namespace's was unreadable).
+    pub kernel_entries: Option<u64>,
     /// A table was larger than ctrace reads at once.
     pub truncated: bool,
     pub by_state: Vec<(ConnState, u64)>,
