@@ -12,6 +12,7 @@ use crate::{
 };
 
 /// One program of a family, in both tiers' forms.
+#[derive(Debug, PartialEq, Eq)]
 pub struct Hook {
     /// kprobe or kretprobe program.
     pub kprobe: &'static str,
@@ -26,12 +27,45 @@ pub struct Hook {
     pub params: usize,
 }
 
+/// The hook families, as `ctrace probes` and the record name them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HookFamily {
+    /// The `skb:kfree_skb` tracepoint: every tier has it.
+    Drops,
+    TableFull,
+    Insert,
+    Delete,
+    Invalid,
+}
+
+impl HookFamily {
+    pub fn name(self) -> &'static str {
+        match self {
+            HookFamily::Drops => "drops",
+            HookFamily::TableFull => "table_full",
+            HookFamily::Insert => "insert",
+            HookFamily::Delete => "delete",
+            HookFamily::Invalid => "invalid",
+        }
+    }
+}
+
+impl std::fmt::Display for HookFamily {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.name())
+    }
+}
+
 /// A group of programs that only work together.
+#[derive(Debug, PartialEq, Eq)]
 pub struct Family {
-    pub name: &'static str,
+    pub id: HookFamily,
     pub hooks: &'static [Hook],
     /// Runs on every packet conntrack sees: attached only when asked for.
     pub per_packet: bool,
+    /// Works only when this family is attached too.
+    pub needs: Option<HookFamily>,
 }
 
 const fn hook(
@@ -46,7 +80,7 @@ const fn hook(
 
 pub const FAMILIES: [Family; 4] = [
     Family {
-        name: TABLE_FULL_FAMILY,
+        id: HookFamily::TableFull,
         hooks: &[
             hook("ct_alloc", "ct_alloc_fentry", false, "__nf_conntrack_alloc", 6),
             hook("ct_alloc_ret", "ct_alloc_fexit", true, "__nf_conntrack_alloc", 6),
@@ -54,24 +88,27 @@ pub const FAMILIES: [Family; 4] = [
             hook("ct_early_drop_ret", "ct_early_drop_fexit", true, "early_drop", 2),
         ],
         per_packet: false,
+        needs: None,
     },
     Family {
-        name: "insert",
+        id: HookFamily::Insert,
         hooks: &[
             hook("ct_confirm", "ct_confirm_fentry", false, "__nf_conntrack_confirm", 1),
             hook("ct_confirm_ret", "ct_confirm_fexit", true, "__nf_conntrack_confirm", 1),
         ],
         per_packet: false,
+        needs: None,
     },
     Family {
-        name: "delete",
+        id: HookFamily::Delete,
         hooks: &[hook("ct_delete", "ct_delete_fentry", false, "nf_ct_delete", 3)],
         per_packet: false,
+        needs: None,
     },
     // Needs the table_full family: its allocation marks tell a full table's
     // NF_DROP from an invalid packet's.
     Family {
-        name: INVALID_FAMILY,
+        id: HookFamily::Invalid,
         hooks: &[
             hook("ct_in", "", false, "nf_conntrack_in", 2),
             hook("ct_in_ret", "ct_in_fexit", true, "nf_conntrack_in", 2),
@@ -79,11 +116,9 @@ pub const FAMILIES: [Family; 4] = [
             hook("ct_icmp6_error_ret", "ct_icmp6_error_fexit", true, "nf_conntrack_icmpv6_error", 4),
         ],
         per_packet: true,
+        needs: Some(HookFamily::TableFull),
     },
 ];
-
-pub const TABLE_FULL_FAMILY: &str = "table_full";
-pub const INVALID_FAMILY: &str = "invalid";
 
 pub const LAYOUT_GLOBAL: &str = "CONNTRACK_LAYOUT";
 pub const MODULE_BTF: &str = "/sys/kernel/btf/nf_conntrack";

@@ -5,6 +5,7 @@
 //! object, attaches, and hands out the maps.
 pub mod conntrack;
 pub mod kfree_skb;
+pub mod plan;
 
 use std::{
     fmt, io,
@@ -110,7 +111,7 @@ fn parse_ring_kib(text: &str) -> Result<u32, String> {
 /// One hook family: attached or not, and why.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct HookReport {
-    pub hook: &'static str,
+    pub hook: conntrack::HookFamily,
     /// The tier it runs on, or None when it is off.
     pub tier: Option<Tier>,
     /// What it attached to, or why it is off.
@@ -209,25 +210,34 @@ impl Attached {
         // The conntrack layout, when a hook tier is wanted and possible.
         // Read once: the hooks need function names, classification locations.
         let kallsyms = Arc::new(Kallsyms::read());
-        let mut blocker = None;
         let mut ct_layout = ctrace_common::ConntrackLayout::default();
         let mut tcp_states = Vec::new();
+        let mut facts = plan::KernelFacts {
+            built_in: conntrack::built_in(),
+            kprobes: conntrack::kprobes_supported(),
+            ..Default::default()
+        };
         if choice != TierChoice::Tracepoint {
             let ct_btf = conntrack::conntrack_btf(btf, &kallsyms);
-            blocker = conntrack_blocker(&ct_btf);
-            if let (None, Ok(Some(ct_btf))) = (&blocker, &ct_btf) {
+            facts.blocker = conntrack_blocker(&ct_btf);
+            if let (None, Ok(Some(ct_btf))) = (&facts.blocker, &ct_btf) {
                 match conntrack::layout(ct_btf) {
                     Ok(l) => {
                         ct_layout = conntrack::with_symbol_addresses(l, &kallsyms);
                         tcp_states = conntrack::tcp_states(ct_btf);
                     }
-                    Err(e) => blocker = Some(format!("conntrack's layout cannot be read from BTF: {e}")),
+                    Err(e) => facts.blocker = Some(format!("conntrack's layout cannot be read from BTF: {e}")),
                 }
             }
-            if let (TierChoice::Kprobe | TierChoice::Fentry, Some(why)) = (choice, &blocker) {
-                bail!("the conntrack hooks cannot run: {why}");
+            for hook in conntrack::FAMILIES.iter().flat_map(|f| f.hooks) {
+                if !kallsyms.has_function(hook.function) {
+                    facts.missing.push(hook.function);
+                } else if facts.built_in && btf.function_params(hook.function) != Some(hook.params) {
+                    facts.fentry_mismatch.push(hook.function);
+                }
             }
         }
+        let plans = plan::plan(&facts, choice, wanted.invalid).map_err(anyhow::Error::msg)?;
 
         let mut loader = EbpfLoader::new();
         if let Some(kib) = wanted.ring_kib {
@@ -246,90 +256,48 @@ impl Attached {
             .load(kfree_skb::TRACEPOINT, &aya_btf)
             .map_err(|e| explain_program_error(e, "loading the kfree_skb program"))?;
         program.attach().map_err(|e| explain_program_error(e, "attaching to the skb:kfree_skb tracepoint"))?;
-        let mut hooks =
-            vec![HookReport { hook: "drops", tier: Some(Tier::Tracepoint), detail: "tp_btf/skb:kfree_skb".into() }];
+        let mut hooks = vec![HookReport {
+            hook: conntrack::HookFamily::Drops,
+            tier: Some(Tier::Tracepoint),
+            detail: "tp_btf/skb:kfree_skb".into(),
+        }];
 
-        let mut tier = Tier::Tracepoint;
-        let mut table_full_hooked = false;
-        if choice == TierChoice::Tracepoint {
-            for family in &conntrack::FAMILIES {
-                hooks.push(HookReport { hook: family.name, tier: None, detail: "off: --tier tracepoint".into() });
-            }
-        }
-        let try_fentry = matches!(choice, TierChoice::Auto | TierChoice::Fentry);
-        let try_kprobe = matches!(choice, TierChoice::Auto | TierChoice::Kprobe);
-        for family in conntrack::FAMILIES.iter().filter(|_| choice != TierChoice::Tracepoint) {
-            if let Some(why) = &blocker {
-                hooks.push(HookReport { hook: family.name, tier: None, detail: why.clone() });
-                continue;
-            }
-            if family.per_packet && !wanted.invalid {
-                let detail = "runs on every packet conntrack sees; --invalid turns it on".into();
-                hooks.push(HookReport { hook: family.name, tier: None, detail });
-                continue;
-            }
-            if family.name == conntrack::INVALID_FAMILY && !table_full_hooked {
-                let detail = "needs the table_full hooks, which tell a full table's drops from invalid packets".into();
-                hooks.push(HookReport { hook: family.name, tier: None, detail });
+        // The plan, applied: each family on the first of its tiers that loads.
+        for plan in plans {
+            let family = plan.family;
+            if let Some(off) = plan.off.or_else(|| plan::unmet_need(family, &hooks)) {
+                hooks.push(HookReport { hook: family.id, tier: None, detail: off });
                 continue;
             }
             let mut whys = Vec::new();
             let mut attached = None;
-            if try_fentry {
-                if !conntrack::built_in() {
-                    whys.push(
-                        "fentry: conntrack is a module (aya 0.14 cannot fentry-attach to module functions)".into(),
-                    );
-                } else {
-                    match attach_family(&mut ebpf, family, Tier::Fentry, &kallsyms, btf, &aya_btf) {
-                        Ok(detail) => attached = Some((Tier::Fentry, detail)),
-                        Err(why) => whys.push(format!("fentry: {why}")),
-                    }
+            for step in plan.steps {
+                match step {
+                    plan::Step::Skip(tier, why) => whys.push(format!("{}: {why}", tier.name())),
+                    plan::Step::Try(tier) => match attach_family(&mut ebpf, family, tier, &aya_btf) {
+                        Ok(detail) => {
+                            attached = Some((tier, detail));
+                            break;
+                        }
+                        Err(why) => whys.push(format!("{}: {why}", tier.name())),
+                    },
                 }
             }
-            if attached.is_none() && try_kprobe {
-                if !conntrack::kprobes_supported() {
-                    whys.push(
-                        "kprobe: this kernel has no kprobes (/sys/bus/event_source/devices/kprobe is missing)".into(),
-                    );
-                } else {
-                    match attach_family(&mut ebpf, family, Tier::Kprobe, &kallsyms, btf, &aya_btf) {
-                        Ok(detail) => attached = Some((Tier::Kprobe, detail)),
-                        Err(why) => whys.push(format!("kprobe: {why}")),
-                    }
-                }
+            let Some((tier, mut detail)) = attached else {
+                hooks.push(HookReport { hook: family.id, tier: None, detail: whys.join("; ") });
+                continue;
+            };
+            if family.id == conntrack::HookFamily::TableFull && (ct_layout.net_id_addr == 0 || ct_layout.max_addr == 0)
+            {
+                detail.push_str(
+                    "; the table's fill at a refusal is not read (nf_conntrack_net_id or nf_conntrack_max \
+                     not in /proc/kallsyms: kptr_restrict, or a kernel without CONFIG_KALLSYMS_ALL)",
+                );
             }
-            match attached {
-                Some((t, detail)) => {
-                    if tier == Tier::Tracepoint || t == Tier::Fentry {
-                        tier = t;
-                    }
-                    table_full_hooked |= family.name == conntrack::TABLE_FULL_FAMILY;
-                    let mut detail = detail;
-                    if family.name == conntrack::TABLE_FULL_FAMILY
-                        && (ct_layout.net_id_addr == 0 || ct_layout.max_addr == 0)
-                    {
-                        detail.push_str(
-                            "; the table's fill at a refusal is not read (nf_conntrack_net_id or nf_conntrack_max \
-                             not in /proc/kallsyms: kptr_restrict, or a kernel without CONFIG_KALLSYMS_ALL)",
-                        );
-                    }
-                    hooks.push(HookReport { hook: family.name, tier: Some(t), detail });
-                }
-                None => hooks.push(HookReport { hook: family.name, tier: None, detail: whys.join("; ") }),
-            }
+            hooks.push(HookReport { hook: family.id, tier: Some(tier), detail });
         }
-        let wanted = match choice {
-            TierChoice::Kprobe => Some(Tier::Kprobe),
-            TierChoice::Fentry => Some(Tier::Fentry),
-            _ => None,
-        };
-        if let Some(wanted) = wanted {
-            if !hooks.iter().any(|h| h.tier == Some(wanted)) {
-                let whys: Vec<String> = hooks.iter().skip(1).map(|h| format!("{}: {}", h.hook, h.detail)).collect();
-                bail!("the {} tier cannot run here: {}", wanted.name(), whys.join("; "));
-            }
-        }
+        let tier = plan::settle(choice, &hooks).map_err(anyhow::Error::msg)?;
+        let table_full_hooked = hooks.iter().any(|h| h.hook == conntrack::HookFamily::TableFull && h.tier.is_some());
 
         let events = RingBuf::try_from(ebpf.take_map("EVENTS").context("no EVENTS map")?)?;
         let counters = PerCpuArray::try_from(ebpf.take_map("COUNTERS").context("no COUNTERS map")?)?;
@@ -439,29 +407,13 @@ fn recursion_misses(program: BorrowedFd<'_>) -> io::Result<u64> {
 
 /// Loads and attaches every program of a family on one tier, or none: on
 /// a failure the ones already attached are unloaded. Returns what was
-/// attached, or why not.
+/// attached, or why not. (The plan has checked that the functions exist.)
 fn attach_family(
     ebpf: &mut Ebpf,
     family: &conntrack::Family,
     tier: Tier,
-    kallsyms: &Kallsyms,
-    btf: &Btf,
     aya_btf: &aya::Btf,
 ) -> Result<String, String> {
-    for hook in family.hooks {
-        if !kallsyms.has_function(hook.function) {
-            return Err(format!(
-                "`{}` is not a function in this kernel (inlined, or renamed such as .constprop.0)",
-                hook.function
-            ));
-        }
-        if tier == Tier::Fentry && btf.function_params(hook.function) != Some(hook.params) {
-            return Err(format!(
-                "`{}` in vmlinux BTF is missing or has another signature than the {} parameters expected",
-                hook.function, hook.params
-            ));
-        }
-    }
     let mut done: Vec<&conntrack::Hook> = Vec::new();
     for hook in family.hooks.iter().filter(|h| tier != Tier::Fentry || !h.fentry.is_empty()) {
         if let Err(err) = load_and_attach(ebpf, hook, tier, aya_btf) {

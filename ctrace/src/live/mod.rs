@@ -76,14 +76,15 @@ fn read_trimmed(path: &str) -> String {
 
 fn header(attached: &Attached) -> Header {
     // One line each for what is on and what is off; `ctrace probes` has the reasons.
-    let (on, off): (Vec<_>, Vec<_>) = attached.hooks.iter().skip(1).partition(|h| h.tier.is_some());
+    let conntrack = attached.hooks.iter().filter(|h| h.hook != crate::hooks::conntrack::HookFamily::Drops);
+    let (on, off): (Vec<_>, Vec<_>) = conntrack.partition(|h| h.tier.is_some());
     let mut hooks = vec!["drops: tp_btf/skb:kfree_skb".to_string()];
     if !on.is_empty() {
         let names: Vec<String> = on.iter().map(|h| format!("{} ({})", h.hook, h.detail)).collect();
         hooks.push(format!("conntrack hooks on: {}", names.join("; ")));
     }
     if !off.is_empty() {
-        let names: Vec<&str> = off.iter().map(|h| h.hook).collect();
+        let names: Vec<&str> = off.iter().map(|h| h.hook.name()).collect();
         hooks.push(format!("conntrack hooks off: {} (`ctrace probes` says why)", names.join(", ")));
     }
     Header {
