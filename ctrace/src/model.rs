@@ -34,8 +34,9 @@ pub struct DropEvent {
 }
 
 /// An event of conntrack's own (kprobe tier).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, strum::IntoStaticStr)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum CtKind {
     TableFull,
     AllocFailed,
@@ -51,16 +52,7 @@ pub enum CtKind {
 impl CtKind {
     /// The name files and metrics use.
     pub fn name(self) -> &'static str {
-        match self {
-            CtKind::TableFull => "table_full",
-            CtKind::AllocFailed => "alloc_failed",
-            CtKind::EarlyDrop => "early_drop",
-            CtKind::Insert => "insert",
-            CtKind::InsertFailed => "insert_failed",
-            CtKind::Delete => "delete",
-            CtKind::ClashResolved => "clash_resolved",
-            CtKind::Invalid => "invalid",
-        }
+        self.into()
     }
 }
 
@@ -194,8 +186,22 @@ impl<'de> Deserialize<'de> for Protocol {
 /// A connection's TCP state, spelled as `conntrack -L` spells it. The
 /// tracepoint tier only ever implies SYN_SENT or ESTABLISHED; the others are
 /// the states the conntrack hooks read from entries.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    strum::IntoStaticStr,
+    strum::Display,
+)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+#[strum(serialize_all = "SCREAMING_SNAKE_CASE")]
 pub enum ConnState {
     /// Not TCP, or a TCP packet that would open no entry.
     None,
@@ -240,31 +246,27 @@ impl ConnState {
 impl ConnState {
     /// The name `conntrack -L` prints (and the record's JSON holds).
     pub fn as_str(self) -> &'static str {
-        match self {
-            ConnState::None => "NONE",
-            ConnState::SynSent => "SYN_SENT",
-            ConnState::SynRecv => "SYN_RECV",
-            ConnState::Established => "ESTABLISHED",
-            ConnState::FinWait => "FIN_WAIT",
-            ConnState::CloseWait => "CLOSE_WAIT",
-            ConnState::LastAck => "LAST_ACK",
-            ConnState::TimeWait => "TIME_WAIT",
-            ConnState::Close => "CLOSE",
-            ConnState::SynSent2 => "SYN_SENT2",
-            ConnState::Unknown => "UNKNOWN",
-        }
-    }
-}
-
-impl fmt::Display for ConnState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        self.into()
     }
 }
 
 /// Why a packet was dropped, as far as ctrace can tell.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    strum::IntoStaticStr,
+    strum::Display,
+)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum Reason {
     /// Conntrack could not create an entry while its namespace's table was
     /// at `nf_conntrack_max`.
@@ -284,18 +286,7 @@ impl Reason {
     pub const ALL: [Reason; 4] = [Reason::TableFull, Reason::ConntrackOther, Reason::InsertFailed, Reason::Ruleset];
 
     pub fn as_str(self) -> &'static str {
-        match self {
-            Reason::TableFull => "table_full",
-            Reason::ConntrackOther => "conntrack_other",
-            Reason::InsertFailed => "insert_failed",
-            Reason::Ruleset => "ruleset",
-        }
-    }
-}
-
-impl fmt::Display for Reason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        self.into()
     }
 }
 

@@ -276,11 +276,12 @@ fn e2e_test_binaries() -> anyhow::Result<Vec<PathBuf>> {
         bail!("building the end-to-end tests failed");
     }
     let mut bins = Vec::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else { continue };
-        let is_test = msg["target"]["kind"].as_array().is_some_and(|k| k.iter().any(|k| k == "test"));
-        if let (true, Some(exe)) = (is_test, msg["executable"].as_str()) {
-            bins.push(PathBuf::from(exe));
+    for message in cargo_metadata::Message::parse_stream(out.stdout.as_slice()) {
+        if let cargo_metadata::Message::CompilerArtifact(artifact) = message? {
+            let is_test = artifact.target.kind.contains(&cargo_metadata::TargetKind::Test);
+            if let (true, Some(exe)) = (is_test, artifact.executable) {
+                bins.push(exe.into_std_path_buf());
+            }
         }
     }
     Ok(bins)

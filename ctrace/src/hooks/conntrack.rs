@@ -28,8 +28,9 @@ pub struct Hook {
 }
 
 /// The hook families, as `ctrace probes` and the record name them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, strum::IntoStaticStr, strum::Display)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum HookFamily {
     /// The `skb:kfree_skb` tracepoint: every tier has it.
     Drops,
@@ -41,19 +42,7 @@ pub enum HookFamily {
 
 impl HookFamily {
     pub fn name(self) -> &'static str {
-        match self {
-            HookFamily::Drops => "drops",
-            HookFamily::TableFull => "table_full",
-            HookFamily::Insert => "insert",
-            HookFamily::Delete => "delete",
-            HookFamily::Invalid => "invalid",
-        }
-    }
-}
-
-impl std::fmt::Display for HookFamily {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.pad(self.name())
+        self.into()
     }
 }
 

@@ -36,8 +36,9 @@ pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
 /// How ctrace sees conntrack. Every tier sees drops through the
 /// `skb:kfree_skb` tracepoint; the kprobe tier adds conntrack's own paths.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, strum::IntoStaticStr)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum Tier {
     /// `tp_btf/kfree_skb` only: every packet netfilter drops.
     Tracepoint,
@@ -50,11 +51,7 @@ pub enum Tier {
 impl Tier {
     /// The name `--tier` and the record file use.
     pub fn name(self) -> &'static str {
-        match self {
-            Tier::Tracepoint => "tracepoint",
-            Tier::Kprobe => "kprobe",
-            Tier::Fentry => "fentry",
-        }
+        self.into()
     }
 }
 

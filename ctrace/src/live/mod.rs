@@ -246,28 +246,15 @@ fn spawn_key_reader(tx: mpsc::UnboundedSender<crossterm::event::KeyEvent>) {
         .expect("spawn key reader");
 }
 
-/// The terminal in raw mode on the alternate screen, restored when dropped,
-/// and by the panic hook if ctrace panics.
+/// The terminal in raw mode on the alternate screen (ratatui's own set-up),
+/// restored when dropped, and by ratatui's panic hook if ctrace panics.
 struct Screen {
-    terminal: ratatui::Terminal<ratatui::backend::CrosstermBackend<std::io::Stdout>>,
-}
-
-fn restore_terminal() {
-    let _ = crossterm::terminal::disable_raw_mode();
-    let _ = crossterm::execute!(std::io::stdout(), crossterm::terminal::LeaveAlternateScreen, crossterm::cursor::Show);
+    terminal: ratatui::DefaultTerminal,
 }
 
 impl Screen {
     fn enter() -> anyhow::Result<Self> {
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            restore_terminal();
-            previous(info);
-        }));
-        crossterm::terminal::enable_raw_mode().context("terminal raw mode")?;
-        crossterm::execute!(std::io::stdout(), crossterm::terminal::EnterAlternateScreen, crossterm::cursor::Hide)?;
-        let terminal = ratatui::Terminal::new(ratatui::backend::CrosstermBackend::new(std::io::stdout()))?;
-        Ok(Screen { terminal })
+        Ok(Screen { terminal: ratatui::try_init().context("setting up the terminal")? })
     }
 
     fn draw(&mut self, header: &Header, snap: &Snapshot, view: &ViewState) -> anyhow::Result<()> {
@@ -278,6 +265,6 @@ impl Screen {
 
 impl Drop for Screen {
     fn drop(&mut self) {
-        restore_terminal();
+        ratatui::restore();
     }
 }

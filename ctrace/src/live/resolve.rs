@@ -51,12 +51,12 @@ impl Resolver {
 
 /// getnameinfo with NI_NAMEREQD: a name, or None.
 fn lookup(addr: IpAddr) -> Option<String> {
-    let sock: socket2_free::SockAddr = SocketAddr::new(addr, 0).into();
+    let sock = socket2::SockAddr::from(SocketAddr::new(addr, 0));
     let mut host = [0 as libc::c_char; 1025];
     // SAFETY: valid sockaddr and buffer with their lengths.
     let rc = unsafe {
         libc::getnameinfo(
-            sock.as_ptr(),
+            sock.as_ptr().cast(),
             sock.len(),
             host.as_mut_ptr(),
             host.len() as libc::socklen_t,
@@ -70,50 +70,6 @@ fn lookup(addr: IpAddr) -> Option<String> {
     }
     // SAFETY: getnameinfo wrote a NUL-terminated string.
     Some(unsafe { CStr::from_ptr(host.as_ptr()) }.to_string_lossy().into_owned())
-}
-
-/// A sockaddr for getnameinfo, built without another dependency.
-mod socket2_free {
-    use std::net::SocketAddr;
-
-    pub struct SockAddr {
-        storage: libc::sockaddr_storage,
-        len: libc::socklen_t,
-    }
-
-    impl SockAddr {
-        pub fn as_ptr(&self) -> *const libc::sockaddr {
-            (&self.storage as *const libc::sockaddr_storage).cast()
-        }
-
-        pub fn len(&self) -> libc::socklen_t {
-            self.len
-        }
-    }
-
-    impl From<SocketAddr> for SockAddr {
-        fn from(addr: SocketAddr) -> Self {
-            // SAFETY: all-zero is a valid sockaddr_storage.
-            let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-            let len = match addr {
-                SocketAddr::V4(a) => {
-                    // SAFETY: sockaddr_storage is large enough and aligned for sockaddr_in.
-                    let sin = unsafe { &mut *(&mut storage as *mut _ as *mut libc::sockaddr_in) };
-                    sin.sin_family = libc::AF_INET as libc::sa_family_t;
-                    sin.sin_addr.s_addr = u32::from_ne_bytes(a.ip().octets());
-                    std::mem::size_of::<libc::sockaddr_in>()
-                }
-                SocketAddr::V6(a) => {
-                    // SAFETY: as above, for sockaddr_in6.
-                    let sin6 = unsafe { &mut *(&mut storage as *mut _ as *mut libc::sockaddr_in6) };
-                    sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
-                    sin6.sin6_addr.s6_addr = a.ip().octets();
-                    std::mem::size_of::<libc::sockaddr_in6>()
-                }
-            };
-            SockAddr { storage, len: len as libc::socklen_t }
-        }
-    }
 }
 
 #[cfg(test)]
