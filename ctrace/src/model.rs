@@ -285,6 +285,16 @@ impl Reason {
     /// Every reason, in the order views list them.
     pub const ALL: [Reason; 4] = [Reason::TableFull, Reason::ConntrackOther, Reason::InsertFailed, Reason::Ruleset];
 
+    /// Its place in [`Reason::ALL`], for arrays kept per reason.
+    pub fn index(self) -> usize {
+        match self {
+            Reason::TableFull => 0,
+            Reason::ConntrackOther => 1,
+            Reason::InsertFailed => 2,
+            Reason::Ruleset => 3,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         self.into()
     }
@@ -304,6 +314,13 @@ mod tests {
         assert_eq!(ConnState::implied(tcp, 0x04, false), ConnState::None); // RST
         assert_eq!(ConnState::implied(tcp, 0x02, true), ConnState::Unknown);
         assert_eq!(ConnState::implied(Protocol::Udp, 0, false), ConnState::None);
+    }
+
+    #[test]
+    fn a_reasons_index_is_its_place_in_all() {
+        for (i, reason) in Reason::ALL.into_iter().enumerate() {
+            assert_eq!(reason.index(), i, "{reason}");
+        }
     }
 
     #[test]

@@ -28,20 +28,42 @@ const TREND_WINDOW_S: f64 = 10.0;
 /// Destinations exported as metric series at most.
 const METRIC_DESTINATIONS: usize = 10;
 
-/// The series shown as rates, in display order.
-pub const SERIES: [&str; 9] = [
-    "table_full",
-    "conntrack_other",
-    "insert_failed",
-    "ruleset",
-    "kernel_early_drop",
-    "kernel_insert_fail",
-    "kernel_invalid",
-    "kernel_drop",
-    "lost",
+/// Reads one counter of a namespace's stats.
+type Counter = fn(&ConntrackStats) -> u64;
+
+/// The kernel's counters charted (summed over namespaces), each with the
+/// name its chart has.
+const KERNEL_COUNTERS: [(&str, Counter); 4] = [
+    ("kernel_early_drop", |s| s.early_drop),
+    ("kernel_insert_fail", |s| s.insert_failed),
+    ("kernel_invalid", |s| s.invalid),
+    ("kernel_drop", |s| s.drop),
 ];
-/// Decoded drop reasons come first in SERIES.
-const REASONS: usize = 4;
+
+/// The charts of rates, in display order: decoded drops by reason, the
+/// kernel's counters, lost records.
+struct Charts {
+    reasons: [Series; Reason::ALL.len()],
+    kernel: [Series; KERNEL_COUNTERS.len()],
+    lost: Series,
+}
+
+impl Charts {
+    fn new() -> Self {
+        Charts {
+            reasons: std::array::from_fn(|_| Series::new(HISTORY)),
+            kernel: std::array::from_fn(|_| Series::new(HISTORY)),
+            lost: Series::new(HISTORY),
+        }
+    }
+
+    /// Each chart with its name.
+    fn named(&self) -> impl Iterator<Item = (&'static str, &Series)> {
+        let reasons = Reason::ALL.iter().map(|r| r.as_str()).zip(&self.reasons);
+        let kernel = KERNEL_COUNTERS.iter().map(|(name, _)| *name).zip(&self.kernel);
+        reasons.chain(kernel).chain(std::iter::once(("lost", &self.lost)))
+    }
+}
 
 /// Kernel counters read once per tick for one namespace.
 #[derive(Clone, Debug)]
@@ -67,8 +89,8 @@ struct NetnsState {
     entries: u64,
     /// The latest cumulative counters.
     last: ConntrackStats,
-    /// Deltas of early_drop, insert_failed, invalid, drop.
-    deltas: [Delta; 4],
+    /// Deltas of the [`KERNEL_COUNTERS`].
+    deltas: [Delta; KERNEL_COUNTERS.len()],
     /// A counter moved in the latest interval.
     moved: bool,
     seen_at_tick: u64,
@@ -114,24 +136,16 @@ pub struct LiveState {
     flood: FloodStats,
     /// Exact drops per namespace and reason (namespaces are few).
     by_netns: FxHashMap<(u32, Reason), u64>,
-    decoded: [u64; REASONS],
-    decoded_deltas: [Delta; REASONS],
+    /// Decoded drops by reason ([`Reason::index`]).
+    decoded: [u64; Reason::ALL.len()],
+    decoded_deltas: [Delta; Reason::ALL.len()],
     lost_delta: Delta,
-    series: Vec<Series>,
+    charts: Charts,
     namespaces: BTreeMap<u32, NetnsState>,
     max: Option<u64>,
     buckets: Option<u64>,
     kernel: KernelTotals,
     pub undecodable: u64,
-}
-
-fn reason_index(reason: Reason) -> usize {
-    match reason {
-        Reason::TableFull => 0,
-        Reason::ConntrackOther => 1,
-        Reason::InsertFailed => 2,
-        Reason::Ruleset => 3,
-    }
 }
 
 impl LiveState {
@@ -146,10 +160,10 @@ impl LiveState {
             fills: Fills::default(),
             census: Default::default(),
             by_netns: FxHashMap::default(),
-            decoded: [0; REASONS],
-            decoded_deltas: [Delta::default(); REASONS],
+            decoded: [0; Reason::ALL.len()],
+            decoded_deltas: [Delta::default(); Reason::ALL.len()],
             lost_delta: Delta::default(),
-            series: SERIES.iter().map(|_| Series::new(HISTORY)).collect(),
+            charts: Charts::new(),
             namespaces: BTreeMap::new(),
             max: None,
             buckets: None,
@@ -163,7 +177,7 @@ impl LiveState {
     pub fn count_drop(&mut self, key: &SourceKey, dst: IpAddr, ts_ns: u64) {
         self.heavy.add(key, ts_ns);
         self.flood.add(key.src, Destination::of(key, dst), ts_ns);
-        self.decoded[reason_index(key.reason)] += 1;
+        self.decoded[key.reason.index()] += 1;
         *self.by_netns.entry((key.netns, key.reason)).or_default() += 1;
     }
 
@@ -275,11 +289,11 @@ impl LiveState {
         self.last_tick_ns = input.now_ns;
         self.ticks += 1;
         self.heavy.mark();
-        for i in 0..REASONS {
-            let delta = self.decoded_deltas[i].next(self.decoded[i]);
-            self.series[i].push(delta);
+        for ((series, delta), &count) in self.charts.reasons.iter_mut().zip(&mut self.decoded_deltas).zip(&self.decoded)
+        {
+            series.push(delta.next(count));
         }
-        let mut kernel_sums = [0u64; 4];
+        let mut kernel_sums = [0u64; KERNEL_COUNTERS.len()];
         let t_s = (input.now_ns - self.started_ns) as f64 / 1e9;
         for sample in input.namespaces {
             let ns = self.namespaces.entry(sample.netns).or_insert_with(|| NetnsState {
@@ -287,14 +301,14 @@ impl LiveState {
                 trend: Trend::new(TREND_WINDOW_S),
                 entries: 0,
                 last: ConntrackStats::default(),
-                deltas: [Delta::default(); 4],
+                deltas: [Delta::default(); KERNEL_COUNTERS.len()],
                 moved: false,
                 seen_at_tick: 0,
             });
             let s = sample.stats;
             ns.moved = false;
-            for (i, value) in [s.early_drop, s.insert_failed, s.invalid, s.drop].into_iter().enumerate() {
-                let delta = ns.deltas[i].next(value);
+            for (i, (_, counter)) in KERNEL_COUNTERS.iter().enumerate() {
+                let delta = ns.deltas[i].next(counter(&s));
                 ns.moved |= delta > 0;
                 kernel_sums[i] += delta;
             }
@@ -306,10 +320,10 @@ impl LiveState {
         // Namespaces that are gone are forgotten.
         let ticks = self.ticks;
         self.namespaces.retain(|_, ns| ns.seen_at_tick == ticks);
-        for (i, sum) in kernel_sums.into_iter().enumerate() {
-            self.series[REASONS + i].push(sum);
+        for (series, sum) in self.charts.kernel.iter_mut().zip(kernel_sums) {
+            series.push(sum);
         }
-        self.series[REASONS + 4].push(self.lost_delta.next(input.kernel.lost_events));
+        self.charts.lost.push(self.lost_delta.next(input.kernel.lost_events));
         self.kernel = input.kernel;
         self.max = input.max;
         self.buckets = input.buckets;
@@ -322,12 +336,12 @@ impl LiveState {
         self.fills = Fills { active: self.fills.active, ..Fills::default() };
         self.by_netns.clear();
         self.started_ns = now_ns.min(self.last_tick_ns);
-        self.series = SERIES.iter().map(|_| Series::new(HISTORY)).collect();
+        self.charts = Charts::new();
         for ns in self.namespaces.values_mut() {
             ns.trend = Trend::new(TREND_WINDOW_S);
         }
-        self.decoded = [0; REASONS];
-        self.decoded_deltas = [Delta::default(); REASONS];
+        self.decoded = [0; Reason::ALL.len()];
+        self.decoded_deltas = [Delta::default(); Reason::ALL.len()];
         self.undecodable = 0;
     }
 
@@ -361,9 +375,9 @@ impl LiveState {
         top.truncate(query.limit);
         let shown: u64 = top.iter().map(|r| r.total).sum();
 
-        let series = SERIES
-            .iter()
-            .zip(&self.series)
+        let series = self
+            .charts
+            .named()
             .map(|(name, s)| SeriesView {
                 name,
                 per_s: per_second(s.last(), interval_ns),
