@@ -155,9 +155,18 @@ impl Netns {
         self.enter(|| std::fs::read_to_string(&path)).with_context(|| format!("read {name} in {}", self.name))
     }
 
-    /// The namespace's `/proc/net/stat/nf_conntrack`, summed over CPUs.
+    /// The namespace's conntrack counters (`/proc/net/stat/nf_conntrack`,
+    /// summed over CPUs) and its entry count from another interface than
+    /// the one ctrace reads: the `nf_conntrack_count` sysctl.
     pub fn conntrack_stat(&self) -> anyhow::Result<ConntrackStat> {
-        ConntrackStat::parse(&self.proc_net("stat/nf_conntrack")?)
+        let (stat, count) = self.enter(|| {
+            let stat = std::fs::read_to_string("/proc/thread-self/net/stat/nf_conntrack");
+            (stat, std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_count"))
+        });
+        let stat = stat.with_context(|| format!("read stat/nf_conntrack in {}", self.name))?;
+        let count = count.with_context(|| format!("read nf_conntrack_count in {}", self.name))?;
+        let entries = count.trim().parse().with_context(|| format!("nf_conntrack_count {count:?}"))?;
+        Ok(ConntrackStat { entries, ..ConntrackStat::from_counters(&stat)? })
     }
 
     /// Lists the namespace's table, which removes the entries that have
@@ -190,27 +199,63 @@ pub struct ConntrackStat {
 }
 
 impl ConntrackStat {
-    pub fn parse(text: &str) -> anyhow::Result<Self> {
-        let mut lines = text.lines();
-        let header: Vec<&str> = lines.next().context("empty stat file")?.split_whitespace().collect();
-        let rows: Vec<Vec<u64>> = lines
-            .filter(|l| !l.trim().is_empty())
-            .map(|l| l.split_whitespace().map(|v| u64::from_str_radix(v, 16)).collect())
-            .collect::<Result<_, _>>()?;
-        let col = |name: &str| -> u64 {
-            let Some(i) = header.iter().position(|h| *h == name) else {
-                return 0;
-            };
-            rows.iter().map(|r| r[i]).sum()
-        };
+    /// The counters of a stat file; `entries` is left 0 (see
+    /// [`Netns::conntrack_stat`]). Written apart from ctrace's own parser
+    /// (`netns.rs`), by column name into a map, so that the ground truth
+    /// does not share its mistakes.
+    pub fn from_counters(text: &str) -> anyhow::Result<Self> {
+        let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+        let names: Vec<&str> = lines.next().context("empty stat file")?.split_whitespace().collect();
+        let mut totals: std::collections::HashMap<&str, u64> = names.iter().map(|&n| (n, 0)).collect();
+        for (cpu, line) in lines.enumerate() {
+            let values: Vec<&str> = line.split_whitespace().collect();
+            anyhow::ensure!(
+                values.len() == names.len(),
+                "row {cpu}: {} values under {} names",
+                values.len(),
+                names.len()
+            );
+            for (name, value) in names.iter().zip(values) {
+                let value = u64::from_str_radix(value, 16).with_context(|| format!("{name} = {value:?}"))?;
+                *totals.get_mut(name).expect("every name has a total") += value;
+            }
+        }
+        let total = |name: &str| totals.get(name).copied().unwrap_or(0);
         Ok(ConntrackStat {
-            entries: col("entries") / rows.len().max(1) as u64,
-            drop: col("drop"),
-            insert_failed: col("insert_failed"),
-            early_drop: col("early_drop"),
-            invalid: col("invalid"),
-            clash_resolve: col("clashres"),
+            entries: 0,
+            drop: total("drop"),
+            insert_failed: total("insert_failed"),
+            early_drop: total("early_drop"),
+            invalid: total("invalid"),
+            clash_resolve: total("clashres"),
         })
+    }
+}
+
+#[cfg(test)]
+mod stat_tests {
+    use super::ConntrackStat;
+
+    /// Two CPUs' rows in the 6.18 layout (with `chainlength`).
+    const STAT: &str = "\
+entries  clashres found new invalid ignore delete chainlength insert insert_failed drop early_drop icmp_error  expect_new expect_create expect_delete search_restart
+00000010  00000001 00000000 00000000 0000000a 00000000 00000000 00000000 00000000 00000002 00000003 00000004 00000000  00000000 00000000 00000000 00000000
+00000010  00000002 00000000 00000000 00000010 00000000 00000000 00000000 00000000 00000000 00000100 00000001 00000000  00000000 00000000 00000000 00000000
+";
+
+    #[test]
+    fn counters_are_summed_over_cpus_by_name() {
+        let stat = ConntrackStat::from_counters(STAT).unwrap();
+        let expected =
+            ConntrackStat { entries: 0, drop: 0x103, insert_failed: 2, early_drop: 5, invalid: 0x1a, clash_resolve: 3 };
+        assert_eq!(stat, expected);
+    }
+
+    #[test]
+    fn a_short_row_is_an_error() {
+        let text = STAT.replace("00000001 00000000 00000000 0000000a", "00000001 00000000 0000000a");
+        assert!(ConntrackStat::from_counters(&text).is_err());
+        assert!(ConntrackStat::from_counters("").is_err());
     }
 }
 
