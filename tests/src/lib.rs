@@ -236,10 +236,11 @@ impl ConntrackStat {
 mod stat_tests {
     use super::ConntrackStat;
 
-    /// Two CPUs' rows in the 6.18 layout (with `chainlength`).
+    /// Two CPUs' rows in the layout of 5.x kernels (`delete_list` where
+    /// 6.x prints `chainlength`): the columns are found by name.
     const STAT: &str = "\
-entries  clashres found new invalid ignore delete chainlength insert insert_failed drop early_drop icmp_error  expect_new expect_create expect_delete search_restart
-00000010  00000001 00000000 00000000 0000000a 00000000 00000000 00000000 00000000 00000002 00000003 00000004 00000000  00000000 00000000 00000000 00000000
+entries  clashres found new invalid ignore delete delete_list insert insert_failed drop early_drop icmp_error  expect_new expect_create expect_delete search_restart
+00000010  00000001 00000000 00000000 0000000a 00000000 00000000 00000007 00000000 00000002 00000003 00000004 00000000  00000000 00000000 00000000 00000000
 00000010  00000002 00000000 00000000 00000010 00000000 00000000 00000000 00000000 00000000 00000100 00000001 00000000  00000000 00000000 00000000 00000000
 ";
 
