@@ -13,7 +13,7 @@
 //! The thin entry points below only move arguments; the shared functions do
 //! the work, so a fentry tier can reuse them.
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_jiffies64, bpf_ktime_get_ns},
+    helpers::{bpf_get_smp_processor_id, bpf_jiffies64, bpf_ktime_get_ns},
     macros::{fentry, fexit, kprobe, kretprobe, map},
     maps::{HashMap, LruHashMap},
     programs::{FEntryContext, FExitContext, ProbeContext, RetProbeContext},
@@ -21,9 +21,10 @@ use aya_ebpf::{
 use ctrace_common::{counter, ct_event, kind, ConntrackEvent, ConntrackLayout};
 
 use crate::{
-    hooks::kfree_skb::{net_inum_offset, skb_nfct_offset},
     maps::{count, output, set_mark, ALLOC_FAILED_PENDING, INSERT_FAILED_PENDING, TABLE_FULL_PENDING},
     read,
+    skb::{Net, Skb},
+    task,
 };
 
 #[unsafe(no_mangle)]
@@ -89,19 +90,6 @@ const MAX_ERRNO: u64 = 4095;
 fn layout() -> ConntrackLayout {
     // SAFETY: a read-only global filled in by the loader.
     unsafe { core::ptr::read_volatile(&CONNTRACK_LAYOUT) }
-}
-
-/// The key pairing a function's entry with its return: the task. Every
-/// CPU's idle task has pid 0, and a softirq that interrupts one runs as it,
-/// so two CPUs handling packets at once would share that key: pid 0 is
-/// keyed by CPU instead (an idle task never migrates).
-pub(crate) fn task() -> u64 {
-    let id = bpf_get_current_pid_tgid();
-    if id as u32 != 0 {
-        return id;
-    }
-    // SAFETY: no arguments.
-    (1 << 63) | unsafe { bpf_get_smp_processor_id() } as u64
 }
 
 fn now() -> u64 {
@@ -204,18 +192,18 @@ pub fn ct_confirm_fexit(ctx: FExitContext) -> i32 {
 
 fn on_alloc_entry(net: u64, tuple: u64) {
     let alloc = Alloc { net, tuple, early_drop: 0, in_early_drop: 0, _pad: [0; 6] };
-    let _ = ALLOCS.insert(task(), alloc, 0);
+    let _ = ALLOCS.insert(task::key(), alloc, 0);
 }
 
 fn on_early_drop_entry() {
-    if let Some(alloc) = ALLOCS.get_ptr_mut(task()) {
+    if let Some(alloc) = ALLOCS.get_ptr_mut(task::key()) {
         // SAFETY: a pointer to this task's map value.
         unsafe { (*alloc).in_early_drop = 1 };
     }
 }
 
 fn on_early_drop_return(evicted: bool) {
-    if let Some(alloc) = ALLOCS.get_ptr_mut(task()) {
+    if let Some(alloc) = ALLOCS.get_ptr_mut(task::key()) {
         // SAFETY: as above.
         unsafe {
             (*alloc).in_early_drop = 0;
@@ -225,7 +213,7 @@ fn on_early_drop_return(evicted: bool) {
 }
 
 fn on_alloc_return(ret: u64) {
-    let key = task();
+    let key = task::key();
     // SAFETY: the value is copied out before the entry is removed.
     let Some(alloc) = (unsafe { ALLOCS.get(key) }).copied() else { return };
     let _ = ALLOCS.remove(key);
@@ -269,7 +257,7 @@ fn on_delete(ct: u64) -> Result<(), i64> {
     // (the kernel does not count it as an early drop); only a live one is
     // evicted.
     // SAFETY: copied out.
-    let in_early_drop = unsafe { ALLOCS.get(task()) }.is_some_and(|a| a.in_early_drop == 1);
+    let in_early_drop = unsafe { ALLOCS.get(task::key()) }.is_some_and(|a| a.in_early_drop == 1);
     let evicting = in_early_drop && !expired(ct, &l)?;
     // SAFETY: copied out before removal.
     let born = unsafe { BORN.get(ct) }.copied().unwrap_or(0);
@@ -292,13 +280,13 @@ fn expired(ct: u64, l: &ConntrackLayout) -> Result<bool, i64> {
 }
 
 fn on_confirm_entry(skb: u64) -> Result<(), i64> {
-    let nfct: u64 = read::at(skb, skb_nfct_offset())?;
-    let _ = CONFIRMS.insert(task(), Confirm { skb, ct: nfct & NFCT_PTRMASK }, 0);
+    let nfct = Skb(skb).nfct()?;
+    let _ = CONFIRMS.insert(task::key(), Confirm { skb, ct: nfct & NFCT_PTRMASK }, 0);
     Ok(())
 }
 
 fn on_confirm_return(ret: u64) -> Result<(), i64> {
-    let key = task();
+    let key = task::key();
     // SAFETY: copied out before removal.
     let Some(Confirm { skb, ct }) = (unsafe { CONFIRMS.get(key) }).copied() else { return Ok(()) };
     let _ = CONFIRMS.remove(key);
@@ -311,7 +299,7 @@ fn on_confirm_return(ret: u64) -> Result<(), i64> {
             // A clash resolved to the entry already in the table swaps the
             // packet's entry (the new one is freed); one resolved by keeping
             // the new entry for replies marks it IPS_NAT_CLASH.
-            let now_attached = read::at::<u64>(skb, skb_nfct_offset())? & NFCT_PTRMASK;
+            let now_attached = Skb(skb).nfct()? & NFCT_PTRMASK;
             if now_attached != ct && now_attached != 0 {
                 (ct_event::CLASH_RESOLVED, now_attached)
             } else {
@@ -358,7 +346,7 @@ fn event_record(l: &ConntrackLayout, event: u8, tuple: u64, net: u64, ct: u64) -
     record.sport = u16::from_be(read::at(tuple, l.tuple_src_port)?);
     record.dport = u16::from_be(read::at(tuple, l.tuple_dst_port)?);
     if net != 0 {
-        record.netns = read::at(net, net_inum_offset()).unwrap_or(0);
+        record.netns = Net(net).inum().unwrap_or(0);
     }
     if ct != 0 {
         record.tcp_state = read::at(ct, l.ct_tcp_state).unwrap_or(0);

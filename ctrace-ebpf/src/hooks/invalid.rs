@@ -20,12 +20,9 @@ use aya_ebpf::{
 use ctrace_common::{counter, ct_event, kind, ConntrackEvent, PacketDrop};
 
 use crate::{
-    hooks::{
-        conntrack::task,
-        kfree_skb::{netns_inum, read_headers, skb_nfct_offset, KFREE_SKB_LAYOUT},
-    },
     maps::{count, output, recent, set_mark, take_mark, ALLOC_FAILED_PENDING, ICMP_ERROR_PENDING},
-    read,
+    skb::{self, Net, Skb},
+    task,
 };
 
 const NF_DROP: u32 = 0;
@@ -49,7 +46,7 @@ static CALLS: LruHashMap<u64, Calls> = LruHashMap::with_max_entries(4096, 0);
 #[kprobe]
 pub fn ct_in(ctx: ProbeContext) -> u32 {
     let Some(skb) = ctx.arg::<u64>(0) else { return 0 };
-    let key = task();
+    let key = task::key();
     match CALLS.get_ptr_mut(key) {
         Some(calls) => {
             // SAFETY: this task's map value.
@@ -70,7 +67,7 @@ pub fn ct_in(ctx: ProbeContext) -> u32 {
 
 #[kretprobe]
 pub fn ct_in_ret(ctx: RetProbeContext) -> u32 {
-    let key = task();
+    let key = task::key();
     let Some(calls) = CALLS.get_ptr_mut(key) else { return 0 };
     // SAFETY: this task's map value.
     let calls = unsafe { &mut *calls };
@@ -133,20 +130,20 @@ fn on_return(skb: u64, verdict: u32) -> Result<(), i64> {
     if verdict != NF_ACCEPT && verdict != NF_DROP {
         return Ok(());
     }
-    if read::at::<u64>(skb, skb_nfct_offset())? != 0 || icmp_error || (verdict == NF_DROP && alloc_failed) {
+    let skb = Skb(skb);
+    if skb.nfct()? != 0 || icmp_error || (verdict == NF_DROP && alloc_failed) {
         return Ok(());
     }
     count(counter::CT_BASE + ct_event::INVALID as u32);
-    // SAFETY: a read-only global filled in by the loader.
-    let packet_layout = unsafe { core::ptr::read_volatile(&KFREE_SKB_LAYOUT) };
+    let packet_layout = skb::layout();
     let mut packet = PacketDrop::default();
-    let _ = read_headers(&packet_layout, skb, &mut packet);
+    let _ = skb.headers(&packet_layout, &mut packet);
     let record = ConntrackEvent {
         kind: kind::CONNTRACK,
         event: ct_event::INVALID,
         family: packet.family,
         proto: packet.proto,
-        netns: netns_inum(&packet_layout, skb).unwrap_or(0),
+        netns: skb.net(&packet_layout).and_then(Net::inum).unwrap_or(0),
         // SAFETY: plain helpers without arguments.
         ts_ns: unsafe { bpf_ktime_get_ns() },
         cpu: unsafe { bpf_get_smp_processor_id() },
