@@ -7,6 +7,7 @@
 pub mod plain;
 pub mod query;
 pub mod resolve;
+pub mod snapshot;
 pub mod state;
 pub mod synthetic;
 pub mod view;
