@@ -47,98 +47,193 @@ const IPPROTO_UDPLITE: u8 = 136;
 /// `skb->network_header` when no header was set.
 const HEADER_UNSET: u16 = u16::MAX;
 
-/// A `struct sk_buff *`.
-#[derive(Clone, Copy)]
-pub struct Skb(pub u64);
+/// How a hook reaches the kernel's structures from the pointer it holds.
+pub trait Access: Copy {
+    fn at<T: Copy>(base: u64, offset: u32) -> Result<T, i64>;
+}
 
-impl Skb {
+/// Through `bpf_probe_read_kernel`: any address (a kprobe's arguments are
+/// plain numbers to the verifier).
+#[derive(Clone, Copy)]
+pub struct Probe;
+
+impl Access for Probe {
+    #[inline(always)]
+    fn at<T: Copy>(base: u64, offset: u32) -> Result<T, i64> {
+        read::at(base, offset)
+    }
+}
+
+/// Plain loads, for pointers the verifier knows by their BTF type (a
+/// `tp_btf` program's arguments, and the pointers loaded from them): it
+/// checks each load against BTF and makes it fault-safe (a bad pointer
+/// reads 0), with no helper call. The offsets are constants to it: they
+/// come from the frozen read-only layout.
+#[derive(Clone, Copy)]
+pub struct Direct;
+
+impl Access for Direct {
+    #[inline(always)]
+    fn at<T: Copy>(base: u64, offset: u32) -> Result<T, i64> {
+        // SAFETY: see above; the verifier refuses the program otherwise.
+        Ok(unsafe { core::ptr::read((base + offset as u64) as *const T) })
+    }
+}
+
+/// A `struct sk_buff *`, read with `A`.
+#[derive(Clone, Copy)]
+pub struct Skb<A: Access = Probe>(pub u64, pub A);
+
+impl Skb<Probe> {
+    /// A raw address (a kprobe's argument, a map value).
+    pub fn probe(addr: u64) -> Self {
+        Skb(addr, Probe)
+    }
+}
+
+impl<A: Access> Skb<A> {
     /// `skb->_nfct`: the packet's conntrack entry, with its ctinfo in the
     /// low three bits; 0 when conntrack attached none.
     #[inline(always)]
     pub fn nfct(self) -> Result<u64, i64> {
         // SAFETY: as in `layout`.
-        read::at(self.0, unsafe { core::ptr::read_volatile(&KFREE_SKB_LAYOUT.skb_nfct) })
+        A::at(self.0, unsafe { core::ptr::read_volatile(&KFREE_SKB_LAYOUT.skb_nfct) })
     }
 
     /// The packet's network namespace: the device's for received packets,
     /// the socket's for locally generated ones that have no device yet.
-    pub fn net(self, l: &KfreeSkbLayout) -> Result<Net, i64> {
-        let dev: u64 = read::at(self.0, l.skb_dev)?;
+    #[inline(always)]
+    pub fn net(self, l: &KfreeSkbLayout) -> Result<Net<A>, i64> {
+        let dev: u64 = A::at(self.0, l.skb_dev)?;
         let net: u64 = if dev != 0 {
-            read::at(dev, l.dev_net)?
+            A::at(dev, l.dev_net)?
         } else {
-            let sk: u64 = read::at(self.0, l.skb_sk)?;
+            let sk: u64 = A::at(self.0, l.skb_sk)?;
             if sk == 0 {
                 return Err(0);
             }
-            read::at(sk, l.sock_net)?
+            A::at(sk, l.sock_net)?
         };
         if net == 0 {
             return Err(0);
         }
-        Ok(Net(net))
+        Ok(Net(net, self.1))
     }
 
     /// Fills family, protocol, addresses, ports and TCP flags from the
-    /// packet's headers.
+    /// packet's headers (the packet's bytes through the helper: their
+    /// offset is the packet's own).
     pub fn headers(self, l: &KfreeSkbLayout, record: &mut PacketDrop) -> Result<(), i64> {
-        let protocol = u16::from_be(read::at::<u16>(self.0, l.skb_protocol)?);
-        let head: u64 = read::at(self.0, l.skb_head)?;
-        let network_header: u16 = read::at(self.0, l.skb_network_header)?;
+        let protocol = u16::from_be(A::at::<u16>(self.0, l.skb_protocol)?);
+        let head: u64 = A::at(self.0, l.skb_head)?;
+        let network_header: u16 = A::at(self.0, l.skb_network_header)?;
         if head == 0 || network_header == HEADER_UNSET {
             return Err(0);
         }
         let l3 = head + network_header as u64;
-        let l4 = match protocol {
+        // One read for both headers where the IP header has no options
+        // (nearly always); a read that would cross into unmapped memory
+        // (a header at the very end of a page) falls back to one each.
+        match protocol {
             ETH_P_IP => {
-                let ip: [u8; 20] = read::at(l3, 0)?;
-                record.family = family::INET;
-                record.proto = ip[9];
-                record.src[..4].copy_from_slice(&ip[12..16]);
-                record.dst[..4].copy_from_slice(&ip[16..20]);
-                let fragment_offset = u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff;
-                if fragment_offset != 0 {
-                    return Ok(()); // no transport header in this fragment
+                if let Ok(bytes) = read::at::<[u8; 20 + L4_BYTES]>(l3, 0) {
+                    return match ipv4(record, &bytes[..20]) {
+                        Some(20) => {
+                            transport(record, &bytes[20..]);
+                            Ok(())
+                        }
+                        Some(l4) => l4_at(record, l3 + l4),
+                        None => Ok(()),
+                    };
                 }
-                l3 + ((ip[0] & 0x0f) as u64) * 4
+                let ip: [u8; 20] = read::at(l3, 0)?;
+                match ipv4(record, &ip) {
+                    Some(l4) => l4_at(record, l3 + l4),
+                    None => Ok(()),
+                }
             }
             ETH_P_IPV6 => {
+                if let Ok(bytes) = read::at::<[u8; 40 + L4_BYTES]>(l3, 0) {
+                    ipv6(record, &bytes[..40]);
+                    transport(record, &bytes[40..]);
+                    return Ok(());
+                }
                 let ip: [u8; 40] = read::at(l3, 0)?;
-                record.family = family::INET6;
-                record.proto = ip[6]; // next header; extension headers are not walked
-                record.src.copy_from_slice(&ip[8..24]);
-                record.dst.copy_from_slice(&ip[24..40]);
-                l3 + 40
+                ipv6(record, &ip);
+                l4_at(record, l3 + 40)
             }
-            _ => return Ok(()),
-        };
-        match record.proto {
-            IPPROTO_TCP => {
-                let tcp: [u8; 14] = read::at(l4, 0)?;
-                record.sport = u16::from_be_bytes([tcp[0], tcp[1]]);
-                record.dport = u16::from_be_bytes([tcp[2], tcp[3]]);
-                record.tcp_flags = tcp[13];
-            }
-            IPPROTO_UDP | IPPROTO_SCTP | IPPROTO_UDPLITE => {
-                let ports: [u8; 4] = read::at(l4, 0)?;
-                record.sport = u16::from_be_bytes([ports[0], ports[1]]);
-                record.dport = u16::from_be_bytes([ports[2], ports[3]]);
-            }
-            _ => {}
+            _ => Ok(()),
         }
-        Ok(())
     }
 }
 
-/// A `struct net *`.
-#[derive(Clone, Copy)]
-pub struct Net(pub u64);
+/// The transport header bytes a record needs (TCP's flags are byte 13).
+const L4_BYTES: usize = 14;
 
-impl Net {
+/// Family, protocol and addresses from an IPv4 header; the transport
+/// header's offset, or None when this fragment has none.
+#[inline(always)]
+fn ipv4(record: &mut PacketDrop, ip: &[u8]) -> Option<u64> {
+    record.family = family::INET;
+    record.proto = ip[9];
+    record.src[..4].copy_from_slice(&ip[12..16]);
+    record.dst[..4].copy_from_slice(&ip[16..20]);
+    let fragment_offset = u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff;
+    if fragment_offset != 0 {
+        return None;
+    }
+    Some(((ip[0] & 0x0f) as u64) * 4)
+}
+
+#[inline(always)]
+fn ipv6(record: &mut PacketDrop, ip: &[u8]) {
+    record.family = family::INET6;
+    record.proto = ip[6]; // next header; extension headers are not walked
+    record.src.copy_from_slice(&ip[8..24]);
+    record.dst.copy_from_slice(&ip[24..40]);
+}
+
+/// Reads the transport header at `l4` for [`transport`].
+#[inline(always)]
+fn l4_at(record: &mut PacketDrop, l4: u64) -> Result<(), i64> {
+    let bytes: [u8; L4_BYTES] = read::at(l4, 0)?;
+    transport(record, &bytes);
+    Ok(())
+}
+
+/// Ports and TCP flags from the first [`L4_BYTES`] of the transport header.
+#[inline(always)]
+fn transport(record: &mut PacketDrop, l4: &[u8]) {
+    match record.proto {
+        IPPROTO_TCP => {
+            record.sport = u16::from_be_bytes([l4[0], l4[1]]);
+            record.dport = u16::from_be_bytes([l4[2], l4[3]]);
+            record.tcp_flags = l4[13];
+        }
+        IPPROTO_UDP | IPPROTO_SCTP | IPPROTO_UDPLITE => {
+            record.sport = u16::from_be_bytes([l4[0], l4[1]]);
+            record.dport = u16::from_be_bytes([l4[2], l4[3]]);
+        }
+        _ => {}
+    }
+}
+
+/// A `struct net *`, read with `A`.
+#[derive(Clone, Copy)]
+pub struct Net<A: Access = Probe>(pub u64, pub A);
+
+impl Net<Probe> {
+    /// A raw address (read from a conntrack entry).
+    pub fn probe(addr: u64) -> Self {
+        Net(addr, Probe)
+    }
+}
+
+impl<A: Access> Net<A> {
     /// `net->ns.inum`: the namespace's inode number, as /proc shows it.
     #[inline(always)]
     pub fn inum(self) -> Result<u32, i64> {
         // SAFETY: as in `layout`.
-        read::at(self.0, unsafe { core::ptr::read_volatile(&KFREE_SKB_LAYOUT.net_inum) })
+        A::at(self.0, unsafe { core::ptr::read_volatile(&KFREE_SKB_LAYOUT.net_inum) })
     }
 }

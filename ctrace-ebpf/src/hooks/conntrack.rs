@@ -280,7 +280,7 @@ fn expired(ct: u64, l: &ConntrackLayout) -> Result<bool, i64> {
 }
 
 fn on_confirm_entry(skb: u64) -> Result<(), i64> {
-    let nfct = Skb(skb).nfct()?;
+    let nfct = Skb::probe(skb).nfct()?;
     let _ = CONFIRMS.insert(task::key(), Confirm { skb, ct: nfct & NFCT_PTRMASK }, 0);
     Ok(())
 }
@@ -299,7 +299,7 @@ fn on_confirm_return(ret: u64) -> Result<(), i64> {
             // A clash resolved to the entry already in the table swaps the
             // packet's entry (the new one is freed); one resolved by keeping
             // the new entry for replies marks it IPS_NAT_CLASH.
-            let now_attached = Skb(skb).nfct()? & NFCT_PTRMASK;
+            let now_attached = Skb::probe(skb).nfct()? & NFCT_PTRMASK;
             if now_attached != ct && now_attached != 0 {
                 (ct_event::CLASH_RESOLVED, now_attached)
             } else {
@@ -346,7 +346,7 @@ fn event_record(l: &ConntrackLayout, event: u8, tuple: u64, net: u64, ct: u64) -
     record.sport = u16::from_be(read::at(tuple, l.tuple_src_port)?);
     record.dport = u16::from_be(read::at(tuple, l.tuple_dst_port)?);
     if net != 0 {
-        record.netns = Net(net).inum().unwrap_or(0);
+        record.netns = Net::probe(net).inum().unwrap_or(0);
     }
     if ct != 0 {
         record.tcp_state = read::at(ct, l.ct_tcp_state).unwrap_or(0);

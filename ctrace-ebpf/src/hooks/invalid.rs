@@ -130,7 +130,7 @@ fn on_return(skb: u64, verdict: u32) -> Result<(), i64> {
     if verdict != NF_ACCEPT && verdict != NF_DROP {
         return Ok(());
     }
-    let skb = Skb(skb);
+    let skb = Skb::probe(skb);
     if skb.nfct()? != 0 || icmp_error || (verdict == NF_DROP && alloc_failed) {
         return Ok(());
     }

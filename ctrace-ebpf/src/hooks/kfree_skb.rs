@@ -14,8 +14,8 @@ use aya_ebpf::{
 use ctrace_common::{counter, drop_flags, kind, KfreeSkbLayout, PacketDrop};
 
 use crate::{
-    maps::{count, output, recent, take_mark, INSERT_FAILED_PENDING, TABLE_FULL_PENDING},
-    skb::{self, Net, Skb},
+    maps::{count, output_nth, recent, take_mark, INSERT_FAILED_PENDING, TABLE_FULL_PENDING},
+    skb::{self, Direct, Net, Skb},
 };
 
 // TP_PROTO(struct sk_buff *skb, void *location, enum skb_drop_reason reason, ...)
@@ -28,12 +28,13 @@ pub fn kfree_skb(ctx: BtfTracePointContext) -> i32 {
     if reason as u32 != skb::netfilter_drop_reason() {
         return 0;
     }
-    let _ = on_netfilter_drop(&skb::layout(), Skb(ctx.arg(0)), ctx.arg(1));
+    // The skb argument is BTF-typed: its fields are plain loads.
+    let _ = on_netfilter_drop(&skb::layout(), Skb(ctx.arg(0), Direct), ctx.arg(1));
     0
 }
 
-fn on_netfilter_drop(layout: &KfreeSkbLayout, skb: Skb, location: u64) -> Result<(), i64> {
-    count(counter::NETFILTER_DROPS);
+fn on_netfilter_drop(layout: &KfreeSkbLayout, skb: Skb<Direct>, location: u64) -> Result<(), i64> {
+    let nth = count(counter::NETFILTER_DROPS);
     let nfct = skb.nfct()?;
     let mut flags = 0;
     if nfct == 0 {
@@ -62,6 +63,6 @@ fn on_netfilter_drop(layout: &KfreeSkbLayout, skb: Skb, location: u64) -> Result
         record.flags |= drop_flags::NO_HEADER;
     }
 
-    output(record, counter::RINGBUF_FULL);
+    output_nth(record, counter::RINGBUF_FULL, nth);
     Ok(())
 }
