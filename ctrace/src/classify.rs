@@ -7,7 +7,7 @@
 //!   by the netfilter core (`nf_hook_slow`), while the rule engines
 //!   (`nft_do_chain`, `ipt_do_table`, ...) show up themselves on some kernels;
 //! - whether the namespace's table was at `nf_conntrack_max`.
-use std::sync::Arc;
+use std::ops::Range;
 
 use rustc_hash::FxHashMap;
 
@@ -117,28 +117,35 @@ impl Classifier {
     }
 }
 
-/// Drop locations named by the kernel's symbols, cached per address, since
-/// a storm has only a handful of distinct locations. (An Fx map: looked up
-/// per drop, keyed by kernel addresses, not by anything a packet carries.)
+/// Drop locations named by the kernel's symbols: the address ranges of the
+/// functions that free dropped packets (a few hundred, kept from kallsyms at
+/// start-up), and a cache per address, since a storm has only a handful of
+/// distinct locations. (An Fx map: looked up per drop, keyed by kernel
+/// addresses, not by anything a packet carries.)
+#[derive(Clone)]
 pub struct Symbols {
-    kallsyms: Arc<Kallsyms>,
+    /// Sorted by start.
+    sites: Vec<(Range<u64>, FreedBy)>,
+    hidden: bool,
     cache: FxHashMap<u64, FreedBy>,
 }
 
 impl Symbols {
-    pub fn new(kallsyms: Arc<Kallsyms>) -> Self {
-        Symbols { kallsyms, cache: FxHashMap::default() }
+    pub fn new(kallsyms: &Kallsyms) -> Self {
+        let sites =
+            kallsyms.function_ranges(|name| Some(FreedBy::from_symbol(name)).filter(|k| *k != FreedBy::Unknown));
+        Symbols { sites, hidden: kallsyms.addresses_hidden(), cache: FxHashMap::default() }
     }
 
     /// No symbols: every location is Unknown (synthetic feeds, tests).
     pub fn unresolved() -> Self {
-        Self::new(Arc::new(Kallsyms::parse(String::new())))
+        Symbols { sites: Vec::new(), hidden: true, cache: FxHashMap::default() }
     }
 
     /// No location can be resolved (kallsyms unreadable or hidden): the
     /// classification then relies on the other facts.
     pub fn is_empty(&self) -> bool {
-        self.kallsyms.addresses_hidden()
+        self.hidden
     }
 
     /// Who freed a packet dropped at `addr`.
@@ -146,7 +153,11 @@ impl Symbols {
         if let Some(known) = self.cache.get(&addr) {
             return *known;
         }
-        let freed_by = self.kallsyms.function_at(addr).map_or(FreedBy::Unknown, FreedBy::from_symbol);
+        let i = self.sites.partition_point(|(range, _)| range.start <= addr);
+        let freed_by = match i.checked_sub(1).map(|i| &self.sites[i]) {
+            Some((range, kind)) if range.contains(&addr) => *kind,
+            _ => FreedBy::Unknown,
+        };
         self.cache.insert(addr, freed_by);
         freed_by
     }
@@ -171,24 +182,26 @@ mod tests {
 
     #[test]
     fn drop_locations_name_who_freed_the_packet() {
-        let mut syms = Symbols::new(Arc::new(Kallsyms::parse(
+        let mut syms = Symbols::new(&Kallsyms::parse(
             "ffffffff81f2af50 T nf_hook_slow\n\
              ffffffff81f2b100 T nf_hook_slow_list\n\
              ffffffff81f653d0 T nft_do_chain\n\
-             ffffffff81f65e00 t nft_other\n"
+             ffffffff81f65e00 t nft_other\n\
+             ffffffff81f66000 t ip_rcv\n"
                 .into(),
-        )));
+        ));
         assert!(!syms.is_empty());
         assert_eq!(syms.freed_by(0xffffffff81f2af50 + 0x7d), FreedBy::NetfilterCore);
         assert_eq!(syms.freed_by(0xffffffff81f653d0 + 0x10), FreedBy::RuleEngine);
         assert_eq!(syms.freed_by(0x1000), FreedBy::Unknown);
+        assert_eq!(syms.freed_by(0xffffffff81f66000 + 0x10), FreedBy::Unknown, "past the last kept function");
         assert_eq!(FreedBy::from_symbol("ipt_do_table"), FreedBy::RuleEngine);
         assert_eq!(FreedBy::from_symbol("ip_rcv"), FreedBy::Unknown);
     }
 
     #[test]
     fn restricted_kallsyms_resolves_nothing() {
-        let syms = Symbols::new(Arc::new(Kallsyms::parse("0000000000000000 T nf_hook_slow\n".into())));
+        let syms = Symbols::new(&Kallsyms::parse("0000000000000000 T nf_hook_slow\n".into()));
         assert!(syms.is_empty());
     }
 }

@@ -10,7 +10,7 @@ use tokio::{io::unix::AsyncFd, time::Interval};
 
 use crate::{
     aggregate::SourceKey,
-    classify::{Classifier, Symbols},
+    classify::Classifier,
     decode::{decode, Record},
     hooks::{kernel_btf, Attached, Events, HookChoice},
     live::state::{NetnsSample, TickInput},
@@ -72,9 +72,13 @@ pub struct Engine {
 impl Engine {
     /// Reads the kernel's BTF and symbols, loads and attaches the programs.
     pub fn start(hooks: HookChoice) -> anyhow::Result<Engine> {
-        let btf = kernel_btf()?;
-        let (attached, events) = Attached::attach(&btf, hooks)?;
-        let classifier = Classifier::new(Symbols::new(attached.kallsyms.clone()), Namespaces::new())
+        let (attached, events) = Attached::attach(kernel_btf()?, hooks)?;
+        // Start-up parsed kallsyms and BTF twice over (tens of MiB), all
+        // freed by now: give those pages back rather than hold them for
+        // the whole run.
+        // SAFETY: malloc_trim only releases free heap memory.
+        unsafe { libc::malloc_trim(0) };
+        let classifier = Classifier::new(attached.symbols.clone(), Namespaces::new())
             .with_table_full_hooks(attached.table_full_hooked);
         let pipeline = Pipeline::new(classifier, attached.tcp_states.clone());
         Ok(Engine { attached, pipeline, events: crate::hooks::poll_events(events)?, drain: drain_interval() })
@@ -190,7 +194,8 @@ mod tests {
     #[test]
     fn arbitrary_records_never_panic_the_pipeline_or_the_sinks() {
         let mut rng = Rng::seeded(0x5eed_c7ace);
-        let mut pipeline = Pipeline::new(Classifier::new(Symbols::unresolved(), Namespaces::new()), Vec::new());
+        let mut pipeline =
+            Pipeline::new(Classifier::new(crate::classify::Symbols::unresolved(), Namespaces::new()), Vec::new());
         let mut live = LiveState::new(0, 64);
         let mut recorder = Recorder::new(0, 64);
         let mut undecodable = 0;

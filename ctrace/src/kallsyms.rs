@@ -1,6 +1,7 @@
-//! `/proc/kallsyms`, read and parsed once at start-up and shared: the hooks
-//! ask whether a function exists under its own name and where two data
-//! symbols live; classification names the function that freed a packet.
+//! `/proc/kallsyms`, read and parsed once at start-up: the hooks ask
+//! whether a function exists under its own name and where two data symbols
+//! live; classification keeps the address ranges of the few functions that
+//! free dropped packets. The table itself is dropped once attached.
 //!
 //! No symbol name is copied: the text is kept whole and symbols point into
 //! it, so a kernel's 100,000+ symbols cost one allocation and one sort.
@@ -84,6 +85,22 @@ impl Kallsyms {
     pub fn function_at(&self, addr: u64) -> Option<&str> {
         let i = self.syms.partition_point(|s| s.addr <= addr);
         self.syms[..i].iter().rev().find(|s| s.is_function()).filter(|s| s.addr != 0).map(|s| self.name(s))
+    }
+
+    /// Each function `kind` recognises by name, with the addresses it spans
+    /// (up to the next function's start): what a reader keeps of the table
+    /// once start-up is over, instead of the whole table.
+    pub fn function_ranges<K>(&self, kind: impl Fn(&str) -> Option<K>) -> Vec<(Range<u64>, K)> {
+        let functions: Vec<&Sym> = self.syms.iter().filter(|s| s.is_function() && s.addr != 0).collect();
+        functions
+            .iter()
+            .enumerate()
+            .filter_map(|(i, sym)| {
+                let kind = kind(self.name(sym))?;
+                let end = functions[i + 1..].iter().map(|next| next.addr).find(|&a| a > sym.addr).unwrap_or(u64::MAX);
+                Some((sym.addr..end, kind))
+            })
+            .collect()
     }
 
     /// No function address is known (unreadable, or hidden from this user).

@@ -254,7 +254,7 @@ fn report(file: &std::path::Path, format: Format, top: usize, output: &std::path
 fn probes(json: bool) -> anyhow::Result<()> {
     let btf = hooks::kernel_btf()?;
     let (attached, _events) =
-        hooks::Attached::attach(&btf, HookChoice { tier: TierChoice::Auto, invalid: true, ring_kib: None })?;
+        hooks::Attached::attach(btf, HookChoice { tier: TierChoice::Auto, invalid: true, ring_kib: None })?;
     if json {
         let report = serde_json::json!({ "tier": attached.tier, "hooks": attached.hooks });
         println!("{}", serde_json::to_string_pretty(&report)?);

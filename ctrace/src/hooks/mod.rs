@@ -8,7 +8,7 @@ pub mod kfree_skb;
 pub mod plan;
 mod programs;
 
-use std::{fmt, os::fd::AsFd as _, path::Path, sync::Arc};
+use std::{fmt, os::fd::AsFd as _, path::Path};
 
 use anyhow::{bail, Context as _};
 use aya::{
@@ -155,8 +155,9 @@ pub struct Attached {
     pub table_full_hooked: bool,
     /// Raw TCP state values to states, from BTF.
     pub tcp_states: Vec<(u8, ConnState)>,
-    /// The kernel's symbols, read once at start-up (classification uses them).
-    pub kallsyms: Arc<Kallsyms>,
+    /// What classification keeps of the kernel's symbols (the functions
+    /// that free dropped packets); the table itself is not kept.
+    pub symbols: crate::classify::Symbols,
     /// The kernel counts kprobe programs' skipped runs (Linux 6.7+).
     kprobe_misses_counted: bool,
     misses_at_detach: Option<Option<u64>>,
@@ -192,18 +193,17 @@ impl Attached {
     /// Loads the programs with this kernel's layout and attaches them: the
     /// drop tracepoint always, the conntrack hooks where `choice` allows and
     /// the kernel has them. The ring buffer is handed out separately.
-    pub fn attach(btf: &Btf, wanted: HookChoice) -> anyhow::Result<(Self, Events)> {
+    pub fn attach(btf: Btf, wanted: HookChoice) -> anyhow::Result<(Self, Events)> {
         let choice = wanted.tier;
         if OBJECT.is_empty() {
             bail!("this ctrace was built without its kernel programs (AYA_BUILD_SKIP was set); rebuild it");
         }
         privileges::require_tracing()?;
-        let layout = kfree_skb::layout(btf).context("the tracepoint tier cannot run on this kernel")?;
-        let aya_btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
+        let layout = kfree_skb::layout(&btf).context("the tracepoint tier cannot run on this kernel")?;
 
         // The conntrack layout, when a hook tier is wanted and possible.
         // Read once: the hooks need function names, classification locations.
-        let kallsyms = Arc::new(Kallsyms::read());
+        let kallsyms = Kallsyms::read();
         let mut ct_layout = ctrace_common::ConntrackLayout::default();
         let mut tcp_states = Vec::new();
         let mut facts = plan::KernelFacts {
@@ -212,7 +212,7 @@ impl Attached {
             ..Default::default()
         };
         if choice != TierChoice::Tracepoint {
-            let ct_btf = conntrack::conntrack_btf(btf, &kallsyms);
+            let ct_btf = conntrack::conntrack_btf(&btf, &kallsyms);
             facts.blocker = conntrack_blocker(&ct_btf);
             if let (None, Ok(Some(ct_btf))) = (&facts.blocker, &ct_btf) {
                 match conntrack::layout(ct_btf) {
@@ -232,6 +232,15 @@ impl Attached {
             }
         }
         let plans = plan::plan(&facts, choice, wanted.invalid).map_err(anyhow::Error::msg)?;
+        let symbols = crate::classify::Symbols::new(&kallsyms);
+        // The same 6.7 series made trace_call_bpf count skipped runs and
+        // added `missed` to the kprobe link info: the field tells.
+        let kprobe_misses_counted = btf.member_offset("bpf_link_info", "perf_event.kprobe.missed").is_ok();
+        // Every use of the symbol table and of this BTF parse is above:
+        // their megabytes go before aya parses the BTF again (the peak).
+        drop(kallsyms);
+        drop(btf);
+        let aya_btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
 
         let mut loader = EbpfLoader::new();
         if let Some(kib) = wanted.ring_kib {
@@ -295,15 +304,12 @@ impl Attached {
 
         let events = RingBuf::try_from(ebpf.take_map("EVENTS").context("no EVENTS map")?)?;
         let counters = PerCpuArray::try_from(ebpf.take_map("COUNTERS").context("no COUNTERS map")?)?;
-        // The same 6.7 series made trace_call_bpf count skipped runs and
-        // added `missed` to the kprobe link info: the field tells.
-        let kprobe_misses_counted = btf.member_offset("bpf_link_info", "perf_event.kprobe.missed").is_ok();
         let attached = Attached {
             tier,
             hooks,
             table_full_hooked,
             tcp_states,
-            kallsyms,
+            symbols,
             kprobe_misses_counted,
             misses_at_detach: None,
             counters,
