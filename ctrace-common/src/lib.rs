@@ -63,7 +63,7 @@ pub mod family {
 /// One dropped packet, as seen by the kernel program.
 ///
 /// Addresses are in network byte order (an IPv4 address fills the first four
-/// bytes); ports are in host byte order. 64 bytes, no holes.
+/// bytes); ports are in host byte order. 72 bytes, no holes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PacketDrop {

@@ -21,12 +21,13 @@ use std::{
 use anyhow::{bail, Context as _};
 use ctrace_tests::{Lab, Sysctl};
 
-use crate::{root, run};
+use crate::{figures::Figures, root, run};
 
-pub fn bench(storm_secs: u64, storm_only: bool, flood_secs: u64) -> anyhow::Result<()> {
+pub fn bench(storm_secs: u64, storm_only: bool, flood_secs: u64, json: Option<&Path>) -> anyhow::Result<()> {
     run(Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())).args(["build", "--release"]))?;
     let bin = root().join("target/release/ctrace");
     let mut report = Vec::new();
+    let mut figures = Figures::default();
 
     let synthetic_runs: &[(&str, u64, u64)] = if storm_only {
         &[]
@@ -37,26 +38,77 @@ pub fn bench(storm_secs: u64, storm_only: bool, flood_secs: u64) -> anyhow::Resu
             ("memory (10 M distinct sources)", 10_000_000, 10_000_000),
         ]
     };
-    for (label, events, sources) in synthetic_runs {
-        report.push(format!("{label}: {}", synthetic(&bin, *events, *sources)?));
+    for (i, (label, events, sources)) in synthetic_runs.iter().enumerate() {
+        let line = synthetic(&bin, *events, *sources)?;
+        if i == 0 {
+            if let Some(rate) = events_per_s(&line) {
+                figures.set("synthetic.events_per_s", rate);
+            }
+        }
+        report.push(format!("{label}: {line}"));
+    }
+    if storm_only {
+        figures.skip("synthetic.events_per_s", "--storm-only");
+    }
+    for key in ["connections.off.per_s", "connections.kprobe.per_s", "connections.fentry.per_s"] {
+        figures.skip(key, "the bench does not measure new connections per second in the guests yet (issue 13)");
     }
 
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
+        report.push(attached_memory(&bin, &mut figures)?);
         if storm_secs > 0 {
-            report.extend(storm_cpu(&bin, storm_secs)?);
+            report.extend(storm_cpu(&bin, storm_secs, &mut figures)?);
         }
         if flood_secs > 0 {
-            report.extend(crate::flood::flood(&bin, flood_secs)?);
+            report.extend(crate::flood::flood(&bin, flood_secs, &mut figures)?);
         }
     } else {
         report.push("storm CPU and flood memory: not measured: need root (namespaces, BPF)".into());
     }
-    println!("\nctrace benchmarks ({})", machine());
+    let machine = machine();
+    println!("\nctrace benchmarks ({machine})");
     for line in report {
         println!("  {line}");
     }
+    if let Some(path) = json {
+        let text = serde_json::to_string_pretty(&figures.to_json(&machine))?;
+        std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+        println!("  figures written to {}", path.display());
+    }
     Ok(())
+}
+
+/// The `N.NN M events/s` of a synthetic run's summary, per second.
+fn events_per_s(line: &str) -> Option<f64> {
+    let before = line.split(" M events/s").next()?;
+    let millions: f64 = before.rsplit(' ').next()?.parse().ok()?;
+    Some(millions * 1e6)
+}
+
+/// Memory of the real process, attached and idle: its peak while starting
+/// (BTF and kallsyms parsed) and what it holds two seconds after.
+fn attached_memory(bin: &Path, figures: &mut Figures) -> anyhow::Result<String> {
+    // The test helpers start the ctrace they are pointed at.
+    std::env::set_var("CTRACE_BIN", bin);
+    let dir = ctrace_tests::TempDir::new("bench-rss");
+    let recording = ctrace_tests::Recording::start(&dir.0.join("idle.json"), &[])?;
+    let pid = recording.pid().context("ctrace record exited")?;
+    std::thread::sleep(Duration::from_secs(2));
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib = |field: &str| -> Option<f64> {
+        let line = status.lines().find(|l| l.starts_with(field))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    };
+    let (peak, steady) = (kib("VmHWM:").context("VmHWM")?, kib("VmRSS:").context("VmRSS")?);
+    recording.stop()?;
+    figures.set("rss.attached_peak_kib", peak);
+    figures.set("rss.attached_steady_kib", steady);
+    Ok(format!(
+        "memory of `ctrace record`, attached and idle: peak {:.1} MiB, {:.1} MiB two seconds after attaching",
+        peak / 1024.0,
+        steady / 1024.0
+    ))
 }
 
 fn machine() -> String {
@@ -196,7 +248,7 @@ impl Drop for Tracefs {
     }
 }
 
-fn storm_cpu(bin: &Path, secs: u64) -> anyhow::Result<Vec<String>> {
+fn storm_cpu(bin: &Path, secs: u64, figures: &mut Figures) -> anyhow::Result<Vec<String>> {
     const FILLER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
     const PORT: u16 = 8080;
     let storm: Vec<Ipv4Addr> = (10..18).map(|i| Ipv4Addr::new(198, 18, 0, i)).collect();
@@ -215,27 +267,31 @@ fn storm_cpu(bin: &Path, secs: u64) -> anyhow::Result<Vec<String>> {
 
     let mut lines = Vec::new();
     let bpftrace_found = Command::new("bpftrace").arg("--version").output().is_ok();
-    let mut tools: Vec<(&'static str, Command)> = Vec::new();
+    // Each tool with the key its figures go under (None: printed only).
+    let mut tools: Vec<(&'static str, Option<&'static str>, Command)> = Vec::new();
     let mut live = Command::new(bin);
     live.args(["live", "--plain"]);
-    tools.push(("ctrace live --plain", live));
+    tools.push(("ctrace live --plain", Some("ctrace"), live));
     // The per-packet invalid hook, where hooks attach: what it adds per packet.
     if Path::new("/sys/bus/event_source/devices/kprobe").exists() {
         let mut with_invalid = Command::new(bin);
         with_invalid.args(["live", "--plain", "--invalid"]);
-        tools.push(("ctrace live --plain --invalid", with_invalid));
+        tools.push(("ctrace live --plain --invalid", None, with_invalid));
     } else {
         lines.push("storm CPU, --invalid: not measured: no kprobes here (run the bench in a guest kernel)".into());
     }
     if bpftrace_found {
         let mut bt = Command::new("bpftrace");
         bt.args(["-e", BPFTRACE]);
-        tools.push(("bpftrace (count per source)", bt));
+        tools.push(("bpftrace (count per source)", Some("bpftrace"), bt));
     } else {
         lines.push("storm CPU, bpftrace: not measured: bpftrace is not installed (apt-get install bpftrace)".into());
+        for key in ["storm.bpftrace.kernel_ns_per_drop", "storm.bpftrace.cpu_share", "storm.bpftrace.drops_per_s"] {
+            figures.skip(key, "bpftrace is not installed");
+        }
     }
     lines.push(quit_latency(bin, &lab, &storm, PORT)?);
-    for (name, mut cmd) in tools {
+    for (name, key, mut cmd) in tools {
         let tool = start(name, &mut cmd)?;
         let progs_before = bpf_programs()?;
         let cpu_before = cpu_seconds(tool.child.id())?;
@@ -276,6 +332,21 @@ fn storm_cpu(bin: &Path, secs: u64) -> anyhow::Result<Vec<String>> {
             100.0 * (cpu + run_ns as f64 / 1e9) / wall
         ));
         lines.push(format!("  per program: {}", per_program.join("; ")));
+        let share = (cpu + run_ns as f64 / 1e9) / wall;
+        let per_drop = run_ns as f64 / drops.max(1) as f64;
+        match key {
+            Some("ctrace") => {
+                figures.set("storm.ctrace.kernel_ns_per_drop", per_drop);
+                figures.set("storm.ctrace.cpu_share", share);
+                figures.set("storm.ctrace.drops_per_s", drops as f64 / wall);
+            }
+            Some("bpftrace") => {
+                figures.set("storm.bpftrace.kernel_ns_per_drop", per_drop);
+                figures.set("storm.bpftrace.cpu_share", share);
+                figures.set("storm.bpftrace.drops_per_s", drops as f64 / wall);
+            }
+            _ => {}
+        }
     }
     Ok(lines)
 }

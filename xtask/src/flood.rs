@@ -14,6 +14,8 @@ use std::{
 };
 
 use anyhow::Context as _;
+
+use crate::figures::Figures;
 use ctrace_tests::{
     free_port, http_get, peak_rss_kib, wait_for, Daemon, Lab, Recording, Spoofed, Sysctl, TempDir, FILL_TIMEOUT, HANG,
 };
@@ -21,7 +23,7 @@ use ctrace_tests::{
 const PORT: u16 = 8080;
 const TABLE_MAX: u64 = 1024;
 
-pub fn flood(bin: &Path, secs: u64) -> anyhow::Result<Vec<String>> {
+pub fn flood(bin: &Path, secs: u64, figures: &mut Figures) -> anyhow::Result<Vec<String>> {
     // The test helpers start the ctrace they are pointed at.
     std::env::set_var("CTRACE_BIN", bin);
     let filler = Ipv4Addr::new(198, 18, 0, 2);
@@ -82,6 +84,11 @@ pub fn flood(bin: &Path, secs: u64) -> anyhow::Result<Vec<String>> {
     drop(max);
     drop(held);
 
+    figures.set("flood.drops_per_s", drops as f64 / flood_s);
+    figures.set("flood.ctrace.lost_events", record["totals"]["lost_events"].as_f64().unwrap_or(f64::NAN));
+    let together = "record, live and serve run together in the flood: one tool's CPU is not separated yet";
+    figures.skip("flood.ctrace.cpu_share", together);
+    figures.skip("flood.bpftrace.cpu_share", "bpftrace does not run in the flood yet");
     let size = std::fs::metadata(&path)?.len();
     let totals = &record["totals"];
     let flood = &snapshot["flood"];

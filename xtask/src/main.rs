@@ -1,5 +1,6 @@
 //! Project tasks: `cargo xtask setup`, `cargo xtask test`.
 mod bench;
+mod figures;
 mod flood;
 mod setup;
 mod tally;
@@ -85,6 +86,16 @@ enum Task {
         /// running (root; 0 skips it).
         #[arg(long, default_value = "60")]
         flood_secs: u64,
+        /// Also write every figure under fixed keys to FILE (JSON; null,
+        /// with the reason, where this run could not measure one).
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+    },
+    /// Print the README's "Measured" table from a `bench --json` file
+    /// (docs/bench.json is the one the README shows).
+    BenchTable {
+        #[arg(default_value = "docs/bench.json")]
+        file: PathBuf,
     },
 }
 
@@ -92,7 +103,10 @@ fn main() -> ExitCode {
     let result = match Cli::parse().task {
         Task::Setup => setup::setup(),
         Task::Test { no_setup, no_vm, repeat } => test(no_setup, no_vm, repeat),
-        Task::Bench { storm_secs, storm_only, flood_secs } => bench::bench(storm_secs, storm_only, flood_secs),
+        Task::Bench { storm_secs, storm_only, flood_secs, json } => {
+            bench::bench(storm_secs, storm_only, flood_secs, json.as_deref())
+        }
+        Task::BenchTable { file } => bench_table(&file),
         Task::Install { prefix } => install(&prefix),
         Task::VmRun { kernel, timeout_min, command } => vm_run(kernel, timeout_min, &command),
         Task::VmTest { kernel, repeat } => {
@@ -226,6 +240,14 @@ fn run_echoing(cmd: &mut Command) -> anyhow::Result<(bool, String)> {
         kept.push('\n');
     }
     Ok((child.wait()?.success(), kept))
+}
+
+fn bench_table(file: &Path) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", file.display()))?;
+    print!("{}", figures::markdown(&json));
+    Ok(())
 }
 
 fn install(prefix: &Path) -> anyhow::Result<()> {
