@@ -49,7 +49,7 @@ pub fn output_nth<T: 'static>(record: T, lost: u32, nth: u64) {
     match EVENTS.reserve::<T>(0) {
         Some(mut entry) => {
             entry.write(record);
-            let flags = if nth % WAKEUP_CHECK_EVERY == 0 { submit_flags() } else { BPF_RB_NO_WAKEUP as u64 };
+            let flags = if nth.is_multiple_of(WAKEUP_CHECK_EVERY) { submit_flags() } else { BPF_RB_NO_WAKEUP as u64 };
             entry.submit(flags);
         }
         None => {

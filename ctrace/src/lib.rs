@@ -11,6 +11,7 @@ pub mod aggregate;
 pub mod btf;
 pub mod census;
 pub mod classify;
+pub mod ctnetlink;
 pub mod decode;
 pub mod demo;
 pub mod doctor;
