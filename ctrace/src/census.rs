@@ -66,19 +66,6 @@ pub struct Census {
     pub by_source: Vec<SourceEntries>,
     /// The [`TOP_PORTS`] destination ports with most entries, most first.
     pub by_port: Vec<PortEntries>,
-    /// Where the entries were read.
-    pub source: Source,
-}
-
-/// Where a census read the table.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Source {
-    /// `/proc/net/nf_conntrack`.
-    #[default]
-    Proc,
-    /// conntrack's netlink dump.
-    Ctnetlink,
 }
 
 /// What the census reads of one table line.
@@ -141,66 +128,38 @@ fn sorted(states: BTreeMap<ConnState, u64>) -> Vec<(ConnState, u64)> {
 
 /// Counts a table's lines.
 pub fn count(netns: u32, lines: impl Iterator<Item = String>) -> Census {
-    let mut tally = Tally::default();
+    let mut census = Census::default();
+    let mut sources: HashMap<(IpAddr, Protocol), BTreeMap<ConnState, u64>> = HashMap::new();
+    let mut ports: HashMap<(Protocol, u16), BTreeMap<ConnState, u64>> = HashMap::new();
     for (i, line) in lines.enumerate() {
         if i >= MAX_ENTRIES {
-            tally.truncated = true;
+            census.truncated = true;
             break;
         }
-        if let Some(entry) = parse_line(&line) {
-            tally.add(entry);
-        }
+        let Some(Entry { src, dport, proto, state }) = parse_line(&line) else { continue };
+        census.entries += 1;
+        *census.by_state.entry(state).or_default() += 1;
+        *sources.entry((src, proto)).or_default().entry(state).or_default() += 1;
+        *ports.entry((proto, dport)).or_default().entry(state).or_default() += 1;
     }
-    tally.finish(netns)
-}
-
-/// A census being counted, entry by entry.
-#[derive(Default)]
-struct Tally {
-    entries: u64,
-    truncated: bool,
-    by_state: BTreeMap<ConnState, u64>,
-    sources: HashMap<(IpAddr, Protocol), BTreeMap<ConnState, u64>>,
-    ports: HashMap<(Protocol, u16), BTreeMap<ConnState, u64>>,
-}
-
-impl Tally {
-    fn add(&mut self, Entry { src, dport, proto, state }: Entry) {
-        self.entries += 1;
-        *self.by_state.entry(state).or_default() += 1;
-        *self.sources.entry((src, proto)).or_default().entry(state).or_default() += 1;
-        *self.ports.entry((proto, dport)).or_default().entry(state).or_default() += 1;
-    }
-
-    fn finish(self, netns: u32) -> Census {
-        let mut by_source: Vec<SourceEntries> = self
-            .sources
-            .into_iter()
-            .map(|((src, proto), states)| {
-                let states = sorted(states);
-                SourceEntries { netns, src, proto, entries: states.iter().map(|s| s.1).sum(), states }
-            })
-            .collect();
-        by_source.sort_by(|a, b| b.entries.cmp(&a.entries).then(a.src.cmp(&b.src)));
-        let mut by_port: Vec<PortEntries> = self
-            .ports
-            .into_iter()
-            .map(|((proto, dport), states)| {
-                let states = sorted(states);
-                PortEntries { proto, dport, entries: states.iter().map(|s| s.1).sum(), states }
-            })
-            .collect();
-        by_port.sort_by(|a, b| b.entries.cmp(&a.entries).then((a.proto, a.dport).cmp(&(b.proto, b.dport))));
-        by_port.truncate(TOP_PORTS);
-        Census {
-            entries: self.entries,
-            truncated: self.truncated,
-            by_state: self.by_state,
-            by_source,
-            by_port,
-            ..Census::default()
-        }
-    }
+    census.by_source = sources
+        .into_iter()
+        .map(|((src, proto), states)| {
+            let states = sorted(states);
+            SourceEntries { netns, src, proto, entries: states.iter().map(|s| s.1).sum(), states }
+        })
+        .collect();
+    census.by_source.sort_by(|a, b| b.entries.cmp(&a.entries).then(a.src.cmp(&b.src)));
+    census.by_port = ports
+        .into_iter()
+        .map(|((proto, dport), states)| {
+            let states = sorted(states);
+            PortEntries { proto, dport, entries: states.iter().map(|s| s.1).sum(), states }
+        })
+        .collect();
+    census.by_port.sort_by(|a, b| b.entries.cmp(&a.entries).then((a.proto, a.dport).cmp(&(b.proto, b.dport))));
+    census.by_port.truncate(TOP_PORTS);
+    census
 }
 
 /// Listings taken at most per census when they come out short.
@@ -226,27 +185,16 @@ pub fn spawn(netns: u32, ns_path: PathBuf) -> std::sync::mpsc::Receiver<Option<C
     rx
 }
 
-/// Lists the table of the calling thread's namespace: through ctnetlink
-/// where it is there (complete however the table moves), else from /proc,
-/// again when that listing is short of the kernel's count (the fullest
-/// listing is kept).
+/// Lists the table of the calling thread's namespace, again when the
+/// listing is short of the kernel's count; the fullest listing is kept.
 fn take(netns: u32) -> Option<Census> {
-    let kernel_entries = || {
-        std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_count").ok().and_then(|s| s.trim().parse().ok())
-    };
-    if crate::ctnetlink::available() {
-        let mut tally = Tally::default();
-        if let Ok(truncated) = crate::ctnetlink::dump(MAX_ENTRIES, |entry| tally.add(entry)) {
-            tally.truncated = truncated;
-            let census = Census { kernel_entries: kernel_entries(), source: Source::Ctnetlink, ..tally.finish(netns) };
-            return Some(census);
-        }
-    }
     let mut fullest: Option<Census> = None;
     for _ in 0..LISTINGS {
         let file = File::open("/proc/thread-self/net/nf_conntrack").ok()?;
         let mut census = count(netns, BufReader::new(file).lines().map_while(Result::ok));
-        census.kernel_entries = kernel_entries();
+        census.kernel_entries = std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_count")
+            .ok()
+            .and_then(|s| s.trim().parse().ok());
         let done = census.truncated || !is_short(census.entries, census.kernel_entries);
         if fullest.as_ref().is_none_or(|f| census.entries > f.entries) {
             fullest = Some(census);

@@ -11,7 +11,6 @@ pub mod aggregate;
 pub mod btf;
 pub mod census;
 pub mod classify;
-pub mod ctnetlink;
 pub mod decode;
 pub mod demo;
 pub mod doctor;

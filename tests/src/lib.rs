@@ -58,36 +58,6 @@ pub fn ensure_conntrack_loaded() {
     }
 }
 
-/// `nf_conntrack_netlink` (conntrack's netlink interface), there for a
-/// test: loaded for it where it is a module that is not loaded, and
-/// unloaded again on drop. `None` when this kernel has none.
-pub struct NetlinkModule {
-    loaded_here: bool,
-}
-
-impl NetlinkModule {
-    pub fn ensure() -> Option<Self> {
-        let present = Path::new("/sys/module/nf_conntrack_netlink").exists();
-        // No module support at all: it is built in, or not there (the
-        // netlink request then fails, which the caller sees).
-        if present || !Path::new("/proc/modules").exists() {
-            return Some(NetlinkModule { loaded_here: false });
-        }
-        run("modprobe", &["nf_conntrack_netlink"]).ok()?;
-        Some(NetlinkModule { loaded_here: true })
-    }
-}
-
-impl Drop for NetlinkModule {
-    fn drop(&mut self) {
-        if self.loaded_here {
-            if let Err(err) = run("modprobe", &["-r", "nf_conntrack_netlink"]) {
-                eprintln!("cleanup: {err:#}");
-            }
-        }
-    }
-}
-
 /// Privileged tests cannot be faked: without root they fail, saying why.
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.

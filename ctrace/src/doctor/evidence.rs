@@ -113,8 +113,6 @@ pub struct CensusSummary {
     /// The namespace's count just after the listing: more than `entries`
     /// when the kernel's listing skipped some.
     pub kernel_entries: Option<u64>,
-    /// Where the table was read: `ctnetlink` or `proc`.
-    pub source: crate::census::Source,
     pub truncated: bool,
     pub by_state: BTreeMap<ConnState, u64>,
     /// UDP entries (state NONE in `by_state`, with other stateless ones).

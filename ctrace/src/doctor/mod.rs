@@ -217,7 +217,6 @@ fn namespace_evidence(
     let census = crate::census::spawn(netns, path.to_path_buf()).recv().ok().flatten().map(|c| CensusSummary {
         entries: c.entries,
         kernel_entries: c.kernel_entries,
-        source: c.source,
         truncated: c.truncated,
         udp: c.by_source.iter().filter(|s| s.proto == Protocol::Udp).map(|s| s.entries).sum(),
         by_state: c.by_state,
