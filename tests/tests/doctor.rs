@@ -189,7 +189,12 @@ fn a_time_wait_pile_up_gets_a_shorter_timeout_that_works() {
             drop(socket)
         }
     });
-    let max = Sysctl::set("net.netfilter.nf_conntrack_max", "128").expect("sysctl");
+    // Above 95 % of the maximum, the kernel's garbage collector (6.1, 6.12)
+    // evicts closing and TIME_WAIT entries, counting no early_drop: 120 of
+    // 128 plus a few more entries lost 26 of the pile in CI guests. 132
+    // keeps the pile above 90 % (a warning) and below 95 %.
+    const MAX: u64 = 132;
+    let max = Sysctl::set("net.netfilter.nf_conntrack_max", &MAX.to_string()).expect("sysctl");
     // A long TIME_WAIT timeout (the namespace's own, gone with it): the pile
     // must not start to expire before doctor reads it, however slowly a
     // loaded guest makes 120 connections and attaches (the default 120 s
@@ -226,7 +231,7 @@ fn a_time_wait_pile_up_gets_a_shorter_timeout_that_works() {
         .unwrap_or_else(|| panic!("no timeout finding: {found:#?}"));
     // A warning once the table is 90% full (the kernel's count), else information.
     let entries = namespace(&report, netns)["entries"].as_u64().unwrap();
-    assert_eq!(f["severity"], if entries * 10 >= 128 * 9 { "warning" } else { "info" }, "{f:#}");
+    assert_eq!(f["severity"], if entries * 10 >= MAX * 9 { "warning" } else { "info" }, "{f:#}");
     let name = "net.netfilter.nf_conntrack_tcp_timeout_time_wait";
     assert_eq!(f["settings"][name], 30);
     let fix = format!("ip netns exec {} sysctl -w {name}=30", lab.server.name);
