@@ -259,12 +259,10 @@ fn a_time_wait_pile_up_gets_a_shorter_timeout_that_works() {
     // The report's NOTRACK advice for the port, its nft commands run as
     // printed: new connections to it work and make no entry at all. The
     // kernel's /proc listing of the table can skip entries when other
-    // namespaces' entries leave meanwhile (a CI run in the 6.12 guest listed
-    // 94 of 120): the finding then rests on the port's share of what was
-    // listed, and says so. Once (1 run in 10, 6.12 guest, /proc listing)
-    // the finding was missing for a reason not yet understood: where the
-    // listing was not complete, that is reported, not failed, with the
-    // evidence; with a complete listing the finding must be there.
+    // namespaces' entries leave meanwhile (6.1, 6.12): the finding then
+    // rests on the port's share of what was listed, and says so. A listing
+    // that stayed short is reported, with the evidence, not failed; with a
+    // complete listing the finding must be there.
     let ns = namespace(&report, netns);
     let census = &ns["census"];
     let listed = census["entries"].as_u64().unwrap();
