@@ -81,12 +81,6 @@ impl Kallsyms {
         self.named(name).find(|s| !s.is_function()).map(|s| s.addr).filter(|a| *a != 0)
     }
 
-    /// The function containing `addr` (the nearest function at or below it).
-    pub fn function_at(&self, addr: u64) -> Option<&str> {
-        let i = self.syms.partition_point(|s| s.addr <= addr);
-        self.syms[..i].iter().rev().find(|s| s.is_function()).filter(|s| s.addr != 0).map(|s| self.name(s))
-    }
-
     /// Each function `kind` recognises by name, with the addresses it spans
     /// (up to the next function's start): what a reader keeps of the table
     /// once start-up is over, instead of the whole table.
@@ -124,6 +118,14 @@ ffffffffc0a10000 b nf_conntrack_net_id\t[nf_conntrack]
 ffffffffc0a10010 d nf_conntrack_max\t[nf_conntrack]
 ";
 
+    /// The function containing `addr`, through the ranges readers keep.
+    fn function_at(k: &Kallsyms, addr: u64) -> Option<String> {
+        k.function_ranges(|name| Some(name.to_string()))
+            .into_iter()
+            .find(|(range, _)| range.contains(&addr))
+            .map(|(_, name)| name)
+    }
+
     #[test]
     fn functions_by_their_own_name_and_data_by_address() {
         let k = Kallsyms::parse(TEXT.into());
@@ -139,12 +141,12 @@ ffffffffc0a10010 d nf_conntrack_max\t[nf_conntrack]
     #[test]
     fn locations_resolve_to_the_enclosing_function() {
         let k = Kallsyms::parse(TEXT.into());
-        assert_eq!(k.function_at(0xffffffff81f2af50 + 0x7d), Some("nf_hook_slow"));
-        assert_eq!(k.function_at(0xffffffff81f653d0 + 0x10), Some("nft_do_chain"));
+        assert_eq!(function_at(&k, 0xffffffff81f2af50 + 0x7d).as_deref(), Some("nf_hook_slow"));
+        assert_eq!(function_at(&k, 0xffffffff81f653d0 + 0x10).as_deref(), Some("nft_do_chain"));
         // Past a data symbol, the function before it still encloses nothing
         // better: data is skipped, the nearest function is named.
-        assert_eq!(k.function_at(0xffffffff82000010), Some("nft_do_chain"));
-        assert_eq!(k.function_at(0x1000), None);
+        assert_eq!(function_at(&k, 0xffffffff82000010).as_deref(), Some("nft_do_chain"));
+        assert_eq!(function_at(&k, 0x1000), None);
     }
 
     #[test]
@@ -154,7 +156,7 @@ ffffffffc0a10010 d nf_conntrack_max\t[nf_conntrack]
         let k = Kallsyms::parse(hidden);
         assert!(k.has_function("__nf_conntrack_alloc"), "names are still listed");
         assert_eq!(k.data_address("nf_conntrack_max"), None);
-        assert_eq!(k.function_at(0xffffffff81f2af50), None);
+        assert_eq!(function_at(&k, 0xffffffff81f2af50), None);
         assert!(k.addresses_hidden());
     }
 
