@@ -32,6 +32,32 @@ pub trait Sink {
     fn on_undecodable(&mut self);
 }
 
+/// Passes on one namespace's events only (`serve --netns`): an instance
+/// that answers for one namespace, as a node's stand-in or a gateway's.
+pub struct OnlyNetns<'a, S> {
+    pub netns: u32,
+    pub inner: &'a mut S,
+}
+
+impl<S: Sink> Sink for OnlyNetns<'_, S> {
+    #[inline]
+    fn on_drop(&mut self, key: &SourceKey, event: &DropEvent) {
+        if key.netns == self.netns {
+            self.inner.on_drop(key, event);
+        }
+    }
+
+    fn on_conntrack(&mut self, event: &CtEvent, state: ConnState) {
+        if event.netns == self.netns {
+            self.inner.on_conntrack(event, state);
+        }
+    }
+
+    fn on_undecodable(&mut self) {
+        self.inner.on_undecodable();
+    }
+}
+
 /// Decoding and classification: raw records in, keyed events out.
 pub struct Pipeline {
     pub classifier: Classifier,
@@ -213,5 +239,45 @@ mod tests {
         let _ = encode_input(&live.metrics(20));
         let _ = recorder.table.finish(u64::MAX);
         let _ = (recorder.conntrack_rows(), recorder.lifetime_rows(), recorder.flood.summary(10));
+    }
+
+    /// Namespaces of what reached it.
+    #[derive(Default)]
+    struct Seen {
+        drops: Vec<u32>,
+        conntrack: Vec<u32>,
+        undecodable: u64,
+    }
+
+    impl Sink for Seen {
+        fn on_drop(&mut self, key: &SourceKey, _: &DropEvent) {
+            self.drops.push(key.netns);
+        }
+        fn on_conntrack(&mut self, event: &CtEvent, _: ConnState) {
+            self.conntrack.push(event.netns);
+        }
+        fn on_undecodable(&mut self) {
+            self.undecodable += 1;
+        }
+    }
+
+    #[test]
+    fn only_netns_passes_on_that_namespaces_events_and_nothing_else() {
+        let mut rng = Rng::seeded(0x0e7_5c0);
+        let mut pipeline =
+            Pipeline::new(Classifier::new(crate::classify::Symbols::unresolved(), Namespaces::new()), Vec::new());
+        let records: Vec<_> = (0..20_000).map(|_| arbitrary_record(&mut rng)).collect();
+        let mut all = Seen::default();
+        records.iter().for_each(|r| pipeline.feed(r, &mut all));
+        for netns in [all.drops[0], all.conntrack[0], 0] {
+            let mut one = Seen::default();
+            records.iter().for_each(|r| pipeline.feed(r, &mut OnlyNetns { netns, inner: &mut one }));
+            let theirs = |seen: &[u32]| seen.iter().filter(|n| **n == netns).count();
+            assert_eq!(one.drops.len(), theirs(&all.drops));
+            assert_eq!(one.conntrack.len(), theirs(&all.conntrack));
+            assert!(one.drops.iter().chain(&one.conntrack).all(|n| *n == netns));
+            assert_eq!(one.undecodable, all.undecodable, "undecodable records are counted whatever the scope");
+        }
+        assert!(all.drops.len() > 1000 && all.conntrack.len() > 1000);
     }
 }

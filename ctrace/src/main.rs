@@ -147,6 +147,11 @@ enum Command {
         /// Sources tracked at once (see `ctrace live --help`).
         #[arg(long, value_name = "N", default_value = "16384", value_parser = clap::value_parser!(u32).range(16..=10_000_000))]
         capacity: u32,
+        /// Only this network namespace: its `ip netns` name, `host`, `pid N`,
+        /// or its inode number. Drops, sources and the namespace's counters
+        /// are its own; lost events and conntrack events stay node-wide.
+        #[arg(long, value_name = "NAME")]
+        netns: Option<String>,
         #[command(flatten)]
         hooks: HookChoice,
     },
@@ -332,8 +337,9 @@ fn main() -> ExitCode {
                 ctrace::demo::run(ctrace::demo::Options { scenario, duration, yes, lower_max, record, keep }).await
             }
             Command::Report { file, format, top, output } => report(&file, format, top as usize, &output),
-            Command::Serve { listen, top, capacity, hooks } => {
-                serve::run(serve::Options { listen, top: top as usize, capacity: capacity as usize, hooks }).await
+            Command::Serve { listen, top, capacity, netns, hooks } => {
+                serve::run(serve::Options { listen, top: top as usize, capacity: capacity as usize, hooks, netns })
+                    .await
             }
             Command::Completions { shell } => {
                 clap_complete::generate(shell, &mut Cli::command(), "ctrace", &mut std::io::stdout());

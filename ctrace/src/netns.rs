@@ -126,6 +126,15 @@ pub fn discover() -> HashMap<u32, Netns> {
     found
 }
 
+/// The namespace a user named: its `ip netns` name, `host`, `pid N`, or
+/// its inode number, among those `discover` found.
+pub fn select(found: &HashMap<u32, Netns>, selector: &str) -> Option<u32> {
+    if let Ok(inum) = selector.parse::<u32>() {
+        return found.contains_key(&inum).then_some(inum);
+    }
+    found.iter().find(|(_, ns)| ns.name == selector).map(|(inum, _)| *inum)
+}
+
 /// An open `/proc/net/stat/nf_conntrack` of one namespace.
 pub struct StatReader {
     file: File,
@@ -303,6 +312,18 @@ entries  clashres found new invalid ignore delete chainlength insert insert_fail
 00000040  00000001 00000000 00000000 00000002 00000000 00000000 00000000 00000000 00000000 0000000a 00000000 00000000  00000000 00000000 00000000 00000000
 00000040  00000000 00000000 00000000 00000001 00000000 00000000 00000004 00000000 00000003 00000005 00000002 00000000  00000000 00000000 00000000 00000000
 ";
+
+    #[test]
+    fn selects_a_namespace_by_name_or_inode() {
+        let ns = |name: &str| Netns { name: name.into(), path: PathBuf::from("/proc/1/ns/net") };
+        let found = HashMap::from([(4026531840, ns("host")), (4026532177, ns("web")), (4026532300, ns("pid 42"))]);
+        assert_eq!(select(&found, "web"), Some(4026532177));
+        assert_eq!(select(&found, "host"), Some(4026531840));
+        assert_eq!(select(&found, "pid 42"), Some(4026532300));
+        assert_eq!(select(&found, "4026532300"), Some(4026532300));
+        assert_eq!(select(&found, "4026539999"), None, "an inode that is not there");
+        assert_eq!(select(&found, "db"), None);
+    }
 
     #[test]
     fn parses_and_sums_per_cpu_rows() {

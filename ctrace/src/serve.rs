@@ -22,7 +22,7 @@ use tokio::{
 };
 
 use crate::{
-    engine::{monotonic_ns, Engine},
+    engine::{monotonic_ns, Engine, OnlyNetns},
     export::metrics::encode_input,
     live::state::LiveState,
 };
@@ -33,6 +33,8 @@ pub struct Options {
     pub top: usize,
     pub capacity: usize,
     pub hooks: crate::hooks::HookChoice,
+    /// Only this namespace (`ip netns` name, `host`, `pid N` or inode).
+    pub netns: Option<String>,
 }
 
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -53,18 +55,40 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     // Bind before attaching: a busy port is the likelier mistake.
     let listener =
         TcpListener::bind(options.listen).await.with_context(|| format!("cannot listen on {}", options.listen))?;
+    let scope = match &options.netns {
+        None => None,
+        Some(selector) => Some(crate::netns::select(&crate::netns::discover(), selector).with_context(|| {
+            format!("no network namespace {selector}: give an `ip netns` name, host, `pid N` or an inode number")
+        })?),
+    };
     let mut engine = Engine::start(options.hooks)?;
     let mut state = LiveState::new(monotonic_ns(), options.capacity);
-    state.tick(engine.sample());
+    // One namespace's events and counters, or all of them.
+    let drain = |engine: &mut Engine, state: &mut LiveState| match scope {
+        Some(netns) => engine.drain(&mut OnlyNetns { netns, inner: state }),
+        None => engine.drain(state),
+    };
+    let sample = |engine: &mut Engine| {
+        let input = engine.sample();
+        match scope {
+            Some(netns) => input.only_netns(netns),
+            None => input,
+        }
+    };
+    state.tick(sample(&mut engine));
     let (render_tx, mut renders) = mpsc::channel::<Render>(MAX_CONNECTIONS);
     tokio::spawn(accept_loop(listener, render_tx));
     // Before the readiness line: a SIGTERM from then on must stop cleanly.
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     eprintln!(
-        "ctrace: {} attached; serving http://{}/metrics{}",
+        "ctrace: {} attached; serving http://{}/metrics{}{}",
         engine.attached.tier,
         options.listen,
+        match scope {
+            Some(netns) => format!(" for namespace {netns} only"),
+            None => String::new(),
+        },
         if options.listen.ip().is_loopback() { "" } else { " (not loopback: reachable from the network)" }
     );
 
@@ -73,12 +97,12 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         tokio::select! {
             woke = engine.wait() => {
                 woke?;
-                engine.drain(&mut state);
+                drain(&mut engine, &mut state);
             }
-            _ = ticker.tick() => state.tick(engine.sample()),
+            _ = ticker.tick() => state.tick(sample(&mut engine)),
             Some(reply) = renders.recv() => {
                 // Bring the counters up to date so a scrape sees every drop so far.
-                engine.drain(&mut state);
+                drain(&mut engine, &mut state);
                 let mut input = state.metrics(options.top);
                 if let Ok(t) = engine.attached.conntrack_totals() {
                     if engine.attached.tier != crate::hooks::Tier::Tracepoint {
@@ -162,6 +186,9 @@ pub fn route(method: &str, path: &str) -> Route {
     match (method, path.split('?').next().unwrap_or("")) {
         ("GET", "/metrics") => Route::Metrics,
         ("GET", "/") => Route::Fixed { status: 200, body: "ctrace: metrics at /metrics\n" },
+        // Liveness: answered once the programs are attached (connections
+        // wait in the listen queue until then).
+        ("GET", "/healthz") => Route::Fixed { status: 200, body: "ok\n" },
         ("GET", _) => Route::Fixed { status: 404, body: "not found; try /metrics\n" },
         _ => Route::Fixed { status: 405, body: "only GET\n" },
     }
@@ -175,6 +202,7 @@ mod tests {
     fn routes() {
         assert_eq!(route("GET", "/metrics"), Route::Metrics);
         assert_eq!(route("GET", "/metrics?x=1"), Route::Metrics);
+        assert_eq!(route("GET", "/healthz"), Route::Fixed { status: 200, body: "ok\n" });
         assert_eq!(route("GET", "/nope"), Route::Fixed { status: 404, body: "not found; try /metrics\n" });
         assert!(matches!(route("POST", "/metrics"), Route::Fixed { status: 405, .. }));
         assert!(matches!(route("", ""), Route::Fixed { status: 405, .. }));

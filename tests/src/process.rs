@@ -51,11 +51,17 @@ impl Drop for Daemon {
 /// `ctrace serve` on a free loopback port, once it says it is serving
 /// (its later lines are echoed). Returns the daemon and its port.
 pub fn serve() -> anyhow::Result<(Daemon, u16)> {
+    serve_with(&[])
+}
+
+/// [`serve`] with more arguments (`--netns NAME`, `--web-config FILE`).
+pub fn serve_with(args: &[&str]) -> anyhow::Result<(Daemon, u16)> {
     let port = free_port();
     let mut ctrace = Daemon::spawn(
         "ctrace serve",
         Command::new(ctrace_bin())
             .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped()),
     )?;

@@ -54,6 +54,15 @@ fn an_unwritable_output_fails_before_attaching() {
     assert!(!err.contains("attached"), "attached before checking the output: {err}");
 }
 
+#[test]
+fn serve_for_a_namespace_that_is_not_there_fails_before_attaching() {
+    let out = ctrace(&["serve", "--listen", "127.0.0.1:0", "--netns", "ctrace-no-such-namespace"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains("no network namespace ctrace-no-such-namespace"), "{err}");
+    assert!(!err.contains("attached"), "attached before finding the namespace: {err}");
+}
+
 /// Run as an unprivileged user (nobody): one clear sentence, non-zero exit.
 #[test]
 fn without_privileges_it_says_what_is_missing() {

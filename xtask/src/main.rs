@@ -331,11 +331,15 @@ fn vm_test(selection: VmSelection, repeat: u32, tally: &mut Tally) -> anyhow::Re
         ));
     }
     script.push_str("exit $fail");
-    let env = [("CTRACE_BIN".to_string(), root().join("target/debug/ctrace").display().to_string())];
     let mut failed = Vec::new();
     for round in 1..=repeat {
         for &choice in &kernels {
             let kernel = vm::prepare(choice)?;
+            // CTRACE_GUEST: tests that do not depend on the kernel run on the host only.
+            let env = [
+                ("CTRACE_BIN".to_string(), root().join("target/debug/ctrace").display().to_string()),
+                ("CTRACE_GUEST".to_string(), kernel.label.to_string()),
+            ];
             let of = if repeat > 1 { format!(", run {round} of {repeat}") } else { String::new() };
             eprintln!("xtask: end-to-end tests in the {} guest ({}{of})", kernel.label, kernel.release);
             let command = ["sh".into(), "-c".into(), script.clone()];

@@ -87,6 +87,14 @@ pub struct TickInput {
     pub buckets: Option<u64>,
 }
 
+impl TickInput {
+    /// Keeps one namespace's counters only (see [`crate::engine::OnlyNetns`]).
+    pub fn only_netns(mut self, netns: u32) -> Self {
+        self.namespaces.retain(|ns| ns.netns == netns);
+        self
+    }
+}
+
 struct NetnsState {
     name: Option<String>,
     trend: Trend,
@@ -539,6 +547,14 @@ mod tests {
             name: Some("srv".into()),
             stats: ConntrackStats { entries, drop, ..Default::default() },
         }]
+    }
+
+    #[test]
+    fn a_tick_keeps_only_the_scoped_namespace() {
+        let sample = |netns| NetnsSample { netns, name: None, stats: ConntrackStats::default() };
+        let input = TickInput { namespaces: vec![sample(7), sample(8), sample(9)], ..Default::default() };
+        let kept: Vec<u32> = input.only_netns(8).namespaces.iter().map(|ns| ns.netns).collect();
+        assert_eq!(kept, [8]);
     }
 
     #[test]
