@@ -152,6 +152,11 @@ enum Command {
         /// are its own; lost events and conntrack events stay node-wide.
         #[arg(long, value_name = "NAME")]
         netns: Option<String>,
+        /// TLS and basic auth, in the web configuration file Prometheus
+        /// exporters share (tls_server_config, basic_auth_users with bcrypt
+        /// hashes). Needed before listening on anything but loopback.
+        #[arg(long, value_name = "FILE")]
+        web_config: Option<PathBuf>,
         #[command(flatten)]
         hooks: HookChoice,
     },
@@ -337,9 +342,9 @@ fn main() -> ExitCode {
                 ctrace::demo::run(ctrace::demo::Options { scenario, duration, yes, lower_max, record, keep }).await
             }
             Command::Report { file, format, top, output } => report(&file, format, top as usize, &output),
-            Command::Serve { listen, top, capacity, netns, hooks } => {
-                serve::run(serve::Options { listen, top: top as usize, capacity: capacity as usize, hooks, netns })
-                    .await
+            Command::Serve { listen, top, capacity, netns, web_config, hooks } => {
+                let (top, capacity) = (top as usize, capacity as usize);
+                serve::run(serve::Options { listen, top, capacity, hooks, netns, web_config }).await
             }
             Command::Completions { shell } => {
                 clap_complete::generate(shell, &mut Cli::command(), "ctrace", &mut std::io::stdout());

@@ -63,6 +63,25 @@ fn serve_for_a_namespace_that_is_not_there_fails_before_attaching() {
     assert!(!err.contains("attached"), "attached before finding the namespace: {err}");
 }
 
+#[test]
+fn serve_refuses_a_web_config_it_cannot_honour_before_attaching() {
+    let dir = TempDir::new("cli-webcfg");
+    let cases = [
+        ("tls_server_config:\n  cert_file: a.crt\n  key_file: a.key\n  cipher_suites: [x]\n", "cipher_suites"),
+        ("basic_auth_users:\n  prom: plaintext\n", "not a bcrypt hash"),
+        ("tls_server_config:\n  cert_file: missing.crt\n  key_file: missing.key\n", "missing.crt"),
+    ];
+    for (text, said) in cases {
+        let config = dir.0.join("web.yml");
+        std::fs::write(&config, text).unwrap();
+        let out = ctrace(&["serve", "--listen", "127.0.0.1:0", "--web-config", config.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(1), "{text}");
+        let err = stderr(&out);
+        assert!(err.contains(said), "{text}: {err}");
+        assert!(!err.contains("attached"), "attached before reading the web config: {err}");
+    }
+}
+
 /// Run as an unprivileged user (nobody): one clear sentence, non-zero exit.
 #[test]
 fn without_privileges_it_says_what_is_missing() {

@@ -29,26 +29,15 @@ fn now_unix() -> f64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64()
 }
 
-/// Prometheus on a free loopback port, scraping `targets` every second as
-/// job "ctrace" and evaluating the project's rules every second.
-fn prometheus(dir: &Path, targets: &[u16]) -> (Daemon, u16) {
+/// Prometheus on a free loopback port with this configuration, once ready.
+fn prometheus(dir: &Path, config: &str) -> (Daemon, u16) {
     let port = free_port();
-    let targets: Vec<String> = targets.iter().map(|p| format!("'127.0.0.1:{p}'")).collect();
-    let config = dir.join("prometheus.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\n\
-             scrape_configs:\n  - job_name: ctrace\n    static_configs:\n      - targets: [{}]\n",
-            repo().join("deploy/prometheus/ctrace-rules.yml").display(),
-            targets.join(", ")
-        ),
-    )
-    .unwrap();
+    let path = dir.join("prometheus.yml");
+    std::fs::write(&path, config).unwrap();
     let mut daemon = Daemon::spawn(
         "prometheus",
         Command::new("prometheus")
-            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--config.file={}", path.display()))
             .arg(format!("--storage.tsdb.path={}", dir.join("tsdb").display()))
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
             .stdout(Stdio::null())
@@ -60,6 +49,18 @@ fn prometheus(dir: &Path, targets: &[u16]) -> (Daemon, u16) {
         matches!(http_get(port, "/-/ready"), Ok((200, _))).then_some(())
     });
     (daemon, port)
+}
+
+/// Scraping `targets` every second as job "ctrace", and evaluating the
+/// project's rules every second.
+fn scraping_with_rules(targets: &[u16]) -> String {
+    let targets: Vec<String> = targets.iter().map(|p| format!("'127.0.0.1:{p}'")).collect();
+    format!(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\n\
+         scrape_configs:\n  - job_name: ctrace\n    static_configs:\n      - targets: [{}]\n",
+        repo().join("deploy/prometheus/ctrace-rules.yml").display(),
+        targets.join(", ")
+    )
 }
 
 /// An instant query's answer: `data.result`, or the error Prometheus gave.
@@ -129,7 +130,7 @@ fn two_nodes_only_the_stormed_one_alerts_and_every_dashboard_query_answers() {
     let (mut node_b, port_b) = serve_with(&["--netns", &quiet.server.name]).expect("ctrace serve b");
     let (instance_a, instance_b) = (format!("127.0.0.1:{port_a}"), format!("127.0.0.1:{port_b}"));
     let dir = TempDir::new("fleet");
-    let (mut prom_daemon, prom) = prometheus(&dir.0, &[port_a, port_b]);
+    let (mut prom_daemon, prom) = prometheus(&dir.0, &scraping_with_rules(&[port_a, port_b]));
     wait_for("Prometheus to scrape both instances", || {
         let up = query(prom, "sum(up{job=\"ctrace\"})").ok()?;
         (up.first().map(value) == Some(2.0)).then_some(())
@@ -215,4 +216,100 @@ fn two_nodes_only_the_stormed_one_alerts_and_every_dashboard_query_answers() {
     let history =
         query(prom, &format!("count_over_time(ALERTS{{alertname=\"{ALERT}\",instance=\"{instance_b}\"}}[30m])"));
     assert_eq!(history.unwrap(), Vec::<Value>::new(), "ALERTS has the quiet node");
+}
+
+/// Runs a program to completion; its standard output, or a panic saying why not.
+fn run(program: &str, args: &[&str], dir: &Path) -> String {
+    let out = Command::new(program).args(args).current_dir(dir).output().unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(out.status.success(), "{program} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A test CA and a certificate for 127.0.0.1 signed by it (EC P-256, a day).
+fn make_certificates(dir: &Path) {
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+    run(
+        "openssl",
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &["-keyout", "ca.key", "-out", "ca.crt", "-days", "1", "-subj", "/CN=ctrace test CA"],
+        ]
+        .concat(),
+        dir,
+    );
+    run(
+        "openssl",
+        &[&["req"][..], &ec, &["-keyout", "ctrace.key", "-out", "ctrace.csr", "-subj", "/CN=127.0.0.1"]].concat(),
+        dir,
+    );
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    run(
+        "openssl",
+        &["x509", "-req", "-in", "ctrace.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial"]
+            .into_iter()
+            .chain(["-out", "ctrace.crt", "-days", "1", "-extfile", "san.ext"])
+            .collect::<Vec<_>>(),
+        dir,
+    );
+}
+
+/// curl over TLS, trusting the test CA: the HTTP status and the body.
+fn curl(dir: &Path, url: &str, user: Option<&str>) -> (u16, String) {
+    let mut args = vec!["-sS", "--cacert", "ca.crt", "-w", "\n%{http_code}", url];
+    if let Some(user) = user {
+        args.extend(["-u", user]);
+    }
+    let out = run("curl", &args, dir);
+    let (body, status) = out.rsplit_once('\n').expect("status line");
+    (status.parse().expect("status"), body.to_string())
+}
+
+#[test]
+fn a_node_wide_listener_answers_only_over_tls_and_with_the_password() {
+    require_root();
+    if let Ok(guest) = std::env::var("CTRACE_GUEST") {
+        eprintln!("SKIPPED in the {guest} guest: TLS and passwords do not depend on the kernel; the host runs this");
+        return;
+    }
+    let dir = TempDir::new("webcfg");
+    make_certificates(&dir.0);
+    let hash = bcrypt::hash("s3cret", 4).unwrap();
+    // Relative paths: from the configuration file's folder, as exporter-toolkit reads them.
+    let config = dir.0.join("web.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "tls_server_config:\n  cert_file: ctrace.crt\n  key_file: ctrace.key\nbasic_auth_users:\n  prom: {hash}\n"
+        ),
+    )
+    .unwrap();
+    let (mut ctrace, port) = serve_with(&["--web-config", config.to_str().unwrap()]).expect("ctrace serve");
+
+    let url = |path: &str| format!("https://127.0.0.1:{port}{path}");
+    assert!(!matches!(http_get(port, "/metrics"), Ok((200, _))), "plain HTTP got the metrics");
+    assert_eq!(curl(&dir.0, &url("/metrics"), None).0, 401, "no password");
+    assert_eq!(curl(&dir.0, &url("/metrics"), Some("prom:wrong")).0, 401, "a wrong password");
+    assert_eq!(curl(&dir.0, &url("/metrics"), Some("nobody:s3cret")).0, 401, "an unknown user");
+    let (status, body) = curl(&dir.0, &url("/metrics"), Some("prom:s3cret"));
+    assert_eq!(status, 200);
+    assert!(body.contains("ctrace_conntrack_max"), "{body}");
+    assert_eq!(curl(&dir.0, &url("/healthz"), None), (200, "ok\n".to_string()), "probes need no password");
+
+    // A real Prometheus scrapes it with the settings an operator would write.
+    let config = format!(
+        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: ctrace\n    scheme: https\n    \
+         tls_config:\n      ca_file: {}\n    basic_auth:\n      username: prom\n      password: s3cret\n    \
+         static_configs:\n      - targets: ['127.0.0.1:{port}']\n",
+        dir.0.join("ca.crt").display()
+    );
+    let (mut prometheus, prom_port) = prometheus(&dir.0, &config);
+    let max = wait_for("Prometheus to scrape ctrace over TLS with the password", || {
+        prometheus.check_running().unwrap();
+        ctrace.check_running().unwrap();
+        query(prom_port, "ctrace_conntrack_max{job=\"ctrace\"}").ok()?.first().map(value)
+    });
+    let kernel: f64 =
+        std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_max").unwrap().trim().parse().unwrap();
+    assert_eq!(max, kernel, "ctrace_conntrack_max scraped over TLS");
 }

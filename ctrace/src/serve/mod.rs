@@ -8,7 +8,12 @@
 //! one loop did both: 77% of a flood's records lost to 20 idle clients).
 //! A complete `GET /metrics` asks the engine for a fresh encoding over a
 //! channel; the engine answers between two drains.
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+//!
+//! With `--web-config` (see [`web`]) connections are TLS and requests need
+//! a password; both are checked on the connection's task too.
+pub mod web;
+
+use std::{convert::Infallible, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use bytes::Bytes;
@@ -16,6 +21,7 @@ use http_body_util::Full;
 use hyper::{body::Incoming, server::conn::http1, service::service_fn, Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{
+    io::{AsyncRead, AsyncWrite},
     net::TcpListener,
     signal::unix::{signal, SignalKind},
     sync::{mpsc, oneshot, Semaphore},
@@ -35,6 +41,8 @@ pub struct Options {
     pub hooks: crate::hooks::HookChoice,
     /// Only this namespace (`ip netns` name, `host`, `pid N` or inode).
     pub netns: Option<String>,
+    /// TLS and basic auth (exporter-toolkit's web.yml).
+    pub web_config: Option<PathBuf>,
 }
 
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -52,6 +60,10 @@ const MAX_HEAD_BYTES: usize = 16 * 1024;
 type Render = oneshot::Sender<String>;
 
 pub async fn run(options: Options) -> anyhow::Result<()> {
+    let web = match &options.web_config {
+        Some(path) => web::WebConfig::load(path)?,
+        None => web::WebConfig { tls: None, auth: None },
+    };
     // Bind before attaching: a busy port is the likelier mistake.
     let listener =
         TcpListener::bind(options.listen).await.with_context(|| format!("cannot listen on {}", options.listen))?;
@@ -77,19 +89,24 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     };
     state.tick(sample(&mut engine));
     let (render_tx, mut renders) = mpsc::channel::<Render>(MAX_CONNECTIONS);
-    tokio::spawn(accept_loop(listener, render_tx));
+    let scheme = if web.tls.is_some() { "https" } else { "http" };
+    let password = if web.auth.is_some() { ", basic auth" } else { "" };
+    tokio::spawn(accept_loop(listener, render_tx, web));
     // Before the readiness line: a SIGTERM from then on must stop cleanly.
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     eprintln!(
-        "ctrace: {} attached; serving http://{}/metrics{}{}",
+        "ctrace: {} attached; serving {scheme}://{}/metrics{password}{}{}",
         engine.attached.tier,
         options.listen,
         match scope {
             Some(netns) => format!(" for namespace {netns} only"),
             None => String::new(),
         },
-        if options.listen.ip().is_loopback() { "" } else { " (not loopback: reachable from the network)" }
+        match (options.listen.ip().is_loopback(), password.is_empty()) {
+            (false, true) => " (not loopback, no password: anyone on the network can read it; see --web-config)",
+            _ => "",
+        }
     );
 
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
@@ -120,8 +137,10 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
 
 /// Accepts connections and serves each on its own task, at most
 /// [`MAX_CONNECTIONS`] at once.
-async fn accept_loop(listener: TcpListener, renders: mpsc::Sender<Render>) {
+async fn accept_loop(listener: TcpListener, renders: mpsc::Sender<Render>, web: web::WebConfig) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let tls = web.tls.map(tokio_rustls::TlsAcceptor::from);
+    let auth = web.auth.map(Arc::new);
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             // Out of file descriptors, say: back off rather than spin.
@@ -132,27 +151,57 @@ async fn accept_loop(listener: TcpListener, renders: mpsc::Sender<Render>) {
             drop(stream); // full: closed at once
             continue;
         };
-        let renders = renders.clone();
+        let (renders, tls, auth) = (renders.clone(), tls.clone(), auth.clone());
         tokio::spawn(async move {
-            let service = service_fn(move |request: Request<Incoming>| answer(request, renders.clone()));
-            let connection = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEAD_TIMEOUT)
-                .max_buf_size(MAX_HEAD_BYTES)
-                .keep_alive(false)
-                .serve_connection(TokioIo::new(stream), service);
-            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, connection).await;
+            // The handshake counts against the connection's time too.
+            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, async {
+                match tls {
+                    Some(acceptor) => {
+                        if let Ok(stream) = acceptor.accept(stream).await {
+                            serve_connection(stream, renders, auth).await;
+                        }
+                    }
+                    None => serve_connection(stream, renders, auth).await,
+                }
+            })
+            .await;
             drop(slot);
         });
     }
+}
+
+/// One connection, plain or TLS: a request head, then the answer.
+async fn serve_connection(
+    stream: impl AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    renders: mpsc::Sender<Render>,
+    auth: Option<Arc<web::BasicAuth>>,
+) {
+    let service = service_fn(move |request: Request<Incoming>| answer(request, renders.clone(), auth.clone()));
+    let _ = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEAD_TIMEOUT)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
 }
 
 /// One request: metrics come from the engine, the rest from [`route`].
 async fn answer(
     request: Request<Incoming>,
     renders: mpsc::Sender<Render>,
+    auth: Option<Arc<web::BasicAuth>>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let (status, content_type, body) = match route(request.method().as_str(), request.uri().path()) {
+    let mut route = route(request.method().as_str(), request.uri().path());
+    if let Some(auth) = auth {
+        // /healthz says only that ctrace is up: probes get it without a password.
+        let header = request.headers().get(hyper::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        if !is_health_check(&route) && !auth.allows(header).await {
+            route = Route::Fixed { status: 401, body: "unauthorized\n" };
+        }
+    }
+    let unauthorized = matches!(route, Route::Fixed { status: 401, .. });
+    let (status, content_type, body) = match route {
         Route::Metrics => {
             let (tx, rx) = oneshot::channel();
             let rendered = match renders.send(tx).await {
@@ -169,6 +218,12 @@ async fn answer(
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
     response.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(content_type));
+    if unauthorized {
+        response.headers_mut().insert(
+            hyper::header::WWW_AUTHENTICATE,
+            hyper::header::HeaderValue::from_static("Basic realm=\"ctrace\", charset=\"UTF-8\""),
+        );
+    }
     Ok(response)
 }
 
@@ -181,6 +236,12 @@ pub enum Route {
     Fixed { status: u16, body: &'static str },
 }
 
+const HEALTHY: Route = Route::Fixed { status: 200, body: "ok\n" };
+
+fn is_health_check(route: &Route) -> bool {
+    *route == HEALTHY
+}
+
 /// Routes a request by method and path (the query is ignored).
 pub fn route(method: &str, path: &str) -> Route {
     match (method, path.split('?').next().unwrap_or("")) {
@@ -188,7 +249,7 @@ pub fn route(method: &str, path: &str) -> Route {
         ("GET", "/") => Route::Fixed { status: 200, body: "ctrace: metrics at /metrics\n" },
         // Liveness: answered once the programs are attached (connections
         // wait in the listen queue until then).
-        ("GET", "/healthz") => Route::Fixed { status: 200, body: "ok\n" },
+        ("GET", "/healthz") => HEALTHY,
         ("GET", _) => Route::Fixed { status: 404, body: "not found; try /metrics\n" },
         _ => Route::Fixed { status: 405, body: "only GET\n" },
     }
