@@ -114,14 +114,13 @@ impl Recording {
     /// Starts `ctrace record` writing to `output` and waits until it has
     /// attached (its "attached" line on stderr).
     pub fn start(output: &Path, extra: &[&str]) -> anyhow::Result<Self> {
-        let mut child = Command::new(ctrace_bin())
-            .args(["record", "--output"])
-            .arg(output)
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("spawn ctrace")?;
+        Self::start_command(Command::new(ctrace_bin()).args(["record", "--output"]).arg(output).args(extra), output)
+    }
+
+    /// [`Recording::start`] for a command that runs `ctrace record --output
+    /// OUTPUT` some other way (in a container, say) and passes SIGINT on.
+    pub fn start_command(command: &mut Command, output: &Path) -> anyhow::Result<Self> {
+        let mut child = command.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().context("spawn ctrace")?;
         let stderr = child.stderr.take().expect("piped");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {

@@ -11,7 +11,8 @@ use std::{
 };
 
 use ctrace_tests::{
-    free_port, http_get, require_root, serve_with, url_encode, wait_for, Daemon, Lab, Sysctl, TempDir, FILL_TIMEOUT,
+    ctrace_bin, free_port, http_get, nft_counter, require_root, serve_with, url_encode, wait_for, Daemon, Lab,
+    Recording, Sysctl, TempDir, FILL_TIMEOUT,
 };
 use serde_json::Value;
 
@@ -312,4 +313,152 @@ fn a_node_wide_listener_answers_only_over_tls_and_with_the_password() {
     let kernel: f64 =
         std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_max").unwrap().trim().parse().unwrap();
     assert_eq!(max, kernel, "ctrace_conntrack_max scraped over TLS");
+}
+
+/// How podman runs here (docs/containers: crun refuses the hybrid cgroup
+/// layout, and the default rlimits exceed the sandbox's).
+const PODMAN_RUN: &[&str] =
+    &["run", "--rm", "--runtime", "runc", "--ulimit", "nofile=20000:20000", "--ulimit", "nproc=4096:4096"];
+
+/// What deploy/kubernetes/daemonset.yaml grants: the host's network and
+/// processes, the named namespaces, and these capabilities only.
+const CTRACE_CONTAINER: &[&str] = &[
+    "--network",
+    "host",
+    "--pid",
+    "host",
+    "--cap-drop",
+    "all",
+    "--cap-add",
+    "BPF,PERFMON,NET_ADMIN,SYS_ADMIN,SYSLOG",
+    "-v",
+    "/run/netns:/run/netns:ro",
+];
+
+/// The image, built for this test from the static release binary, and
+/// removed after it with any container left.
+struct Image {
+    tag: String,
+    containers: Vec<String>,
+}
+
+impl Image {
+    fn build(context: &Path) -> Self {
+        let binary = std::env::var_os("CTRACE_STATIC_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| repo().join("target/x86_64-unknown-linux-gnu/release/ctrace"));
+        assert!(binary.exists(), "{} is missing: build it with `cargo xtask image`", binary.display());
+        let linked = run("file", &[binary.to_str().unwrap()], context);
+        assert!(linked.contains("static"), "the image's binary must be statically linked: {linked}");
+        std::fs::copy(&binary, context.join("ctrace")).unwrap();
+        std::fs::copy(repo().join("deploy/container/Containerfile"), context.join("Containerfile")).unwrap();
+        let tag = format!("localhost/ctrace-test:{}", std::process::id());
+        run("podman", &["build", "-q", "-t", &tag, "-f", "Containerfile", "."], context);
+        Image { tag, containers: Vec::new() }
+    }
+
+    /// `podman run` of ctrace with `args`, as a command not yet started.
+    fn command(&mut self, args: &[&str], mounts: &[&Path]) -> Command {
+        let name = format!("ctrace-test-{}-{}", std::process::id(), self.containers.len());
+        let mut command = Command::new("podman");
+        command.args(PODMAN_RUN).args(["--name", &name]).args(CTRACE_CONTAINER);
+        for dir in mounts {
+            command.arg("-v").arg(format!("{0}:{0}", dir.display()));
+        }
+        command.arg(&self.tag).args(args);
+        self.containers.push(name);
+        command
+    }
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        for name in &self.containers {
+            let _ = Command::new("podman").args(["rm", "-f", "-t", "0", name]).output();
+        }
+        let _ = Command::new("podman").args(["rmi", "-f", &self.tag]).output();
+    }
+}
+
+#[test]
+fn the_container_image_sees_what_the_host_sees() {
+    require_root();
+    if let Ok(guest) = std::env::var("CTRACE_GUEST") {
+        eprintln!("SKIPPED in the {guest} guest: podman runs on the host; the image holds the same binary");
+        return;
+    }
+    assert!(Command::new("podman").arg("--version").output().is_ok(), "podman is missing: run `cargo xtask setup`");
+    let context = TempDir::new("image");
+    let mut image = Image::build(&context.0);
+
+    // The same hooks, tiers and reasons why not.
+    let host: Value = serde_json::from_str(&run(
+        std::fs::canonicalize(ctrace_bin()).unwrap().to_str().unwrap(),
+        &["probes", "--json"],
+        &context.0,
+    ))
+    .expect("host probes");
+    let inside = image.command(&["probes", "--json"], &[]).output().expect("podman run");
+    assert!(inside.status.success(), "probes in the container: {}", String::from_utf8_lossy(&inside.stderr));
+    let inside: Value = serde_json::from_slice(&inside.stdout).expect("container probes");
+    assert_eq!(inside, host, "`ctrace probes` in the container vs on the host");
+
+    // A storm recorded at once by the host's ctrace and the container's.
+    let lab = Lab::new("image", &[FILLER, STORM]).expect("lab");
+    let rules = "table inet ctrace_image {
+        counter syn_storm {}
+        chain raw { type filter hook prerouting priority raw; ip saddr 198.18.0.3 tcp flags & (syn | ack) == syn counter name syn_storm; }
+        chain track { type filter hook input priority filter; ct state new counter; }
+    }";
+    std::fs::write(context.0.join("rules.nft"), rules).unwrap();
+    lab.server.exec("nft", &["-f", context.0.join("rules.nft").to_str().unwrap()]).expect("rules");
+    let _listener = lab.listen(PORT).expect("listener");
+    let out = TempDir::new("image-records");
+    let host_file = out.0.join("host.json");
+    let container_file = out.0.join("container.json");
+    let host_recording = Recording::start(&host_file, &[]).expect("ctrace record on the host");
+    let container_recording = Recording::start_command(
+        &mut image.command(&["record", "--output", container_file.to_str().unwrap()], &[&out.0]),
+        &container_file,
+    )
+    .expect("ctrace record in the container");
+
+    let max = Sysctl::set("net.netfilter.nf_conntrack_max", &TABLE_MAX.to_string()).unwrap();
+    let before = lab.server.conntrack_stat().unwrap();
+    let room = TABLE_MAX - before.entries;
+    let held: Vec<_> = (0..room).map(|_| lab.connect(FILLER, PORT, FILL_TIMEOUT).expect("fill")).collect();
+    for _ in 0..30 {
+        assert!(lab.connect(STORM, PORT, Duration::from_millis(50)).is_err(), "SYN got through a full table");
+    }
+    wait_for("the kernel to drop every storm SYN", || {
+        (lab.server.conntrack_stat().unwrap().drop - before.drop >= 30).then_some(())
+    });
+    // Both read every record while the table is still full (tracepoint tier).
+    let host_record = host_recording.stop().expect("host record");
+    let container_record = container_recording.stop().expect("container record");
+    drop(max);
+    drop(held);
+    let truth = nft_counter(&lab.server, "inet", "ctrace_image", "syn_storm").unwrap();
+
+    let netns = lab.server.inode();
+    let storm_drops = |record: &Value| -> u64 {
+        record["sources"]
+            .as_array()
+            .expect("sources")
+            .iter()
+            .filter(|s| s["netns"] == netns && s["src"] == STORM.to_string() && s["reason"] == "table_full")
+            .map(|s| s["drops"].as_u64().unwrap())
+            .sum()
+    };
+    eprintln!(
+        "ground truth {truth} SYNs; host {}, container {}",
+        storm_drops(&host_record),
+        storm_drops(&container_record)
+    );
+    assert_eq!(storm_drops(&host_record), truth, "the host's record vs the raw-table counter");
+    assert_eq!(storm_drops(&container_record), truth, "the container's record vs the raw-table counter");
+    assert_eq!(container_record["tier"], host_record["tier"]);
+    assert_eq!(container_record["totals"]["lost_events"], 0);
+    assert_eq!(container_record["totals"]["table_full"], host_record["totals"]["table_full"]);
+    assert_eq!(container_record["notes"], host_record["notes"], "the container saw less than the host");
 }

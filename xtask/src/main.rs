@@ -1,6 +1,7 @@
 //! Project tasks: `cargo xtask setup`, `cargo xtask test`.
 mod bench;
 mod figures;
+mod fleet;
 mod flood;
 mod setup;
 mod tally;
@@ -91,6 +92,12 @@ enum Task {
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
     },
+    /// Build the container image (deploy/container/Containerfile) from a
+    /// statically linked release binary, with podman.
+    Image {
+        #[arg(long, default_value = concat!("localhost/ctrace:", env!("CARGO_PKG_VERSION")))]
+        tag: String,
+    },
     /// Print the README's "Measured" table from a `bench --json` file
     /// (docs/bench.json is the one the README shows).
     BenchTable {
@@ -108,6 +115,7 @@ fn main() -> ExitCode {
         }
         Task::BenchTable { file } => bench_table(&file),
         Task::Install { prefix } => install(&prefix),
+        Task::Image { tag } => fleet::image(&tag),
         Task::VmRun { kernel, timeout_min, command } => vm_run(kernel, timeout_min, &command),
         Task::VmTest { kernel, repeat } => {
             let mut tally = Tally::default();
@@ -166,9 +174,10 @@ fn test(no_setup: bool, no_vm: bool, repeat: u32) -> anyhow::Result<()> {
         .env_remove("CARGO"))?;
     // Unit tests: no privileges, no shared kernel state.
     run(cargo().args(["test", "--lib", "--bins"]))?;
-    // The Prometheus rules: valid, and firing as their tests say.
-    run(Command::new("promtool").args(["check", "rules", "deploy/prometheus/ctrace-rules.yml"]))?;
-    run(Command::new("promtool").args(["test", "rules", "deploy/prometheus/ctrace-rules.test.yml"]))?;
+    // The Prometheus rules, firing as their tests say; the manifests.
+    fleet::check_deploy()?;
+    // The fleet suite builds its container image from this binary.
+    fleet::static_binary()?;
     let mut tally = Tally::default();
     let result = e2e_rounds(no_vm, repeat, &mut tally);
     eprint!("\nxtask: end-to-end tests, passes per run:\n{}", tally.report());

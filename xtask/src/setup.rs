@@ -19,6 +19,12 @@ const PACKAGES: &[&str] = &[
     "tmux",
     "bpftrace",
     "prometheus",
+    // The fleet suite: the container image, TLS certificates, requests.
+    "podman",
+    "runc",
+    "openssl",
+    "curl",
+    "file",
     "kmod",
     "xz-utils",
     "busybox-static",
@@ -38,8 +44,13 @@ const PACKAGES: &[&str] = &[
 /// The bpf-linker release the build is known to work with.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
+/// PyPI packages: the Kubernetes API schemas, for checking the manifests
+/// offline (no cluster runs here).
+const PYTHON_PACKAGES: &[&str] = &["kubernetes-validate==1.37.0"];
+
 pub fn setup() -> anyhow::Result<()> {
     apt_packages()?;
+    python_packages()?;
     nightly_rust_src()?;
     bpf_linker()?;
     eprintln!("xtask: setup complete");
@@ -71,6 +82,16 @@ fn apt_packages() -> anyhow::Result<()> {
         .args(["install", "-y", "-q", "--no-install-recommends"])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn python_packages() -> anyhow::Result<()> {
+    let have = Command::new("python3").args(["-m", "pip", "freeze"]).output().context("python3 with pip is needed")?;
+    let have = String::from_utf8_lossy(&have.stdout).to_lowercase();
+    let missing: Vec<&str> = PYTHON_PACKAGES.iter().copied().filter(|p| !have.contains(&p.to_lowercase())).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    run(Command::new("python3").args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"]).args(&missing))
 }
 
 fn output(cmd: &mut Command) -> anyhow::Result<String> {
