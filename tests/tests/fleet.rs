@@ -79,13 +79,15 @@ fn value(sample: &Value) -> f64 {
     sample["value"][1].as_str().and_then(|v| v.parse().ok()).unwrap_or(f64::NAN)
 }
 
-/// The table-full alert of one instance: its state and since when it is active.
-fn alert(prom: u16, instance: &str) -> Option<(String, String)> {
+/// The table-full alert of one instance: its state, since when it is
+/// active, and its description.
+fn alert(prom: u16, instance: &str) -> Option<(String, String, String)> {
     let (_, body) = http_get(prom, "/api/v1/alerts").ok()?;
     let json: Value = serde_json::from_str(&body).ok()?;
+    let text = |v: &Value| v.as_str().unwrap_or("").to_string();
     json["data"]["alerts"].as_array()?.iter().find_map(|a| {
         (a["labels"]["alertname"] == ALERT && a["labels"]["instance"] == instance)
-            .then(|| (a["state"].as_str().unwrap_or("").to_string(), a["activeAt"].as_str().unwrap_or("").to_string()))
+            .then(|| (text(&a["state"]), text(&a["activeAt"]), text(&a["annotations"]["description"])))
     })
 }
 
@@ -161,14 +163,14 @@ fn two_nodes_only_the_stormed_one_alerts_and_every_dashboard_query_answers() {
         // The alert goes pending at the first drops and fires `for` (1m)
         // later; b must never have it, in any state.
         let mut pending_seen = None;
-        let active_at = wait_for("the table-full alert to fire for node a", || {
+        let (active_at, description) = wait_for("the table-full alert to fire for node a", || {
             node_a.check_running().unwrap();
             node_b.check_running().unwrap();
             prom_daemon.check_running().unwrap();
             assert_eq!(alert(prom, &instance_b), None, "the quiet node alerted");
             match alert(prom, &instance_a)? {
-                (state, since) if state == "firing" => Some(since),
-                (state, _) => {
+                (state, since, description) if state == "firing" => Some((since, description)),
+                (state, _, _) => {
                     pending_seen.get_or_insert_with(|| (state, now_unix() - storm_start));
                     None
                 }
@@ -177,6 +179,8 @@ fn two_nodes_only_the_stormed_one_alerts_and_every_dashboard_query_answers() {
         let fired_after = now_unix() - storm_start;
         eprintln!("alert for {instance_a}: {pending_seen:?} s after the storm began, firing after {fired_after:.0} s (active since {active_at})");
         assert!(pending_seen.is_some(), "the alert fired without being pending for its `for` first");
+        // The annotation names the storm's source, asked of Prometheus when rendered.
+        assert!(description.contains(&format!("Top source: {STORM} to port {PORT}/tcp")), "{description}");
 
         // Every dashboard query parses and returns data during the storm.
         for (panel, expr) in dashboard_queries() {
