@@ -26,3 +26,4 @@ pub mod record;
 pub mod serve;
 #[cfg(test)]
 pub mod testing;
+pub mod workload;

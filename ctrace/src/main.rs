@@ -77,7 +77,7 @@ enum Command {
         synthetic_sources: u64,
     },
     /// Record drops for a while and write them per source, with a per-second
-    /// histogram: JSON (schema ctrace.drops.v1) or another --format.
+    /// histogram: JSON (schema ctrace.drops.v2) or another --format.
     #[command(after_help = "Reasons:\n  \
         table_full       conntrack dropped a new flow while its namespace's table was at nf_conntrack_max\n  \
         conntrack_other  conntrack dropped it for another reason (allocation failure, tracker verdict)\n  \
@@ -119,7 +119,7 @@ enum Command {
         ctrace report drops.json --format csv --output drops.csv"
     )]
     Report {
-        /// A file written by `ctrace record` (schema ctrace.drops.v1).
+        /// A file written by `ctrace record` (schema ctrace.drops.v1 or v2).
         file: PathBuf,
         #[arg(long, short = 'f', value_enum, default_value = "text")]
         format: Format,

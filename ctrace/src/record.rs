@@ -17,14 +17,15 @@ use crate::{
     export::{
         self,
         json::{
-            rfc3339_utc, CtOthers, CtRow, LifetimeBin, Lifetimes, NetnsCounters, OccupancySeries, RecordFile, Totals,
-            SCHEMA,
+            rfc3339_utc, CtOthers, CtRow, LifetimeBin, Lifetimes, NetnsCounters, NetnsWorkload, OccupancySeries,
+            RecordFile, Source, Totals, SCHEMA,
         },
         Format, Output,
     },
     model::{ConnState, CtEvent, CtKind, DropEvent, Occupancy, Protocol, Reason},
     netns::{self, ConntrackStats, Namespaces},
     privileges,
+    workload::Workloads,
 };
 
 pub const BUCKET_NS: u64 = 1_000_000_000;
@@ -206,9 +207,15 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
 
     let mut each_second = tokio::time::interval(Duration::from_secs(1));
     let mut occupancy = OccupancyLog::default();
+    // Who lives in each namespace, kept while the recording runs: a
+    // container that stops before the end is still named.
+    let mut workloads = Workloads::new();
     loop {
         tokio::select! {
-            _ = each_second.tick() => occupancy.sample(engine.namespaces()),
+            _ = each_second.tick() => {
+                let present = occupancy.sample(engine.namespaces());
+                workloads.refresh(present);
+            }
             woke = engine.wait() => {
                 woke?;
                 engine.drain(&mut recorder);
@@ -269,6 +276,29 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     for c in &mut kernel_counters {
         c.at_table_full = recorder.at_table_full.get(&c.netns).copied();
     }
+    workloads.refresh(seen.iter().copied());
+    notes.extend(workloads.warnings.iter().cloned());
+    let occupancy = occupancy.series(engine.namespaces());
+    let mut in_record: Vec<u32> = seen
+        .iter()
+        .copied()
+        .chain(kernel_counters.iter().map(|c| c.netns))
+        .chain(occupancy.iter().map(|o| o.netns))
+        .collect();
+    in_record.sort_unstable();
+    in_record.dedup();
+    let namespace_workloads = in_record
+        .into_iter()
+        .filter_map(|netns| Some(NetnsWorkload { netns, workload: workloads.of_netns(netns)?.clone() }))
+        .collect();
+    let rate_histogram = rate_histogram(rows.iter().map(|r| r.drops as f64 / duration_s));
+    let sources = rows
+        .into_iter()
+        .map(|row| {
+            let src_workload = workloads.of_address(row.key.src);
+            Source { src_workload, ..row.into() }
+        })
+        .collect();
 
     let file = RecordFile {
         schema: SCHEMA.into(),
@@ -291,10 +321,11 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         conntrack_events,
         conntrack_others,
         lifetimes: recorder.lifetime_rows(),
-        occupancy: occupancy.series(engine.namespaces()),
-        rate_histogram: rate_histogram(rows.iter().map(|r| r.drops as f64 / duration_s)),
+        occupancy,
+        rate_histogram,
         flood: Some(recorder.flood.summary(FLOOD_DESTINATIONS)),
-        sources: rows.into_iter().map(Into::into).collect(),
+        sources,
+        workloads: namespace_workloads,
         approximate: approximate.map(Into::into),
         others: others.into_iter().map(Into::into).collect(),
         notes,
@@ -325,9 +356,12 @@ struct OccupancyLog {
 }
 
 impl OccupancyLog {
-    fn sample(&mut self, namespaces: &mut Namespaces) {
+    /// Samples every namespace; returns those there are.
+    fn sample(&mut self, namespaces: &mut Namespaces) -> Vec<u32> {
         let max = netns::conntrack_max().unwrap_or(0);
-        for (inum, stats) in namespaces.snapshot_all() {
+        let all = namespaces.snapshot_all();
+        let present = all.keys().copied().collect();
+        for (inum, stats) in all {
             if stats.entries == 0 && !self.series.contains_key(&inum) {
                 continue;
             }
@@ -342,6 +376,7 @@ impl OccupancyLog {
             entries.resize(self.samples, 0); // gone namespaces: no entries
             maxes.resize(self.samples, max);
         }
+        present
     }
 
     fn series(&self, namespaces: &Namespaces) -> Vec<OccupancySeries> {

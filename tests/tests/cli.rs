@@ -125,7 +125,7 @@ fn a_short_recording_writes_a_complete_file_to_stdout() {
     let out = ctrace(&["record", "--duration", "1", "--output", "-"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let record: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
-    assert_eq!(record["schema"], "ctrace.drops.v1");
+    assert_eq!(record["schema"], "ctrace.drops.v2");
     let tier = record["tier"].as_str().unwrap_or_default();
     assert!(["tracepoint", "kprobe", "fentry"].contains(&tier), "tier {tier}");
     let duration = record["duration_s"].as_f64().unwrap();

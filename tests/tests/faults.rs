@@ -33,7 +33,7 @@ fn report_rejects_bad_files_in_one_sentence() {
     let good = include_str!("../../ctrace/tests/golden/record.json");
     let cases: Vec<(&str, String)> = vec![
         ("truncated", good[..good.len() / 2].to_string()),
-        ("wrong schema", good.replace("ctrace.drops.v1", "someone.else.v7")),
+        ("wrong schema", good.replace("ctrace.drops.v2", "someone.else.v7")),
         ("not a record", r#"{"schema": "ctrace.drops.v1", "sources": 5}"#.to_string()),
         ("deeply nested", "[".repeat(100_000)),
         ("empty", String::new()),
@@ -271,5 +271,5 @@ fn namespaces_that_come_and_go_leave_no_open_files() {
         ROUNDS * PER_ROUND
     );
     let record = recording.stop().expect("record after the namespaces");
-    assert_eq!(record["schema"], "ctrace.drops.v1");
+    assert_eq!(record["schema"], "ctrace.drops.v2");
 }

@@ -185,7 +185,7 @@ fn storm_and_check(tier: &str) -> Value {
         "ground truth: storm A {syn_a} SYNs, storm B {syn_b}, ruled {syn_ruled}, netns drop delta {kernel_drops}"
     );
 
-    assert_eq!(record["schema"], "ctrace.drops.v1");
+    assert_eq!(record["schema"], "ctrace.drops.v2");
     assert_eq!(record["totals"]["lost_events"], 0, "lost events make counts inexact");
     // The kernel's count of skipped program runs is read (tp_btf and fentry
     // programs have it on every kernel ctrace runs on; kprobes from 6.7).

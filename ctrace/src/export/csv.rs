@@ -19,7 +19,9 @@ pub fn render(record: &RecordFile) -> String {
     let buckets = record.sources.iter().map(|s| s.histogram.counts.len()).max().unwrap_or(0);
     let mut out = String::new();
     let mut header: Vec<String> =
-        ["netns", "netns_name", "src", "dport", "proto", "state", "reason", "drops"].map(String::from).to_vec();
+        ["netns", "netns_name", "workload", "src", "src_workload", "dport", "proto", "state", "reason", "drops"]
+            .map(String::from)
+            .to_vec();
     header.extend((0..buckets).map(|i| format!("s{i}")));
     out.push_str(&header.join(","));
     out.push_str("\r\n");
@@ -30,7 +32,9 @@ pub fn render(record: &RecordFile) -> String {
         let mut row = vec![
             s.netns.to_string(),
             field(&names(s.netns)),
+            field(&record.workload_of(s.netns).map(|w| w.label()).unwrap_or_default()),
             field(&s.src.to_string()),
+            field(&s.src_workload.as_ref().map(|w| w.label()).unwrap_or_default()),
             s.dport.to_string(),
             field(&s.proto.to_string()),
             field(&s.state.to_string()),

@@ -1,4 +1,4 @@
-//! The `ctrace.drops.v1` record file (documented in docs/record-schema.md).
+//! The `ctrace.drops.v2` record file (documented in docs/record-schema.md).
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
@@ -10,9 +10,14 @@ use crate::{
     model::Occupancy,
     model::{ConnState, CtKind, Protocol, Reason},
     netns::ConntrackStats,
+    workload::Workload,
 };
 
-pub const SCHEMA: &str = "ctrace.drops.v1";
+/// v2 added the workloads (`workloads`, `sources[].src_workload`); a v1
+/// file reads as one without them.
+pub const SCHEMA: &str = "ctrace.drops.v2";
+/// Schemas `report` reads.
+pub const SCHEMAS_READ: &[&str] = &["ctrace.drops.v1", SCHEMA];
 
 /// Records are bounded (`--capacity` rows of at most 128 buckets); a file
 /// far past that is not one, and reading it whole would cost its size in
@@ -63,6 +68,10 @@ pub struct RecordFile {
     /// many to list. Absent from records of earlier versions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flood: Option<crate::aggregate::flood::FloodSummary>,
+    /// What each namespace in the record is: host, `ip netns` name,
+    /// container or pod (v2).
+    #[serde(default)]
+    pub workloads: Vec<NetnsWorkload>,
     /// Things the reader should know to trust the figures (lost events,
     /// unresolvable locations, namespaces whose counters could not be read).
     pub notes: Vec<String>,
@@ -241,6 +250,16 @@ pub struct Source {
     #[serde(default, skip_serializing_if = "is_zero")]
     pub error: u64,
     pub histogram: Histogram,
+    /// The local workload with the source address on an interface (v2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub src_workload: Option<Workload>,
+}
+
+/// A namespace and what lives in it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetnsWorkload {
+    pub netns: u32,
+    pub workload: Workload,
 }
 
 impl From<SourceRow> for Source {
@@ -256,11 +275,22 @@ impl From<SourceRow> for Source {
             drops: row.drops,
             error: row.error,
             histogram: row.histogram,
+            src_workload: None,
         }
     }
 }
 
 impl RecordFile {
+    /// What lives in a namespace of the record (v2 records).
+    pub fn workload_of(&self, netns: u32) -> Option<&Workload> {
+        self.workloads.iter().find(|w| w.netns == netns).map(|w| &w.workload)
+    }
+
+    /// A source row's `source's -> namespace's` workloads, `-` where unknown.
+    pub fn workload_column(&self, source: &Source) -> String {
+        let label = |w: Option<&Workload>| w.map_or_else(|| "-".to_string(), Workload::label);
+        format!("{} -> {}", label(source.src_workload.as_ref()), label(self.workload_of(source.netns)))
+    }
     /// Reads a record file, checking its schema.
     pub fn load(path: &std::path::Path) -> anyhow::Result<Self> {
         use anyhow::Context as _;
@@ -280,7 +310,7 @@ impl RecordFile {
     pub fn parse(text: &str, origin: &str) -> anyhow::Result<Self> {
         use anyhow::Context as _;
         let probe: serde_json::Value = serde_json::from_str(text).with_context(|| format!("{origin} is not JSON"))?;
-        if probe["schema"] != SCHEMA {
+        if !SCHEMAS_READ.iter().any(|schema| probe["schema"] == *schema) {
             anyhow::bail!("{origin} is not a ctrace record (schema {}, expected {SCHEMA})", probe["schema"]);
         }
         let record: Self =
@@ -411,10 +441,25 @@ mod tests {
             occupancy: vec![],
             rate_histogram: vec![],
             flood: None,
+            workloads: vec![NetnsWorkload {
+                netns: 4026532290,
+                workload: Workload {
+                    kind: crate::workload::Kind::Container,
+                    runtime: Some(crate::workload::Runtime::Podman),
+                    id: Some("b4077c32".into()),
+                    name: Some("srv".into()),
+                    pod_namespace: None,
+                },
+            }],
             notes: vec![],
         };
         let json = serde_json::to_value(&file).unwrap();
-        assert_eq!(json["schema"], "ctrace.drops.v1");
+        assert_eq!(json["schema"], "ctrace.drops.v2");
+        assert_eq!(
+            json["workloads"][0],
+            serde_json::json!({"netns": 4026532290u32, "workload": {"kind": "container", "runtime": "podman", "id": "b4077c32", "name": "srv"}})
+        );
+        assert!(json["sources"][0].get("src_workload").is_none(), "absent when the source is not local");
         assert_eq!(json["tier"], "tracepoint");
         assert_eq!(json["totals"]["table_full"], 3);
         assert_eq!(json["totals"]["kernel"]["lost_events"], 0);

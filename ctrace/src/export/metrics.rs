@@ -32,6 +32,8 @@ pub struct SourceCount {
 pub struct ReasonCount {
     pub netns: u32,
     pub name: Option<String>,
+    /// What lives in the namespace ([`crate::workload::Workload::label`]).
+    pub workload: Option<String>,
     pub reason: Reason,
     pub drops: u64,
 }
@@ -41,6 +43,7 @@ pub struct ReasonCount {
 pub struct NetnsCounts {
     pub netns: u32,
     pub name: Option<String>,
+    pub workload: Option<String>,
     pub drop: u64,
     pub insert_failed: u64,
     pub early_drop: u64,
@@ -71,8 +74,14 @@ pub struct MetricsInput {
     pub flood: Option<FloodSummary>,
 }
 
-fn ns_labels(netns: u32, name: &Option<String>) -> Labels {
-    vec![("netns".into(), netns.to_string()), ("netns_name".into(), name.clone().unwrap_or_default())]
+/// A namespace's labels; `workload` only where it is known (namespaces are
+/// few, so it is bounded; sources never get one).
+fn ns_labels(netns: u32, name: &Option<String>, workload: &Option<String>) -> Labels {
+    let mut labels = vec![("netns".into(), netns.to_string()), ("netns_name".into(), name.clone().unwrap_or_default())];
+    if let Some(workload) = workload {
+        labels.push(("workload".into(), workload.clone()));
+    }
+    labels
 }
 
 fn counter_family(registry: &mut Registry, name: &str, help: &str) -> Family<Labels, Counter> {
@@ -92,7 +101,7 @@ pub fn encode_input(input: &MetricsInput) -> String {
     let mut registry = Registry::default();
     let drops = counter_family(&mut registry, "ctrace_drops", "Dropped packets attributed by ctrace, by reason");
     for d in &input.drops {
-        let mut labels = ns_labels(d.netns, &d.name);
+        let mut labels = ns_labels(d.netns, &d.name, &d.workload);
         labels.push(("reason".into(), d.reason.as_str().into()));
         drops.get_or_create(&labels).inc_by(d.drops);
     }
@@ -150,7 +159,7 @@ pub fn encode_input(input: &MetricsInput) -> String {
     .map(|(name, help)| counter_family(&mut registry, name, help));
     let entries = gauge_family(&mut registry, "ctrace_conntrack_entries", "Entries in the namespace's conntrack table");
     for ns in &input.namespaces {
-        let labels = ns_labels(ns.netns, &ns.name);
+        let labels = ns_labels(ns.netns, &ns.name, &ns.workload);
         for (family, value) in kernel.iter().zip([ns.drop, ns.insert_failed, ns.early_drop, ns.invalid]) {
             family.get_or_create(&labels).inc_by(value);
         }
@@ -251,13 +260,14 @@ fn sorted_samples(text: &str) -> String {
 /// The record's totals as metrics: counters count over the recording.
 pub fn from_record(record: &RecordFile, top: usize) -> String {
     let name = |netns: u32| record.kernel_counters.iter().find(|c| c.netns == netns).and_then(|c| c.name.clone());
+    let workload = |netns: u32| record.workloads.iter().find(|w| w.netns == netns).map(|w| w.workload.label());
     // Rows and the drops of sources without a row: exact per reason.
     let mut drops: Vec<ReasonCount> = Vec::new();
     let counted = record.sources.iter().map(|s| (s.netns, s.reason, s.drops));
     for (netns, reason, n) in counted.chain(record.others.iter().map(|o| (o.netns, o.reason, o.drops))) {
         match drops.iter_mut().find(|d| d.netns == netns && d.reason == reason) {
             Some(d) => d.drops += n,
-            None => drops.push(ReasonCount { netns, name: name(netns), reason, drops: n }),
+            None => drops.push(ReasonCount { netns, name: name(netns), workload: workload(netns), reason, drops: n }),
         }
     }
     drops.sort_by_key(|d| (d.netns, d.reason));
@@ -287,6 +297,7 @@ pub fn from_record(record: &RecordFile, top: usize) -> String {
             .map(|c| NetnsCounts {
                 netns: c.netns,
                 name: c.name.clone(),
+                workload: workload(c.netns),
                 drop: c.drop,
                 insert_failed: c.insert_failed,
                 early_drop: c.early_drop,
@@ -312,7 +323,10 @@ mod tests {
         assert!(text.ends_with("# EOF\n"));
         assert!(text.contains("# TYPE ctrace_drops counter"));
         assert!(
-            text.contains("ctrace_drops_total{netns=\"4026532177\",netns_name=\"srv\",reason=\"table_full\"} 50"),
+            text.contains(
+                "ctrace_drops_total{netns=\"4026532177\",netns_name=\"srv\",workload=\"container server (podman)\",\
+                 reason=\"table_full\"} 50"
+            ),
             "{text}"
         );
         let per_source = text.lines().filter(|l| l.starts_with("ctrace_source_drops_total{")).count();
@@ -327,10 +341,13 @@ mod tests {
         let with_others = from_record(&approximate, 2);
         assert!(
             with_others
-                .contains("ctrace_drops_total{netns=\"4026532177\",netns_name=\"srv\",reason=\"table_full\"} 57"),
+                .contains("ctrace_drops_total{netns=\"4026532177\",netns_name=\"srv\",workload=\"container server (podman)\",reason=\"table_full\"} 57"),
             "{with_others}"
         );
         assert_eq!(per_source, 2, "only the top sources get labels");
-        assert!(text.contains("ctrace_conntrack_drop_total{netns=\"4026532177\",netns_name=\"srv\"} 50"), "{text}");
+        let namespace = "netns=\"4026532177\",netns_name=\"srv\",workload=\"container server (podman)\"";
+        assert!(text.contains(&format!("ctrace_conntrack_drop_total{{{namespace}}} 50")), "{text}");
+        // The namespace's workload, never a source's: per-source series stay bounded.
+        assert!(text.lines().filter(|l| l.starts_with("ctrace_source_drops_total{")).all(|l| !l.contains("workload=")));
     }
 }

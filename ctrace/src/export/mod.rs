@@ -19,7 +19,7 @@ use crate::export::json::RecordFile;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
-    /// The full record (schema ctrace.drops.v1).
+    /// The full record (schema ctrace.drops.v2).
     Json,
     /// One row per source with its per-second counts (RFC 4180).
     Csv,

@@ -93,6 +93,10 @@ pub fn render(record: &RecordFile, top: usize) -> String {
         total_kernel_drop += c.drop;
         let verdict = if ours == c.drop { "match" } else { "differ" };
         let name = c.name.clone().unwrap_or_else(|| "?".into());
+        let name = match record.workload_of(c.netns) {
+            Some(w) => format!("{name} [{}]", w.label()),
+            None => name,
+        };
         let _ = writeln!(
             out,
             "  {name} ({}): kernel drop {} vs ctrace conntrack drops {ours}: {verdict}; insert_failed {}, \
@@ -121,7 +125,7 @@ pub fn render(record: &RecordFile, top: usize) -> String {
     let _ = writeln!(out, "\nTOP SOURCES");
     let _ = writeln!(
         out,
-        "  {:<40} {:>5} {:<5} {:<11} {:<15} {:>8} {:>6} {:>8}",
+        "  {:<40} {:>5} {:<5} {:<11} {:<15} {:>8} {:>6} {:>8}  WORKLOAD",
         "SOURCE", "DPORT", "PROTO", "STATE", "REASON", "DROPS", "SHARE", "PEAK/S"
     );
     let others: u64 = record.others.iter().map(|o| o.drops).sum();
@@ -129,7 +133,7 @@ pub fn render(record: &RecordFile, top: usize) -> String {
     for s in record.sources.iter().take(top) {
         let _ = writeln!(
             out,
-            "  {:<40} {:>5} {:<5} {:<11} {:<15} {:>8} {:>5.1}% {:>8.0}",
+            "  {:<40} {:>5} {:<5} {:<11} {:<15} {:>8} {:>5.1}% {:>8.0}  {}",
             s.src.to_string(),
             s.dport,
             s.proto.to_string(),
@@ -137,7 +141,8 @@ pub fn render(record: &RecordFile, top: usize) -> String {
             s.reason.as_str(),
             s.drops,
             if all == 0 { 0.0 } else { 100.0 * s.drops as f64 / all as f64 },
-            peak_rate(&s.histogram.counts, s.histogram.bucket_ms)
+            peak_rate(&s.histogram.counts, s.histogram.bucket_ms),
+            record.workload_column(s)
         );
     }
     let rest = record.sources.len().saturating_sub(top);

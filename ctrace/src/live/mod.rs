@@ -116,6 +116,11 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let mut resolver = options.resolve.then(Resolver::start);
     // The first tick sets the counters' baselines.
     state.tick(engine.sample());
+    state.refresh_workloads();
+    // Said once, before the screen is taken: what cannot be named, and why.
+    for warning in state.workloads.take_warnings() {
+        eprintln!("ctrace: {warning}");
+    }
 
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -164,6 +169,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                     Err(std::sync::mpsc::TryRecvError::Empty) => true,
                 });
                 state.tick(engine.sample());
+                state.refresh_workloads();
                 let snap = snapshot(&state, &view, resolver.as_mut());
                 match terminal.as_mut() {
                     Some(screen) => screen.draw(&header, view.paused.as_ref().unwrap_or(&snap), &view)?,

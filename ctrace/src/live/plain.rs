@@ -118,14 +118,14 @@ pub fn render(header: &Header, snap: &Snapshot, query: &Query) -> String {
     );
     let _ = writeln!(
         out,
-        "  {:<24} {:>5} {:<5} {:<11} {:<15} {:<22} {:>8} {:>8} {:>6} {:>6}",
+        "  {:<24} {:>5} {:<5} {:<11} {:<15} {:<22} {:>8} {:>8} {:>6} {:>6}  WORKLOAD",
         "SOURCE", "DPORT", "PROTO", "STATE", "REASON", "NETNS", "DROPS/S", "TOTAL", "SHARE", "LAST"
     );
     for row in &snap.top {
         let src = row.src_name.as_ref().map_or(row.src.to_string(), |n| format!("{n} ({})", row.src));
         let _ = writeln!(
             out,
-            "  {:<24} {:>5} {:<5} {:<11} {:<15} {:<22} {:>8} {:>8} {:>5.1}% {:>5.0}s",
+            "  {:<24} {:>5} {:<5} {:<11} {:<15} {:<22} {:>8} {:>8} {:>5.1}% {:>5.0}s  {}",
             src,
             row.dport,
             row.proto.to_string(),
@@ -135,7 +135,8 @@ pub fn render(header: &Header, snap: &Snapshot, query: &Query) -> String {
             short(row.per_s),
             row.total,
             row.share * 100.0,
-            row.last_seen_s
+            row.last_seen_s,
+            row.workload_column()
         );
     }
     if snap.others > 0 {

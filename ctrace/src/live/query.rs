@@ -1,7 +1,11 @@
 //! What the top table shows: a filter and an order, typed by the user.
 use std::net::IpAddr;
 
-use crate::{aggregate::SourceKey, model::Reason};
+use crate::{
+    aggregate::SourceKey,
+    model::Reason,
+    workload::{Kind, Workload},
+};
 
 /// Column the top table is ordered by.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -53,13 +57,16 @@ pub struct Filter {
     pub reason: Option<Reason>,
     /// Namespace inode or name.
     pub netns: Option<String>,
+    /// `pod=NAME|NS/NAME|UID` or `container=NAME|ID`: the source's or the
+    /// namespace's workload.
+    pub workload: Option<(Kind, String)>,
     text: String,
 }
 
 impl Filter {
     /// Parses words separated by spaces, in any order:
     /// `198.18.0.0/16` or `2001:db8::1` (source), `:80` or `port=80`,
-    /// a reason ([`Reason::ALL`]), `ns=NAME|INODE`.
+    /// a reason ([`Reason::ALL`]), `ns=NAME|INODE`, `pod=NAME`, `container=NAME`.
     pub fn parse(text: &str) -> Result<Self, String> {
         let mut filter = Filter { text: text.trim().to_string(), ..Default::default() };
         for word in text.split_whitespace() {
@@ -67,6 +74,10 @@ impl Filter {
                 filter.port = Some(port.parse().map_err(|_| format!("`{word}`: not a port"))?);
             } else if let Some(ns) = word.strip_prefix("ns=").or_else(|| word.strip_prefix("netns=")) {
                 filter.netns = Some(ns.to_string());
+            } else if let Some(pod) = word.strip_prefix("pod=") {
+                filter.workload = Some((Kind::Pod, pod.to_string()));
+            } else if let Some(container) = word.strip_prefix("container=") {
+                filter.workload = Some((Kind::Container, container.to_string()));
             } else if let Some(reason) = Reason::ALL.into_iter().find(|r| r.as_str() == word) {
                 filter.reason = Some(reason);
             } else {
@@ -77,7 +88,11 @@ impl Filter {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.src.is_none() && self.port.is_none() && self.reason.is_none() && self.netns.is_none()
+        self.src.is_none()
+            && self.port.is_none()
+            && self.reason.is_none()
+            && self.netns.is_none()
+            && self.workload.is_none()
     }
 
     /// The text it was parsed from.
@@ -91,6 +106,14 @@ impl Filter {
             && self.reason.is_none_or(|r| key.reason == r)
             && self.netns.as_deref().is_none_or(|ns| ns == key.netns.to_string() || Some(ns) == netns_name)
     }
+
+    /// The workload part: `lookup` gives the namespace's and the source's
+    /// workloads, asked for only when the filter has one.
+    pub fn matches_workload(&self, lookup: impl FnOnce() -> (Option<Workload>, Option<Workload>)) -> bool {
+        let Some((kind, wanted)) = &self.workload else { return true };
+        let (netns, src) = lookup();
+        [netns, src].iter().flatten().any(|w| w.matches(*kind, wanted))
+    }
 }
 
 fn parse_prefix(word: &str) -> Result<(IpAddr, u8), String> {
@@ -100,7 +123,10 @@ fn parse_prefix(word: &str) -> Result<(IpAddr, u8), String> {
     };
     let addr: IpAddr = addr.parse().map_err(|_| {
         let reasons: Vec<&str> = Reason::ALL.iter().map(|r| r.as_str()).collect();
-        format!("`{word}`: expected an address or prefix, :PORT, ns=NAME, or a reason ({})", reasons.join(", "))
+        format!(
+            "`{word}`: expected an address or prefix, :PORT, ns=NAME, pod=NAME, container=NAME, or a reason ({})",
+            reasons.join(", ")
+        )
     })?;
     let max = if addr.is_ipv4() { 32 } else { 128 };
     let len = match len {
@@ -181,6 +207,26 @@ mod tests {
         assert!(Filter::parse("port=22").unwrap().matches(&key("10.0.0.1", 22, Reason::Ruleset), None));
         assert!(Filter::parse("ns=42").unwrap().matches(&key("10.0.0.1", 22, Reason::Ruleset), None));
         assert!(Filter::parse("").unwrap().is_empty());
+    }
+
+    #[test]
+    fn workload_filters_match_the_source_or_the_namespace() {
+        let container = |name: &str| Workload {
+            kind: Kind::Container,
+            runtime: None,
+            id: Some(format!("{name}-0123456789")),
+            name: Some(name.into()),
+            pod_namespace: None,
+        };
+        let f = Filter::parse("container=cli-a").unwrap();
+        assert_eq!(f.workload, Some((Kind::Container, "cli-a".into())));
+        assert!(!f.is_empty());
+        assert!(f.matches_workload(|| (Some(container("srv")), Some(container("cli-a")))), "the source's");
+        assert!(f.matches_workload(|| (Some(container("cli-a")), None)), "the namespace's");
+        assert!(!f.matches_workload(|| (Some(container("srv")), None)));
+        let pod = Filter::parse("pod=shop/web").unwrap();
+        assert!(!pod.matches_workload(|| (Some(container("web")), None)), "a container is not a pod");
+        assert!(Filter::parse(":80").unwrap().matches_workload(|| unreachable!("no lookup without a workload filter")));
     }
 
     #[test]

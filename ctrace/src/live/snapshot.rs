@@ -148,4 +148,16 @@ pub struct TopRow {
     pub error: u64,
     pub share: f64,
     pub last_seen_s: f64,
+    /// The local workload owning the source address, and the one living in
+    /// the namespace ([`crate::workload::Workload::label`]).
+    pub src_workload: Option<String>,
+    pub workload: Option<String>,
+}
+
+impl TopRow {
+    /// The WORKLOAD column: `source's -> namespace's`, `-` where unknown.
+    pub fn workload_column(&self) -> String {
+        let or_dash = |w: &Option<String>| w.clone().unwrap_or_else(|| "-".into());
+        format!("{} -> {}", or_dash(&self.src_workload), or_dash(&self.workload))
+    }
 }

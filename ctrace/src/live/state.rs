@@ -21,6 +21,7 @@ use crate::{
     live::query::Query,
     model::{ConnState, CtEvent, CtKind, DropEvent, Protocol, Reason},
     netns::ConntrackStats,
+    workload::{Workload, Workloads},
 };
 
 use super::snapshot::sort_rows;
@@ -158,6 +159,9 @@ pub struct LiveState {
     buckets: Option<u64>,
     kernel: KernelTotals,
     pub undecodable: u64,
+    /// Who lives in each namespace and owns each local address; refreshed
+    /// by the front end ([`LiveState::refresh_workloads`]), read here.
+    pub workloads: Workloads,
 }
 
 impl LiveState {
@@ -181,6 +185,7 @@ impl LiveState {
             buckets: None,
             kernel: KernelTotals::default(),
             undecodable: 0,
+            workloads: Workloads::new(),
         }
     }
 
@@ -249,6 +254,7 @@ impl LiveState {
             .map(|(&(netns, reason), &drops)| ReasonCount {
                 netns,
                 name: self.netns_name(netns).map(str::to_string),
+                workload: self.workloads.of_netns(netns).map(Workload::label),
                 reason,
                 drops,
             })
@@ -281,6 +287,7 @@ impl LiveState {
                 .map(|(&netns, ns)| NetnsCounts {
                     netns,
                     name: ns.name.clone(),
+                    workload: self.workloads.of_netns(netns).map(Workload::label),
                     drop: ns.last.drop,
                     insert_failed: ns.last.insert_failed,
                     early_drop: ns.last.early_drop,
@@ -341,6 +348,12 @@ impl LiveState {
         self.buckets = input.buckets;
     }
 
+    /// Looks again at who lives where, if it is time or a namespace is new
+    /// (I/O: call it from the tick, never per event).
+    pub fn refresh_workloads(&mut self) {
+        self.workloads.refresh(self.namespaces.keys().copied());
+    }
+
     /// Forgets counts and history (the `r` key); occupancy stays.
     pub fn reset(&mut self, now_ns: u64) {
         self.heavy.clear();
@@ -365,6 +378,11 @@ impl LiveState {
             .heavy
             .iter()
             .filter(|c| query.filter.matches(&c.key, self.netns_name(c.key.netns)))
+            .filter(|c| {
+                query.filter.matches_workload(|| {
+                    (self.workloads.of_netns(c.key.netns).cloned(), self.workloads.of_address(c.key.src))
+                })
+            })
             .map(|c| TopRow {
                 netns: c.key.netns,
                 netns_name: self.netns_name(c.key.netns).map(str::to_string),
@@ -379,12 +397,19 @@ impl LiveState {
                 error: c.error,
                 share: if total_drops == 0 { 0.0 } else { c.count as f64 / total_drops as f64 },
                 last_seen_s: now_ns.saturating_sub(c.last_seen_ns) as f64 / 1e9,
+                src_workload: None,
+                workload: None,
             })
             .collect();
         sort_rows(&mut top, query.sort, query.descending);
         let matching = top.len();
         let matching_drops: u64 = top.iter().map(|r| r.total).sum();
         top.truncate(query.limit);
+        // Named for the rows shown only.
+        for row in &mut top {
+            row.src_workload = self.workloads.of_address(row.src).map(|w| w.short());
+            row.workload = self.workloads.of_netns(row.netns).map(Workload::short);
+        }
         let shown: u64 = top.iter().map(|r| r.total).sum();
 
         let series = self

@@ -270,9 +270,10 @@ fn draw_top(frame: &mut Frame, area: Rect, snap: &Snapshot, query: &Query) {
             Style::new().fg(Color::Yellow),
         ));
     }
-    let header =
-        Row::new(["SOURCE", "DPORT", "PROTO", "STATE", "REASON", "NETNS", "DROPS/S", "TOTAL", "SHARE", "LAST"])
-            .style(Style::new().add_modifier(Modifier::REVERSED));
+    let header = Row::new([
+        "SOURCE", "DPORT", "PROTO", "STATE", "REASON", "NETNS", "DROPS/S", "TOTAL", "SHARE", "LAST", "WORKLOAD",
+    ])
+    .style(Style::new().add_modifier(Modifier::REVERSED));
     let mut rows: Vec<Row> = snap
         .top
         .iter()
@@ -296,6 +297,7 @@ fn draw_top(frame: &mut Frame, area: Rect, snap: &Snapshot, query: &Query) {
                 Cell::from(r.total.to_string()),
                 Cell::from(format!("{:.1}%", r.share * 100.0)),
                 Cell::from(format!("{:.0}s", r.last_seen_s)),
+                Cell::from(r.workload_column()),
             ])
         })
         .collect();
@@ -325,6 +327,7 @@ fn draw_top(frame: &mut Frame, area: Rect, snap: &Snapshot, query: &Query) {
         Constraint::Length(9),
         Constraint::Length(6),
         Constraint::Length(5),
+        Constraint::Min(12),
     ];
     let [caption, table] = Layout::vertical([Constraint::Length(1), Constraint::Min(1)]).areas(area);
     frame.render_widget(Paragraph::new(Line::from(head)), caption);
@@ -391,6 +394,18 @@ mod tests {
             fills_note: "needs the conntrack hooks".into(),
         };
         let mut state = LiveState::new(0, 64);
+        // The server's namespace is a container's; one storming source is another's.
+        let container = |name: &str| crate::workload::Workload {
+            kind: crate::workload::Kind::Container,
+            runtime: Some(crate::workload::Runtime::Podman),
+            id: None,
+            name: Some(name.into()),
+            pod_namespace: None,
+        };
+        state.workloads.merge(crate::workload::Scan {
+            namespaces: [(4026532177, container("server")), (4026532200, container("client-a"))].into(),
+            addresses: vec![("198.18.0.3".parse().unwrap(), 4026532200)],
+        });
         let ns = |entries, drop| NetnsSample {
             netns: 4026532177,
             name: Some("srv".into()),

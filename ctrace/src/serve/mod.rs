@@ -88,6 +88,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         }
     };
     state.tick(sample(&mut engine));
+    state.refresh_workloads();
     let (render_tx, mut renders) = mpsc::channel::<Render>(MAX_CONNECTIONS);
     let scheme = if web.tls.is_some() { "https" } else { "http" };
     let password = if web.auth.is_some() { ", basic auth" } else { "" };
@@ -116,7 +117,13 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                 woke?;
                 drain(&mut engine, &mut state);
             }
-            _ = ticker.tick() => state.tick(sample(&mut engine)),
+            _ = ticker.tick() => {
+                state.tick(sample(&mut engine));
+                state.refresh_workloads();
+                for warning in state.workloads.take_warnings() {
+                    eprintln!("ctrace: {warning}");
+                }
+            }
             Some(reply) = renders.recv() => {
                 // Bring the counters up to date so a scrape sees every drop so far.
                 drain(&mut engine, &mut state);
