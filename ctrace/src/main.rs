@@ -39,8 +39,11 @@ enum Command {
     #[command(
         after_help = "Keys (terminal UI): q quit · s/S sort · / filter · c clear filter · p pause · r reset · ? help\n\n\
         Filter words (all must match): 198.18.0.0/16 (source prefix), :8080 (port), table_full | conntrack_other | \
-        ruleset, ns=NAME|INODE.\n\n\
+        ruleset, ns=NAME|INODE, container=NAME|ID, pod=NAME|NAMESPACE/NAME|UID (the source's or the namespace's).\n\n\
+        WORKLOAD column: the container, pod or `ip netns` that owns the source address -> the one the dropping \
+        namespace belongs to (docs/workloads.md).\n\n\
         Examples:\n  sudo ctrace live\n  sudo ctrace live --filter ':443 table_full'\n  \
+        sudo ctrace live --filter 'container=web'\n  \
         ssh host sudo ctrace live --plain | tee incident.txt\n  sudo ctrace live --format jsonl > snapshots.jsonl"
     )]
     Live {

@@ -28,6 +28,14 @@ impl Netns {
         Ok(ns)
     }
 
+    /// A name for the namespace process `pid` is in (`ip netns attach`), so
+    /// a test can enter a container's namespace; on drop only the name goes.
+    pub fn attach(name: &str, pid: u32) -> anyhow::Result<Self> {
+        let _ = run("ip", &["netns", "delete", name]);
+        run("ip", &["netns", "attach", name, &pid.to_string()])?;
+        Ok(Netns { name: name.to_string() })
+    }
+
     pub fn exec(&self, program: &str, args: &[&str]) -> anyhow::Result<String> {
         run_in(&self.name, program, args)
     }

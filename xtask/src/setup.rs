@@ -19,9 +19,12 @@ const PACKAGES: &[&str] = &[
     "tmux",
     "bpftrace",
     "prometheus",
-    // The fleet suite: the container image, TLS certificates, requests.
+    // The fleet and workloads suites: podman (runc: crun refuses the
+    // hybrid cgroup layout here; netavark for its networks), TLS
+    // certificates, requests.
     "podman",
     "runc",
+    "netavark",
     "openssl",
     "curl",
     "file",
