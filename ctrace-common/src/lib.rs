@@ -52,6 +52,9 @@ pub mod drop_flags {
     /// The conntrack hooks saw this CPU's confirmation fail (insert_failed)
     /// just before this drop: conntrack, not a rule, dropped the packet.
     pub const INSERT_FAILED: u8 = 1 << 3;
+    /// `nf_conntrack_in` found this packet invalid and accepted it (the
+    /// invalid family saw it): whatever dropped it next was a rule.
+    pub const INVALID: u8 = 1 << 4;
 }
 
 /// Address family values as the kernel spells them (`AF_INET`, `AF_INET6`).
@@ -226,6 +229,11 @@ pub struct KfreeSkbLayout {
     pub sock_net: u32,
     /// `net.ns.inum` (unsigned int).
     pub net_inum: u32,
+    /// Kernels whose tracepoint has no drop reason: the code range of
+    /// `nf_hook_slow` (from kallsyms), where netfilter frees a packet on
+    /// NF_DROP. Zero where the reason is there.
+    pub drop_site_start: u64,
+    pub drop_site_end: u64,
 }
 
 #[cfg(feature = "user")]
@@ -247,7 +255,7 @@ mod tests {
         // Sum of field sizes equals the struct size: no hidden holes.
         assert_eq!(PacketDrop::SIZE, 1 + 1 + 1 + 1 + 4 + 8 + 8 + 4 + 2 + 2 + 16 + 16 + 1 + 7);
         assert_eq!(PacketDrop::SIZE % 8, 0);
-        assert_eq!(core::mem::size_of::<KfreeSkbLayout>(), 10 * 4);
+        assert_eq!(core::mem::size_of::<KfreeSkbLayout>(), 10 * 4 + 2 * 8);
         assert_eq!(ConntrackEvent::SIZE, 1 + 1 + 1 + 1 + 4 + 8 + 8 + 4 + 2 + 1 + 1 + 2 + 2 + 4 + 16 + 16 + 4 + 4);
         assert_eq!(core::mem::size_of::<ConntrackLayout>(), 18 * 4 + 2 * 8);
     }

@@ -103,6 +103,11 @@ pub static ALLOC_FAILED_PENDING: PerCpuArray<u64> = PerCpuArray::with_max_entrie
 #[map]
 pub static ICMP_ERROR_PENDING: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
+/// The packet `nf_conntrack_in` just found invalid and accepted (its
+/// address); read by the kfree_skb program when a rule then drops it.
+#[map]
+pub static INVALID_PENDING: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
 /// Sets this CPU's mark to `value` (nonzero).
 #[inline(always)]
 pub fn set_mark(mark: &PerCpuArray<u64>, value: u64) {

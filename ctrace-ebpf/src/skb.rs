@@ -20,6 +20,8 @@ static KFREE_SKB_LAYOUT: KfreeSkbLayout = KfreeSkbLayout {
     dev_net: 0,
     sock_net: 0,
     net_inum: 0,
+    drop_site_start: 0,
+    drop_site_end: 0,
 };
 
 /// The whole layout: read once per event, where several fields are used.
@@ -36,6 +38,19 @@ pub fn layout() -> KfreeSkbLayout {
 pub fn netfilter_drop_reason() -> u32 {
     // SAFETY: as in `layout`.
     unsafe { core::ptr::read_volatile(&KFREE_SKB_LAYOUT.netfilter_drop_reason) }
+}
+
+/// The code range where netfilter frees NF_DROP packets (kernels without
+/// a drop reason): checked before anything else is read.
+#[inline(always)]
+pub fn drop_site() -> (u64, u64) {
+    // SAFETY: as in `layout`.
+    unsafe {
+        (
+            core::ptr::read_volatile(&KFREE_SKB_LAYOUT.drop_site_start),
+            core::ptr::read_volatile(&KFREE_SKB_LAYOUT.drop_site_end),
+        )
+    }
 }
 
 const ETH_P_IP: u16 = 0x0800;

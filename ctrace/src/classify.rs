@@ -99,6 +99,9 @@ impl Classifier {
     pub fn key(&mut self, event: &DropEvent) -> SourceKey {
         let freed_by = self.symbols.freed_by(event.location);
         // Occupancy matters only for conntrack's own drops: read it only then.
+        // An invalid packet conntrack let through, then dropped: by a rule,
+        // wherever it was freed (kernels before 6.7 free rule drops in the core).
+        let freed_by = if event.kernel_invalid { FreedBy::RuleEngine } else { freed_by };
         let table_at_max = if event.ct_attached || freed_by == FreedBy::RuleEngine {
             None
         } else if self.table_full_hooked {
@@ -178,6 +181,28 @@ mod tests {
         assert_eq!(classify(false, RuleEngine, Some(true)), Reason::Ruleset);
         assert_eq!(classify(true, NetfilterCore, Some(true)), Reason::Ruleset);
         assert_eq!(classify_with_hooks(true, NetfilterCore, None, true), Reason::InsertFailed);
+    }
+
+    /// Kernels before 6.7 free a rule's drop in the core too: a packet the
+    /// invalid family saw conntrack let through is a rule's drop, not
+    /// conntrack's, even with no entry and the core freeing it.
+    #[test]
+    fn an_invalid_packet_conntrack_accepted_was_dropped_by_a_rule() {
+        let drop = |flags| {
+            let raw = ctrace_common::PacketDrop {
+                kind: ctrace_common::kind::NETFILTER_DROP,
+                family: ctrace_common::family::INET,
+                proto: 6,
+                tcp_flags: 0x03,
+                flags,
+                ..Default::default()
+            };
+            DropEvent::from_raw(&raw)
+        };
+        let mut classifier = Classifier::new(Symbols::unresolved(), Namespaces::new()).with_table_full_hooks(true);
+        assert_eq!(classifier.key(&drop(0)).reason, Reason::ConntrackOther, "no entry, no mark: conntrack's");
+        assert_eq!(classifier.key(&drop(ctrace_common::drop_flags::INVALID)).reason, Reason::Ruleset);
+        assert_eq!(classifier.key(&drop(ctrace_common::drop_flags::TABLE_FULL)).reason, Reason::TableFull);
     }
 
     #[test]

@@ -111,6 +111,7 @@ impl DropEvent {
             header_read: raw.flags & drop_flags::NO_HEADER == 0,
             kernel_table_full: raw.flags & drop_flags::TABLE_FULL != 0,
             kernel_insert_failed: raw.flags & drop_flags::INSERT_FAILED != 0,
+            kernel_invalid: raw.flags & drop_flags::INVALID != 0,
             location: raw.location,
         }
     }

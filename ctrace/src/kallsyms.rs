@@ -75,6 +75,14 @@ impl Kallsyms {
         self.named(name).any(Sym::is_function)
     }
 
+    /// Whether the function lives in a module (its line ends in
+    /// `[module]`); None when there is no such function.
+    pub fn function_in_module(&self, name: &str) -> Option<bool> {
+        let sym = self.named(name).find(|s| s.is_function())?;
+        let rest = self.text[sym.name_range().end..].split('\n').next().unwrap_or("");
+        Some(rest.trim_start().starts_with('['))
+    }
+
     /// The address of a data symbol (a variable), if shown (not zero: root
     /// and kptr_restrict below 2).
     pub fn data_address(&self, name: &str) -> Option<u64> {
@@ -133,6 +141,11 @@ ffffffffc0a10010 d nf_conntrack_max\t[nf_conntrack]
         assert!(!k.has_function("early_drop"), "a renamed copy is not the function");
         assert!(!k.has_function("nf_conntrack_max"), "data is not a function");
         assert_eq!(k.data_address("nf_conntrack_net_id"), Some(0xffffffffc0a10000));
+        // Where a function lives: vmlinux or a module (5.10 has no module BTF to ask).
+        assert_eq!(k.function_in_module("__nf_conntrack_alloc"), Some(true));
+        assert_eq!(k.function_in_module("nf_hook_slow"), Some(false));
+        assert_eq!(k.function_in_module("nf_hook_slow_list"), Some(false), "the next line's module is not its");
+        assert_eq!(k.function_in_module("nf_conntrack_in"), None);
         assert_eq!(k.data_address("nf_conntrack_max"), Some(0xffffffffc0a10010));
         assert_eq!(k.data_address("nf_hook_slow"), None, "a function is not data");
         assert!(!k.addresses_hidden());

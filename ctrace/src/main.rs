@@ -230,6 +230,30 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Would the hooks work on another kernel? Checks its files the way
+    /// ctrace checks the running kernel before loading (prototypes, struct
+    /// members, enum values, which functions exist, the plan per tier).
+    /// `cargo xtask kernels` extracts the files from kernel packages.
+    #[command(after_help = "What files cannot tell: whether the verifier accepts the programs. Example:\n  \
+        ctrace kernel-check --btf vmlinux.btf --module-btf nf_conntrack.btf --module-functions nf_conntrack.txt --kprobes")]
+    KernelCheck {
+        /// vmlinux's .BTF section, raw (as /sys/kernel/btf/vmlinux is).
+        #[arg(long, value_name = "FILE")]
+        btf: PathBuf,
+        /// nf_conntrack.ko's .BTF section (none before 5.11).
+        #[arg(long, value_name = "FILE")]
+        module_btf: Option<PathBuf>,
+        /// nf_conntrack's function names, one per line (`nm --defined-only`
+        /// of the module); leave out where conntrack is built in.
+        #[arg(long, value_name = "FILE")]
+        module_functions: Option<PathBuf>,
+        /// The kernel has kprobes (CONFIG_KPROBES=y).
+        #[arg(long)]
+        kprobes: bool,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     #[command(after_help = "Example:\n  ctrace completions bash > /etc/bash_completion.d/ctrace")]
     Completions { shell: clap_complete::Shell },
@@ -277,6 +301,35 @@ fn probes(json: bool) -> anyhow::Result<()> {
     println!("{:<12} {:<11} DETAIL", "HOOK", "TIER");
     for h in &attached.hooks {
         println!("{:<12} {:<11} {}", h.hook, h.tier.map_or("off", |t| t.name()), h.detail);
+    }
+    Ok(())
+}
+
+fn kernel_check(
+    btf: &std::path::Path,
+    module_btf: Option<&std::path::Path>,
+    module_functions: Option<&std::path::Path>,
+    kprobes: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let read = |path: &std::path::Path| std::fs::read(path).with_context(|| format!("cannot read {}", path.display()));
+    let files = hooks::offline::KernelFiles {
+        vmlinux_btf: read(btf)?,
+        module_btf: module_btf.map(read).transpose()?,
+        module_functions: module_functions
+            .map(|p| read(p).map(|b| String::from_utf8_lossy(&b).split_whitespace().map(str::to_string).collect()))
+            .transpose()?,
+        kprobes,
+    };
+    let verdicts = hooks::offline::check(&files)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&verdicts)?);
+        return Ok(());
+    }
+    println!("{:<12} {:<11} {:<4} DETAIL", "HOOK", "TIER", "OK");
+    for v in &verdicts {
+        println!("{:<12} {:<11} {:<4} {}", v.hook, v.tier, if v.ok { "yes" } else { "no" }, v.detail);
     }
     Ok(())
 }
@@ -339,6 +392,9 @@ fn main() -> ExitCode {
                 record::run(record::Options { duration, output, format, top: top as usize, capacity, hooks }).await
             }
             Command::Probes { json } => probes(json),
+            Command::KernelCheck { btf, module_btf, module_functions, kprobes, json } => {
+                kernel_check(&btf, module_btf.as_deref(), module_functions.as_deref(), kprobes, json)
+            }
             Command::Doctor { .. } => unreachable!("handled above"),
             Command::Demo { cleanup: true, .. } => ctrace::demo::cleanup(),
             Command::Demo { scenario, duration, yes, lower_max, record, keep, cleanup: false } => {

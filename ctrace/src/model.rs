@@ -31,6 +31,9 @@ pub struct DropEvent {
     pub kernel_table_full: bool,
     /// The conntrack hooks saw this packet's entry refused at confirmation.
     pub kernel_insert_failed: bool,
+    /// The invalid family saw conntrack find this packet invalid and let it
+    /// through: a rule dropped it.
+    pub kernel_invalid: bool,
 }
 
 /// An event of conntrack's own (kprobe tier).

@@ -192,6 +192,9 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let started_at = SystemTime::now();
     let start_ns = monotonic_ns();
     let mut recorder = Recorder::new(start_ns, options.capacity);
+    if engine.attached.drop_test == crate::hooks::kfree_skb::DropTest::Location {
+        notes.push(format!("drops: {}", engine.attached.drop_test.describe()));
+    }
     for hook in engine.attached.hooks.iter().filter(|h| h.tier.is_none()) {
         notes.push(format!("hook {} off: {}", hook.hook, hook.detail));
     }

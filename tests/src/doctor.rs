@@ -15,11 +15,17 @@ impl Doctor {
     /// Starts doctor on one namespace with a window that only SIGINT ends,
     /// and waits until it watches.
     pub fn start(netns: &str) -> Self {
+        Self::start_with(netns, &[])
+    }
+
+    /// [`Doctor::start`] with more arguments (`--invalid`).
+    pub fn start_with(netns: &str, extra: &[&str]) -> Self {
         let out = TempDir::new("doctor");
         let stdout = std::fs::File::create(out.0.join("report.json")).expect("report file");
         let (mut child, rx) = spawn_reading_stderr(
             Command::new(ctrace_bin())
                 .args(["doctor", "--format", "json", "--window", "3600", "--netns", netns])
+                .args(extra)
                 .stdout(stdout),
             "doctor",
         );

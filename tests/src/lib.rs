@@ -50,6 +50,15 @@ pub fn wait_for_explained<T>(what: &str, mut ready: impl FnMut() -> Option<T>, s
     }
 }
 
+/// Does this kernel's skb:kfree_skb carry a drop reason? (`ctrace probes`
+/// says which drop program runs.)
+pub fn kfree_skb_has_reason() -> bool {
+    let out = Command::new(ctrace_bin()).args(["probes", "--json"]).output().expect("ctrace probes");
+    assert!(out.status.success(), "ctrace probes: {}", String::from_utf8_lossy(&out.stderr));
+    let probes: serde_json::Value = serde_json::from_slice(&out.stdout).expect("probes JSON");
+    !probes["hooks"][0]["detail"].as_str().unwrap_or("").contains("without a drop reason")
+}
+
 /// Loads nf_conntrack where it is a module not loaded yet (a fresh guest):
 /// without it no namespace has conntrack counters or nf_conntrack_max.
 pub fn ensure_conntrack_loaded() {

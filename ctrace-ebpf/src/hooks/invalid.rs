@@ -20,7 +20,7 @@ use aya_ebpf::{
 use ctrace_common::{counter, ct_event, kind, ConntrackEvent, PacketDrop};
 
 use crate::{
-    maps::{count, output, recent, set_mark, take_mark, ALLOC_FAILED_PENDING, ICMP_ERROR_PENDING},
+    maps::{count, output, recent, set_mark, take_mark, ALLOC_FAILED_PENDING, ICMP_ERROR_PENDING, INVALID_PENDING},
     skb::{self, Net, Skb},
     task,
 };
@@ -135,6 +135,10 @@ fn on_return(skb: u64, verdict: u32) -> Result<(), i64> {
         return Ok(());
     }
     count(counter::CT_BASE + ct_event::INVALID as u32);
+    if verdict == NF_ACCEPT {
+        // Conntrack let it through: if netfilter drops it now, a rule did.
+        set_mark(&INVALID_PENDING, skb.0);
+    }
     let packet_layout = skb::layout();
     let mut packet = PacketDrop::default();
     let _ = skb.headers(&packet_layout, &mut packet);

@@ -14,8 +14,8 @@ use aya_ebpf::{
 use ctrace_common::{counter, drop_flags, kind, KfreeSkbLayout, PacketDrop};
 
 use crate::{
-    maps::{count, output_nth, recent, take_mark, INSERT_FAILED_PENDING, TABLE_FULL_PENDING},
-    skb::{self, Direct, Net, Skb},
+    maps::{count, output_nth, recent, take_mark, INSERT_FAILED_PENDING, INVALID_PENDING, TABLE_FULL_PENDING},
+    skb::{self, Access, Direct, Net, Probe, Skb},
 };
 
 // TP_PROTO(struct sk_buff *skb, void *location, enum skb_drop_reason reason, ...)
@@ -33,7 +33,25 @@ pub fn kfree_skb(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-fn on_netfilter_drop(layout: &KfreeSkbLayout, skb: Skb<Direct>, location: u64) -> Result<(), i64> {
+// TP_PROTO(struct sk_buff *skb, void *location): kernels before the drop
+// reason (before 5.17 unless backported, e.g. Debian 11's 5.10). On NF_DROP
+// netfilter frees the packet inside nf_hook_slow, so the free location says
+// it; the loader passes that function's code range.
+#[btf_tracepoint(function = "kfree_skb")]
+pub fn kfree_skb_location(ctx: BtfTracePointContext) -> i32 {
+    let location: u64 = ctx.arg(1);
+    let (start, end) = skb::drop_site();
+    if location < start || location >= end {
+        return 0;
+    }
+    // Through the helper: these verifiers do not keep the layout's offsets
+    // known once copied to the stack, and refuse a direct load at them.
+    let _ = on_netfilter_drop(&skb::layout(), Skb(ctx.arg(0), Probe), location);
+    0
+}
+
+#[inline(always)]
+fn on_netfilter_drop<A: Access>(layout: &KfreeSkbLayout, skb: Skb<A>, location: u64) -> Result<(), i64> {
     let nth = count(counter::NETFILTER_DROPS);
     let nfct = skb.nfct()?;
     let mut flags = 0;
@@ -41,6 +59,9 @@ fn on_netfilter_drop(layout: &KfreeSkbLayout, skb: Skb<Direct>, location: u64) -
         count(counter::NETFILTER_DROPS_NO_ENTRY);
         if recent(take_mark(&TABLE_FULL_PENDING)) {
             flags |= drop_flags::TABLE_FULL;
+        }
+        if take_mark(&INVALID_PENDING) == skb.0 {
+            flags |= drop_flags::INVALID;
         }
     } else {
         flags |= drop_flags::CT_ATTACHED;

@@ -113,8 +113,14 @@ pub const LAYOUT_GLOBAL: &str = "CONNTRACK_LAYOUT";
 pub const MODULE_BTF: &str = "/sys/kernel/btf/nf_conntrack";
 
 /// conntrack is built into vmlinux (fentry can attach to it with aya 0.14).
-pub fn built_in() -> bool {
-    !Path::new(MODULE_BTF).exists()
+/// conntrack is part of vmlinux, not a module. kallsyms tells (a module's
+/// functions carry `[nf_conntrack]`); where it is not loaded, the module's
+/// BTF file (kernels before 5.11 have none, so it is not asked first).
+pub fn built_in(kallsyms: &Kallsyms) -> bool {
+    match kallsyms.function_in_module("nf_conntrack_in") {
+        Some(in_module) => !in_module,
+        None => !Path::new(MODULE_BTF).exists(),
+    }
 }
 
 /// conntrack's types: the module's split BTF when it is a module, else

@@ -6,38 +6,79 @@ use thiserror::Error;
 use crate::btf::{Btf, BtfError};
 
 pub const TRACEPOINT: &str = "kfree_skb";
-pub const PROGRAM: &str = "kfree_skb";
 pub const LAYOUT_GLOBAL: &str = "KFREE_SKB_LAYOUT";
+/// The function netfilter frees NF_DROP packets in.
+pub const DROP_SITE: &str = "nf_hook_slow";
 
 #[derive(Debug, Error)]
 pub enum LayoutError {
+    #[error("the skb:kfree_skb tracepoint has arguments ctrace does not know on this kernel: ({0})")]
+    UnknownSignature(String),
     #[error(
-        "the skb:kfree_skb tracepoint has no drop reason on this kernel (needs 5.17+, \
-         or a 5.15 with the backport): its arguments are ({0})"
+        "this kernel's skb:kfree_skb has no drop reason, so ctrace finds netfilter's drops by where they are \
+         freed, and {DROP_SITE} is not in /proc/kallsyms (kptr_restrict hides addresses from this user?)"
     )]
-    NoDropReason(String),
+    NoDropSite,
     #[error(transparent)]
     Btf(#[from] BtfError),
 }
 
-/// The argument list the program is written for:
-/// `(void *__data, struct sk_buff *skb, void *location, enum skb_drop_reason reason, ...)`.
-fn check_signature(btf: &Btf) -> Result<(), LayoutError> {
-    let params = btf.typedef_fn_params("btf_trace_kfree_skb")?;
-    let described: Vec<String> = params.iter().map(|p| btf.describe(*p)).collect();
-    let expected = ["void *", "struct sk_buff *", "void *", "enum skb_drop_reason"];
-    if described.len() < expected.len() || described[..expected.len()] != expected {
-        return Err(LayoutError::NoDropReason(described.join(", ")));
-    }
-    Ok(())
+/// How the program tells netfilter's drops from every other freed packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropTest {
+    /// `reason == SKB_DROP_REASON_NETFILTER_DROP` (5.17+, and backports).
+    Reason,
+    /// The free location is inside `nf_hook_slow` (kernels before the reason).
+    Location,
 }
 
-/// Reads every offset and enum value the program uses.
-pub fn layout(btf: &Btf) -> Result<KfreeSkbLayout, LayoutError> {
-    check_signature(btf)?;
-    let netfilter_drop = btf.enum_value("skb_drop_reason", "SKB_DROP_REASON_NETFILTER_DROP")?;
-    Ok(KfreeSkbLayout {
-        netfilter_drop_reason: netfilter_drop as u32,
+impl DropTest {
+    /// The kernel program that implements it.
+    pub fn program(self) -> &'static str {
+        match self {
+            DropTest::Reason => "kfree_skb",
+            DropTest::Location => "kfree_skb_location",
+        }
+    }
+
+    /// What `probes` and the record say about it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            DropTest::Reason => "tp_btf/skb:kfree_skb",
+            DropTest::Location => {
+                "tp_btf/skb:kfree_skb without a drop reason on this kernel: packets freed in nf_hook_slow (NF_DROP)"
+            }
+        }
+    }
+}
+
+/// The argument lists the programs are written for:
+/// `(void *__data, struct sk_buff *skb, void *location, enum skb_drop_reason reason, ...)`,
+/// or before the reason `(void *__data, struct sk_buff *skb, void *location)`.
+fn drop_test(btf: &Btf) -> Result<DropTest, LayoutError> {
+    let params = btf.typedef_fn_params("btf_trace_kfree_skb")?;
+    let described: Vec<String> = params.iter().map(|p| btf.describe(*p)).collect();
+    let location = ["void *", "struct sk_buff *", "void *"];
+    if described == location {
+        Ok(DropTest::Location)
+    } else if described.len() >= 4 && described[..3] == location && described[3] == "enum skb_drop_reason" {
+        Ok(DropTest::Reason)
+    } else {
+        Err(LayoutError::UnknownSignature(described.join(", ")))
+    }
+}
+
+/// Reads every offset and enum value the program uses, and which program.
+/// `drop_site`: the code range of [`DROP_SITE`], needed where the
+/// tracepoint has no reason.
+pub fn layout(btf: &Btf, drop_site: Option<std::ops::Range<u64>>) -> Result<(KfreeSkbLayout, DropTest), LayoutError> {
+    let test = drop_test(btf)?;
+    let (netfilter_drop_reason, site) = match test {
+        DropTest::Reason => (btf.enum_value("skb_drop_reason", "SKB_DROP_REASON_NETFILTER_DROP")? as u32, 0..0),
+        DropTest::Location => (u32::MAX, drop_site.ok_or(LayoutError::NoDropSite)?),
+    };
+    let layout = KfreeSkbLayout {
+        netfilter_drop_reason,
         skb_head: btf.member_offset("sk_buff", "head")?,
         skb_network_header: btf.member_offset("sk_buff", "network_header")?,
         skb_protocol: btf.member_offset("sk_buff", "protocol")?,
@@ -47,7 +88,10 @@ pub fn layout(btf: &Btf) -> Result<KfreeSkbLayout, LayoutError> {
         dev_net: btf.member_offset("net_device", "nd_net.net")?,
         sock_net: btf.member_offset("sock", "__sk_common.skc_net.net")?,
         net_inum: btf.member_offset("net", "ns.inum")?,
-    })
+        drop_site_start: site.start,
+        drop_site_end: site.end,
+    };
+    Ok((layout, test))
 }
 
 #[cfg(test)]
@@ -101,7 +145,9 @@ mod tests {
     #[test]
     fn reads_the_layout_from_btf() {
         let btf = Btf::parse(&kernel(true, true), None).unwrap();
-        let l = layout(&btf).unwrap();
+        let (l, test) = layout(&btf, None).unwrap();
+        assert_eq!(test, DropTest::Reason);
+        assert_eq!((l.drop_site_start, l.drop_site_end), (0, 0));
         assert_eq!(l.netfilter_drop_reason, 12);
         assert_eq!((l.skb_dev, l.skb_sk, l.skb_nfct), (16, 24, 104));
         assert_eq!((l.skb_protocol, l.skb_network_header, l.skb_head), (192, 196, 200));
@@ -109,12 +155,21 @@ mod tests {
     }
 
     #[test]
-    fn kernels_without_the_reason_or_conntrack_are_refused() {
+    fn kernels_without_the_reason_find_drops_by_location() {
         let btf = Btf::parse(&kernel(false, true), None).unwrap();
-        let err = layout(&btf).unwrap_err().to_string();
-        assert!(err.contains("no drop reason"), "{err}");
+        let (l, test) = layout(&btf, Some(0xffffffff81f2af50..0xffffffff81f2b100)).unwrap();
+        assert_eq!(test, DropTest::Location);
+        assert_eq!(test.program(), "kfree_skb_location");
+        assert_eq!((l.drop_site_start, l.drop_site_end), (0xffffffff81f2af50, 0xffffffff81f2b100));
+        // Without the site's address (kptr_restrict) it says why, in one sentence.
+        let err = layout(&btf, None).unwrap_err().to_string();
+        assert!(err.contains("no drop reason") && err.contains("nf_hook_slow"), "{err}");
+    }
+
+    #[test]
+    fn kernels_without_conntrack_are_refused() {
         let btf = Btf::parse(&kernel(true, false), None).unwrap();
-        let err = layout(&btf).unwrap_err().to_string();
+        let err = layout(&btf, None).unwrap_err().to_string();
         assert!(err.contains("_nfct"), "{err}");
     }
 
@@ -127,7 +182,7 @@ mod tests {
             return;
         }
         let btf = Btf::from_file(path).unwrap();
-        let l = layout(&btf).unwrap();
+        let (l, _) = layout(&btf, Some(1..2)).unwrap();
         assert!(l.skb_head > 0 && l.skb_nfct > 0 && l.net_inum > 0, "{l:?}");
     }
 }

@@ -5,6 +5,7 @@
 //! object, attaches, and hands out the maps.
 pub mod conntrack;
 pub mod kfree_skb;
+pub mod offline;
 pub mod plan;
 mod programs;
 
@@ -148,6 +149,8 @@ pub fn poll_events(events: Events) -> anyhow::Result<tokio::io::unix::AsyncFd<Ev
 /// Attached programs and their counters. Dropping it detaches everything.
 pub struct Attached {
     pub tier: Tier,
+    /// How the drop program knows netfilter's drops on this kernel.
+    pub drop_test: kfree_skb::DropTest,
     /// Per hook family: attached or why not.
     pub hooks: Vec<HookReport>,
     /// The table-full family is attached: drops carry the kernel's own
@@ -163,6 +166,34 @@ pub struct Attached {
     misses_at_detach: Option<Option<u64>>,
     counters: PerCpuArray<MapData, u64>,
     ebpf: Option<Ebpf>,
+}
+
+/// Fills in what the plan needs to know of conntrack on this kernel (it
+/// blocks every hook, hooked functions missing or with another prototype)
+/// from its BTF and `has_function`; returns the layout when the hooks can
+/// run. Shared by attaching and by the offline check of a kernel's files.
+pub(crate) fn conntrack_facts(
+    facts: &mut plan::KernelFacts,
+    btf: &Btf,
+    ct_btf: &Result<Option<Btf>, crate::btf::BtfError>,
+    has_function: &dyn Fn(&str) -> bool,
+) -> Option<ctrace_common::ConntrackLayout> {
+    facts.blocker = conntrack_blocker(ct_btf);
+    let mut layout = None;
+    if let (None, Ok(Some(ct_btf))) = (&facts.blocker, ct_btf) {
+        match conntrack::layout(ct_btf) {
+            Ok(l) => layout = Some(l),
+            Err(e) => facts.blocker = Some(format!("conntrack's layout cannot be read from BTF: {e}")),
+        }
+    }
+    for hook in conntrack::FAMILIES.iter().flat_map(|f| f.hooks) {
+        if !has_function(hook.function) {
+            facts.missing.push(hook.function);
+        } else if facts.built_in && btf.function_params(hook.function) != Some(hook.params) {
+            facts.fentry_mismatch.push(hook.function);
+        }
+    }
+    layout
 }
 
 /// Why no conntrack hook can run at all, if none can.
@@ -199,35 +230,31 @@ impl Attached {
             bail!("this ctrace was built without its kernel programs (AYA_BUILD_SKIP was set); rebuild it");
         }
         privileges::require_tracing()?;
-        let layout = kfree_skb::layout(&btf).context("the tracepoint tier cannot run on this kernel")?;
+        // Read once: the drop site (older kernels), the hooks' function
+        // names, classification locations.
+        let kallsyms = Kallsyms::read();
+        let drop_site = kallsyms
+            .function_ranges(|name| (name == kfree_skb::DROP_SITE).then_some(()))
+            .into_iter()
+            .next()
+            .map(|(range, ())| range);
+        let (layout, drop_test) =
+            kfree_skb::layout(&btf, drop_site).context("the tracepoint tier cannot run on this kernel")?;
 
         // The conntrack layout, when a hook tier is wanted and possible.
-        // Read once: the hooks need function names, classification locations.
-        let kallsyms = Kallsyms::read();
         let mut ct_layout = ctrace_common::ConntrackLayout::default();
         let mut tcp_states = Vec::new();
         let mut facts = plan::KernelFacts {
-            built_in: conntrack::built_in(),
+            built_in: conntrack::built_in(&kallsyms),
             kprobes: conntrack::kprobes_supported(),
             ..Default::default()
         };
         if choice != TierChoice::Tracepoint {
             let ct_btf = conntrack::conntrack_btf(&btf, &kallsyms);
-            facts.blocker = conntrack_blocker(&ct_btf);
-            if let (None, Ok(Some(ct_btf))) = (&facts.blocker, &ct_btf) {
-                match conntrack::layout(ct_btf) {
-                    Ok(l) => {
-                        ct_layout = conntrack::with_symbol_addresses(l, &kallsyms);
-                        tcp_states = conntrack::tcp_states(ct_btf);
-                    }
-                    Err(e) => facts.blocker = Some(format!("conntrack's layout cannot be read from BTF: {e}")),
-                }
-            }
-            for hook in conntrack::FAMILIES.iter().flat_map(|f| f.hooks) {
-                if !kallsyms.has_function(hook.function) {
-                    facts.missing.push(hook.function);
-                } else if facts.built_in && btf.function_params(hook.function) != Some(hook.params) {
-                    facts.fentry_mismatch.push(hook.function);
+            if let Some(layout) = conntrack_facts(&mut facts, &btf, &ct_btf, &|name| kallsyms.has_function(name)) {
+                ct_layout = conntrack::with_symbol_addresses(layout, &kallsyms);
+                if let Ok(Some(ct_btf)) = &ct_btf {
+                    tcp_states = conntrack::tcp_states(ct_btf);
                 }
             }
         }
@@ -253,8 +280,10 @@ impl Attached {
             .load(OBJECT)
             .map_err(explain_load_error)?;
 
-        let program: &mut BtfTracePoint =
-            ebpf.program_mut(kfree_skb::PROGRAM).context("the embedded object has no kfree_skb program")?.try_into()?;
+        let program: &mut BtfTracePoint = ebpf
+            .program_mut(drop_test.program())
+            .context("the embedded object lacks a kfree_skb program")?
+            .try_into()?;
         program
             .load(kfree_skb::TRACEPOINT, &aya_btf)
             .map_err(|e| explain_program_error(e, "loading the kfree_skb program"))?;
@@ -262,7 +291,7 @@ impl Attached {
         let mut hooks = vec![HookReport {
             hook: conntrack::HookFamily::Drops,
             tier: Some(Tier::Tracepoint),
-            detail: "tp_btf/skb:kfree_skb".into(),
+            detail: drop_test.describe().into(),
         }];
 
         // The plan, applied: each family on the first of its tiers that loads.
@@ -305,6 +334,7 @@ impl Attached {
         let events = RingBuf::try_from(ebpf.take_map("EVENTS").context("no EVENTS map")?)?;
         let counters = PerCpuArray::try_from(ebpf.take_map("COUNTERS").context("no COUNTERS map")?)?;
         let attached = Attached {
+            drop_test,
             tier,
             hooks,
             table_full_hooked,

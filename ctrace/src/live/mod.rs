@@ -79,7 +79,7 @@ fn header(attached: &Attached) -> Header {
     // One line each for what is on and what is off; `ctrace probes` has the reasons.
     let conntrack = attached.hooks.iter().filter(|h| h.hook != crate::hooks::conntrack::HookFamily::Drops);
     let (on, off): (Vec<_>, Vec<_>) = conntrack.partition(|h| h.tier.is_some());
-    let mut hooks = vec!["drops: tp_btf/skb:kfree_skb".to_string()];
+    let mut hooks = vec![format!("drops: {}", attached.drop_test.describe())];
     if !on.is_empty() {
         let names: Vec<String> = on.iter().map(|h| format!("{} ({})", h.hook, h.detail)).collect();
         hooks.push(format!("conntrack hooks on: {}", names.join("; ")));
