@@ -3,6 +3,7 @@ mod bench;
 mod figures;
 mod fleet;
 mod flood;
+mod kernels;
 mod setup;
 mod tally;
 mod vm;
@@ -92,6 +93,14 @@ enum Task {
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
     },
+    /// Check every hook against each Debian kernel line (5.10, 6.1, 6.12,
+    /// the newest 7.x) from its package, without booting it; print the
+    /// compatibility table. Fails when a verdict differs from
+    /// docs/kernels.json (--write updates it).
+    Kernels {
+        #[arg(long)]
+        write: bool,
+    },
     /// Build the container image (deploy/container/Containerfile) from a
     /// statically linked release binary, with podman.
     Image {
@@ -116,6 +125,7 @@ fn main() -> ExitCode {
         Task::BenchTable { file } => bench_table(&file),
         Task::Install { prefix } => install(&prefix),
         Task::Image { tag } => fleet::image(&tag),
+        Task::Kernels { write } => kernels::kernels(write),
         Task::VmRun { kernel, timeout_min, command } => vm_run(kernel, timeout_min, &command),
         Task::VmTest { kernel, repeat } => {
             let mut tally = Tally::default();
@@ -287,12 +297,16 @@ fn install(prefix: &Path) -> anyhow::Result<()> {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum VmSelection {
+    #[value(name = "5.10")]
+    Debian510,
     #[value(name = "6.1")]
     Debian61,
     #[value(name = "6.12")]
     Debian612,
     #[value(name = "6.12-builtin")]
     Builtin612,
+    #[value(name = "7.x")]
+    Debian7,
     All,
 }
 
@@ -325,9 +339,11 @@ fn vm_test(selection: VmSelection, repeat: u32, tally: &mut Tally) -> anyhow::Re
     run(cargo().args(["build", "--bin", "ctrace"]))?;
     let bins = e2e_test_binaries()?;
     let kernels: Vec<vm::KernelChoice> = match selection {
+        VmSelection::Debian510 => vec![vm::KernelChoice::Debian510],
         VmSelection::Debian61 => vec![vm::KernelChoice::Debian61],
         VmSelection::Debian612 => vec![vm::KernelChoice::Debian612],
         VmSelection::Builtin612 => vec![vm::KernelChoice::Builtin612],
+        VmSelection::Debian7 => vec![vm::KernelChoice::Debian7],
         VmSelection::All => vm::KernelChoice::ALL.to_vec(),
     };
     // One shell line: every test binary runs, the exit code says whether any failed.

@@ -13,6 +13,10 @@ use crate::describe;
 /// The guest kernels ctrace is tested on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum KernelChoice {
+    /// Debian bullseye's 5.10 (conntrack as a module, no module BTF,
+    /// `kfree_skb` without a drop reason).
+    #[value(name = "5.10")]
+    Debian510,
     /// Debian bookworm's 6.1 (conntrack as a module: kprobe tier).
     #[value(name = "6.1")]
     Debian61,
@@ -23,26 +27,88 @@ pub enum KernelChoice {
     /// conntrack built in (fentry tier).
     #[value(name = "6.12-builtin")]
     Builtin612,
+    /// Debian sid's newest 7.x (packaged as linux-binary + linux-modules,
+    /// modules as .ko.xz under /usr/lib/modules).
+    #[value(name = "7.x")]
+    Debian7,
 }
 
 impl KernelChoice {
-    pub const ALL: [KernelChoice; 3] = [KernelChoice::Debian61, KernelChoice::Debian612, KernelChoice::Builtin612];
+    pub const ALL: [KernelChoice; 5] = [
+        KernelChoice::Debian510,
+        KernelChoice::Debian61,
+        KernelChoice::Debian612,
+        KernelChoice::Builtin612,
+        KernelChoice::Debian7,
+    ];
 
-    fn label(self) -> &'static str {
+    pub fn label(self) -> &'static str {
         match self {
+            KernelChoice::Debian510 => "5.10",
             KernelChoice::Debian61 => "6.1",
             KernelChoice::Debian612 => "6.12",
             KernelChoice::Builtin612 => "6.12-builtin",
+            KernelChoice::Debian7 => "7.x",
         }
     }
 
     /// apt-cache search pattern for the package, newest picked.
     fn package_pattern(self) -> &'static str {
         match self {
+            KernelChoice::Debian510 => r"^linux-image-5\.10\.0-[0-9]+-amd64$",
             KernelChoice::Debian61 => r"^linux-image-6\.1\.0-[0-9]+-amd64$",
             KernelChoice::Debian612 => r"^linux-image-6\.12\.[0-9]+\+deb12-amd64$",
             KernelChoice::Builtin612 => "",
+            // The image package is a stub from 7.x: the kernel is in
+            // linux-binary, its modules in linux-modules.
+            KernelChoice::Debian7 => r"^linux-binary-7\.[0-9.]+\+deb[0-9]+-amd64$",
         }
+    }
+
+    /// The Debian suite that has it, when it is not the host's (bookworm).
+    fn suite(self) -> Option<&'static str> {
+        match self {
+            KernelChoice::Debian510 => Some("bullseye"),
+            KernelChoice::Debian7 => Some("sid"),
+            _ => None,
+        }
+    }
+
+    /// The packages to unpack for `package` (the one the pattern found).
+    fn packages(self, package: &str) -> Vec<String> {
+        match self {
+            KernelChoice::Debian7 => vec![package.to_string(), package.replacen("linux-binary-", "linux-modules-", 1)],
+            _ => vec![package.to_string()],
+        }
+    }
+}
+
+/// apt for another Debian suite, with its own sources and lists in the
+/// cache, so the host's apt configuration stays as it is.
+struct Apt {
+    options: Vec<String>,
+}
+
+impl Apt {
+    fn for_suite(suite: Option<&str>) -> anyhow::Result<Self> {
+        let Some(suite) = suite else { return Ok(Apt { options: Vec::new() }) };
+        let dir = cache_dir().join(format!("apt-{suite}"));
+        std::fs::create_dir_all(dir.join("lists/partial"))?;
+        let sources = dir.join("sources.list");
+        std::fs::write(&sources, format!("deb http://deb.debian.org/debian {suite} main\n"))?;
+        let options = vec![
+            format!("-oDir::Etc::sourcelist={}", sources.display()),
+            "-oDir::Etc::sourceparts=-".to_string(),
+            format!("-oDir::State::Lists={}", dir.join("lists").display()),
+            "-oAPT::Get::List-Cleanup=0".to_string(),
+        ];
+        Ok(Apt { options })
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new(program);
+        cmd.args(&self.options);
+        cmd
     }
 }
 
@@ -237,11 +303,11 @@ fn version_key(name: &str) -> Vec<u64> {
     name.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).filter_map(|s| s.parse().ok()).collect()
 }
 
-fn newest_package(pattern: &str) -> anyhow::Result<String> {
-    let search = || output(Command::new("apt-cache").args(["search", "--names-only", pattern]));
+fn newest_package(apt: &Apt, pattern: &str) -> anyhow::Result<String> {
+    let search = || output(apt.command("apt-cache").args(["search", "--names-only", pattern]));
     let mut listing = search()?;
     if listing.trim().is_empty() {
-        output(Command::new("apt-get").args(["update", "-q"]))?;
+        output(apt.command("apt-get").args(["update", "-q"]))?;
         listing = search()?;
     }
     listing
@@ -260,27 +326,44 @@ pub fn prepare(choice: KernelChoice) -> anyhow::Result<Kernel> {
     }
     let cache = cache_dir();
     std::fs::create_dir_all(&cache)?;
-    let package = newest_package(choice.package_pattern())?;
+    let apt = Apt::for_suite(choice.suite())?;
+    let package = newest_package(&apt, choice.package_pattern())?;
     let dir = cache.join(&package);
     let root = dir.join("root");
     if !dir.join("ready").exists() {
         eprintln!("xtask: fetching {package} into {}", dir.display());
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
-        output(Command::new("apt-get").args(["download", "-q", &package]).current_dir(&dir))?;
-        let deb = std::fs::read_dir(&dir)?
+        for package in choice.packages(&package) {
+            output(apt.command("apt-get").args(["download", "-q", &package]).current_dir(&dir))?;
+        }
+        let debs: Vec<PathBuf> = std::fs::read_dir(&dir)?
             .flatten()
             .map(|e| e.path())
-            .find(|p| p.extension().is_some_and(|e| e == "deb"))
-            .context("apt-get download left no .deb")?;
-        output(Command::new("dpkg").arg("-x").arg(&deb).arg(&root))?;
-        std::fs::remove_file(&deb)?;
+            .filter(|p| p.extension().is_some_and(|e| e == "deb"))
+            .collect();
+        if debs.is_empty() {
+            bail!("apt-get download left no .deb");
+        }
+        for deb in debs {
+            output(Command::new("dpkg").arg("-x").arg(&deb).arg(&root))?;
+            std::fs::remove_file(&deb)?;
+        }
+        // From 7.x the modules (and the image) are under /usr/lib/modules:
+        // one place for the tools that look in lib/modules.
+        if !root.join("lib/modules").exists() && root.join("usr/lib/modules").exists() {
+            std::os::unix::fs::symlink("usr/lib", root.join("lib"))?;
+        }
         let release = release_of(&root)?;
         output(Command::new("depmod").arg("-a").arg("-b").arg(&root).arg(&release))?;
         std::fs::write(dir.join("ready"), "")?;
     }
     let release = release_of(&root)?;
-    Ok(Kernel { label: choice.label(), vmlinuz: root.join(format!("boot/vmlinuz-{release}")), release, root })
+    let vmlinuz = [root.join(format!("boot/vmlinuz-{release}")), root.join(format!("lib/modules/{release}/vmlinuz"))]
+        .into_iter()
+        .find(|p| p.exists())
+        .with_context(|| format!("no vmlinuz for {release} in {}", root.display()))?;
+    Ok(Kernel { label: choice.label(), vmlinuz, release, root })
 }
 
 fn release_of(root: &Path) -> anyhow::Result<String> {
