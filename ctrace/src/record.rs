@@ -279,7 +279,10 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     for c in &mut kernel_counters {
         c.at_table_full = recorder.at_table_full.get(&c.netns).copied();
     }
-    workloads.refresh(seen.iter().copied());
+    // The last word on who lived where (the namespaces gone by now keep
+    // what the scans during the recording found).
+    workloads.refresh(std::iter::empty());
+    workloads.refresh_now();
     notes.extend(workloads.warnings.iter().cloned());
     let occupancy = occupancy.series(engine.namespaces());
     let mut in_record: Vec<u32> = seen

@@ -11,8 +11,8 @@ use std::{
 };
 
 use ctrace_tests::{
-    ctrace_bin, free_port, http_get, nft_counter, require_root, serve_with, url_encode, wait_for, Daemon, Lab,
-    Recording, Sysctl, TempDir, FILL_TIMEOUT,
+    ctrace_bin, free_port, http_get, nft_counter, require_root, serve_with, url_encode, wait_for, wait_for_explained,
+    Daemon, Lab, Recording, Sysctl, TempDir, FILL_TIMEOUT,
 };
 use serde_json::Value;
 
@@ -91,6 +91,15 @@ fn alert(prom: u16, instance: &str) -> Option<(String, String, String)> {
     })
 }
 
+/// Clears the flag when dropped: a loop on another thread that reads it stops.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
+}
+
 /// Every query of the Grafana dashboard, its variables set as "All" is.
 fn dashboard_queries() -> Vec<(String, String)> {
     let text = std::fs::read_to_string(repo().join("deploy/grafana/ctrace.json")).expect("dashboard");
@@ -151,6 +160,9 @@ fn two_nodes_only_the_stormed_one_alerts_and_every_dashboard_query_answers() {
     let storming = AtomicBool::new(true);
     let storm_start = now_unix();
     std::thread::scope(|scope| {
+        // The storm ends when this closure does, by a failed assertion too
+        // (else the scope would wait for it forever).
+        let _stop = StopOnDrop(&storming);
         let storm = scope.spawn(|| {
             let mut sent = 0u64;
             while storming.load(Ordering::Relaxed) {
@@ -182,11 +194,19 @@ fn two_nodes_only_the_stormed_one_alerts_and_every_dashboard_query_answers() {
         // The annotation names the storm's source, asked of Prometheus when rendered.
         assert!(description.contains(&format!("Top source: {STORM} to port {PORT}/tcp")), "{description}");
 
-        // Every dashboard query parses and returns data during the storm.
+        // Every dashboard query parses (at once) and returns data during
+        // the storm (once its window holds two scrapes: a loaded machine
+        // can delay them).
         for (panel, expr) in dashboard_queries() {
-            let result = query(prom, &expr).unwrap_or_else(|e| panic!("dashboard panel {panel}: {expr}: {e}"));
-            assert!(!result.is_empty(), "dashboard panel {panel} returns no data during the storm: {expr}");
-            eprintln!("dashboard {panel}: {} series", result.len());
+            let series = wait_for_explained(
+                &format!("dashboard panel {panel} to return data during the storm: {expr}"),
+                || {
+                    let result = query(prom, &expr).unwrap_or_else(|e| panic!("dashboard panel {panel}: {expr}: {e}"));
+                    (!result.is_empty()).then_some(result.len())
+                },
+                || format!("up: {:?}", query(prom, "up{job=\"ctrace\"}")),
+            );
+            eprintln!("dashboard {panel}: {series} series");
         }
         storming.store(false, Ordering::Relaxed);
         let sent = storm.join().expect("storm thread");
@@ -334,7 +354,7 @@ const CTRACE_CONTAINER: &[&str] = &[
     "--cap-drop",
     "all",
     "--cap-add",
-    "BPF,PERFMON,NET_ADMIN,SYS_ADMIN,SYSLOG",
+    "BPF,PERFMON,NET_ADMIN,SYS_ADMIN,SYSLOG,SYS_PTRACE",
     "-v",
     "/run/netns:/run/netns:ro",
 ];
@@ -464,5 +484,15 @@ fn the_container_image_sees_what_the_host_sees() {
     assert_eq!(container_record["tier"], host_record["tier"]);
     assert_eq!(container_record["totals"]["lost_events"], 0);
     assert_eq!(container_record["totals"]["table_full"], host_record["totals"]["table_full"]);
-    assert_eq!(container_record["notes"], host_record["notes"], "the container saw less than the host");
+    // The same notes: nothing the host could see was hidden from the
+    // container (symbols, namespaces, hooks). Processes whose namespace
+    // root cannot read (here the sandbox's own init) are the same for both,
+    // but any process may start or end between the two scans: that note is
+    // compared by its presence only.
+    let notes = |record: &Value| -> Vec<String> {
+        let all = record["notes"].as_array().expect("notes").iter().map(|n| n.as_str().unwrap().to_string());
+        all.map(|n| if n.contains("namespaces could not be read") { "unreadable namespaces".into() } else { n })
+            .collect()
+    };
+    assert_eq!(notes(&container_record), notes(&host_record), "the container saw less than the host");
 }

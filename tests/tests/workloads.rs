@@ -31,11 +31,21 @@ fn podman(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-/// A busybox image, a network and containers made for the test; all removed on drop.
+/// A busybox image, a network and containers made for the test; all removed
+/// on drop, with the firewall tables netavark made in the host's namespace
+/// (they would keep conntrack tracking the host's own traffic, loopback
+/// included, long after the test).
 struct Podman {
     image: String,
     network: String,
     containers: Vec<String>,
+    host_tables_before: Vec<String>,
+}
+
+/// The host namespace's nftables tables, as `FAMILY NAME`.
+fn host_tables() -> Vec<String> {
+    let out = Command::new("nft").args(["list", "tables"]).output().expect("nft");
+    String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.strip_prefix("table ").map(str::to_string)).collect()
 }
 
 impl Podman {
@@ -51,7 +61,7 @@ impl Podman {
         assert!(ok.is_ok_and(|s| s.success()), "tar");
         let image = format!("localhost/ctrace-busybox:{tag}");
         let network = format!("ctrace-wl-{tag}");
-        let images = Podman { image, network, containers: Vec::new() };
+        let images = Podman { image, network, containers: Vec::new(), host_tables_before: host_tables() };
         podman(&["import", "-q", tar.to_str().unwrap(), &images.image]);
         // Never podman's default 10.88.0.0/16: test traffic stays in 198.18.0.0/15.
         podman(&["network", "create", "--subnet", SUBNET, "--disable-dns", &images.network]);
@@ -77,6 +87,12 @@ impl Drop for Podman {
         }
         let _ = Command::new("podman").args(["network", "rm", "-f", &self.network]).output();
         let _ = Command::new("podman").args(["rmi", "-f", &self.image]).output();
+        for table in host_tables().into_iter().filter(|t| !self.host_tables_before.contains(t)) {
+            let args: Vec<&str> = ["delete", "table"].into_iter().chain(table.split_whitespace()).collect();
+            if let Err(e) = Command::new("nft").args(&args).output() {
+                eprintln!("cleanup: nft delete table {table}: {e}");
+            }
+        }
     }
 }
 

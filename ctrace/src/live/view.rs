@@ -405,6 +405,7 @@ mod tests {
         state.workloads.merge(crate::workload::Scan {
             namespaces: [(4026532177, container("server")), (4026532200, container("client-a"))].into(),
             addresses: vec![("198.18.0.3".parse().unwrap(), 4026532200)],
+            ..Default::default()
         });
         let ns = |entries, drop| NetnsSample {
             netns: 4026532177,

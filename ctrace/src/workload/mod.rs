@@ -21,7 +21,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     net::IpAddr,
     path::{Path, PathBuf},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use serde::{Deserialize, Serialize};
@@ -124,11 +124,11 @@ pub struct Workloads {
     by_address: HashMap<IpAddr, u32>,
     /// Namespaces that are gone, oldest first: named still, until the bound.
     gone: Vec<u32>,
-    refreshed: Option<Instant>,
     remote: Option<Box<dyn AddressOwner>>,
     /// Said once: what could not be read, and what is missing because of it.
     pub warnings: Vec<String>,
     warned: std::collections::HashSet<&'static str>,
+    scanner: Option<Scanner>,
 }
 
 /// What one scan found: pure data, so the merging can be tested.
@@ -136,6 +136,36 @@ pub struct Workloads {
 pub struct Scan {
     pub namespaces: HashMap<u32, Workload>,
     pub addresses: Vec<(IpAddr, u32)>,
+    /// What could not be read, by kind (said once each).
+    pub warnings: Vec<(&'static str, String)>,
+}
+
+/// The thread that scans: every [`REFRESH`], or at once when asked. A scan
+/// reads every process's cgroup and enters every namespace: the engine's
+/// thread (which also answers scrapes) must never wait for one.
+struct Scanner {
+    scans: std::sync::mpsc::Receiver<Scan>,
+    wake: std::sync::mpsc::SyncSender<()>,
+}
+
+impl Scanner {
+    fn start() -> Self {
+        let (scans_tx, scans) = std::sync::mpsc::sync_channel(1);
+        let (wake, woken) = std::sync::mpsc::sync_channel::<()>(1);
+        std::thread::Builder::new()
+            .name("ctrace-workloads".into())
+            .spawn(move || loop {
+                if scans_tx.send(scan()).is_err() {
+                    return; // the front end is gone
+                }
+                match woken.recv_timeout(REFRESH) {
+                    Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+            })
+            .expect("spawn the workload scanner");
+        Scanner { scans, wake }
+    }
 }
 
 impl Workloads {
@@ -169,14 +199,28 @@ impl Workloads {
 
     /// Rebuilds the picture when [`REFRESH`] has passed or a namespace it
     /// does not know yet shows up in `seen`.
+    ///
+    /// Never waits: the scans run on their own thread (started by the first
+    /// call); this takes the latest finished one in and asks for another at
+    /// once when a namespace is new.
     pub fn refresh(&mut self, seen: impl IntoIterator<Item = u32>) {
-        let unknown = seen.into_iter().any(|ns| !self.by_netns.contains_key(&ns));
-        if !unknown && self.refreshed.is_some_and(|t| t.elapsed() < REFRESH) {
-            return;
+        let scanner = self.scanner.get_or_insert_with(Scanner::start);
+        let mut latest = None;
+        while let Ok(scan) = scanner.scans.try_recv() {
+            latest = Some(scan);
         }
-        let scan = scan(&mut |what, why| self.warn(what, why));
-        self.merge(scan);
-        self.refreshed = Some(Instant::now());
+        let unknown = seen.into_iter().any(|ns| !self.by_netns.contains_key(&ns));
+        if unknown {
+            let _ = scanner.wake.try_send(());
+        }
+        if let Some(scan) = latest {
+            self.merge(scan);
+        }
+    }
+
+    /// Scans here and now (the end of a recording: the last word).
+    pub fn refresh_now(&mut self) {
+        self.merge(scan());
     }
 
     /// The warnings not yet handed out (each is made once).
@@ -193,6 +237,9 @@ impl Workloads {
     /// Takes a scan in: new and changed namespaces replace what was known,
     /// vanished ones are kept as gone, the oldest forgotten past the bound.
     pub fn merge(&mut self, scan: Scan) {
+        for (what, why) in &scan.warnings {
+            self.warn(what, why.clone());
+        }
         for netns in self.by_netns.keys() {
             if !scan.namespaces.contains_key(netns) && !self.gone.contains(netns) {
                 self.gone.push(*netns);
@@ -215,8 +262,10 @@ impl Workloads {
 
 /// Looks at the machine: every namespace reachable through `/run/netns` or
 /// a process, what it is, and its interfaces' addresses.
-fn scan(warn: &mut dyn FnMut(&'static str, String)) -> Scan {
+fn scan() -> Scan {
     let mut out = Scan::default();
+    let mut warnings = Vec::new();
+    let mut warn = |what: &'static str, why: String| warnings.push((what, why));
     let own = std::fs::metadata("/proc/self/ns/net").map(|m| std::os::unix::fs::MetadataExt::ino(&m) as u32).ok();
     let pods = kubelet::pods(Path::new(kubelet::POD_LOGS));
     let mut names = names::Names::load();
@@ -241,9 +290,15 @@ fn scan(warn: &mut dyn FnMut(&'static str, String)) -> Scan {
                 continue;
             }
             let ns_path = entry.path().join("ns/net");
-            let Some(inum) = inode(&ns_path) else {
-                unreadable += 1;
-                continue;
+            let inum = match std::fs::metadata(&ns_path) {
+                Ok(meta) => std::os::unix::fs::MetadataExt::ino(&meta) as u32,
+                // Not allowed (another user's process without CAP_SYS_PTRACE);
+                // a process that has just exited is not a failure.
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    unreadable += 1;
+                    continue;
+                }
+                Err(_) => continue,
             };
             paths.entry(inum).or_insert(ns_path);
             if Some(inum) == own {
@@ -282,7 +337,10 @@ fn scan(warn: &mut dyn FnMut(&'static str, String)) -> Scan {
     if unreadable > 0 {
         warn(
             "proc",
-            format!("{unreadable} processes' namespaces could not be read (not root?): their workloads are unnamed"),
+            format!(
+                "{unreadable} processes' namespaces could not be read (permission denied: it takes root with \
+                 CAP_SYS_PTRACE, and no security module in the way): their workloads are unnamed"
+            ),
         );
     }
     if let Some(why) = names.unreadable() {
@@ -314,6 +372,7 @@ fn scan(warn: &mut dyn FnMut(&'static str, String)) -> Scan {
             warn("addresses", format!("cannot enter namespaces to read their addresses ({err}): sources are not named"))
         }
     }
+    out.warnings = warnings;
     out
 }
 
@@ -400,15 +459,16 @@ mod tests {
         w.merge(Scan {
             namespaces: HashMap::from([(1, Workload::host()), (7, container("web"))]),
             addresses: vec![(addr, 7)],
+            ..Default::default()
         });
         assert_eq!(w.of_address(addr).map(|w| w.label()), Some("container web (podman)".into()));
         // The container stops: its namespace is gone from the scan.
-        w.merge(Scan { namespaces: HashMap::from([(1, Workload::host())]), addresses: vec![] });
+        w.merge(Scan { namespaces: HashMap::from([(1, Workload::host())]), ..Default::default() });
         assert_eq!(w.of_netns(7).map(Workload::label), Some("container web (podman)".into()), "kept once gone");
         assert_eq!(w.of_address(addr), None, "an address is only what interfaces have now");
         // Many namespaces later, the gone one is the first to be forgotten.
         let many: HashMap<u32, Workload> = (100..100 + MAX_NAMESPACES as u32).map(|i| (i, container("n"))).collect();
-        w.merge(Scan { namespaces: many, addresses: vec![] });
+        w.merge(Scan { namespaces: many, ..Default::default() });
         assert!(w.of_netns(7).is_none() && w.all().len() <= MAX_NAMESPACES + 1);
         assert!(w.of_netns(100).is_some(), "live namespaces are never pushed out");
     }
@@ -426,6 +486,7 @@ mod tests {
         w.merge(Scan {
             namespaces: HashMap::from([(7, container("web"))]),
             addresses: vec![("198.18.8.10".parse().unwrap(), 7)],
+            ..Default::default()
         });
         assert_eq!(w.of_address("198.18.8.10".parse().unwrap()).unwrap().name.as_deref(), Some("web"));
         assert_eq!(w.of_address("10.42.3.17".parse().unwrap()).unwrap().name.as_deref(), Some("remote"));

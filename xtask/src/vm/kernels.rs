@@ -65,6 +65,16 @@ impl KernelChoice {
         }
     }
 
+    /// The suites `vm-test --kernel all` runs in this guest, where not all:
+    /// a storm recorded on each tier this kernel allows, checked against the
+    /// kernel's counters.
+    pub fn smoke_suites(self) -> Option<&'static [&'static str]> {
+        match self {
+            KernelChoice::Debian510 | KernelChoice::Debian7 => Some(&["table_full"]),
+            _ => None,
+        }
+    }
+
     /// The Debian suite that has it, when it is not the host's (bookworm).
     fn suite(self) -> Option<&'static str> {
         match self {
@@ -77,7 +87,12 @@ impl KernelChoice {
     /// The packages to unpack for `package` (the one the pattern found).
     fn packages(self, package: &str) -> Vec<String> {
         match self {
-            KernelChoice::Debian7 => vec![package.to_string(), package.replacen("linux-binary-", "linux-modules-", 1)],
+            // linux-base holds the config and System.map.
+            KernelChoice::Debian7 => vec![
+                package.to_string(),
+                package.replacen("linux-binary-", "linux-modules-", 1),
+                package.replacen("linux-binary-", "linux-base-", 1),
+            ],
             _ => vec![package.to_string()],
         }
     }
