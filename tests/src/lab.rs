@@ -67,6 +67,18 @@ impl Lab {
         })
     }
 
+    /// Turns conntrack on in the server namespace (table `name`) and counts
+    /// the SYNs from `src` before conntrack sees them (raw priority): the
+    /// ground truth, read with `nft_counter(&lab.server, "inet", name, "syn_storm")`.
+    pub fn count_syns(&self, name: &str, src: Ipv4Addr) -> anyhow::Result<()> {
+        self.track_connections(name)?;
+        self.server.exec("nft", &["add counter inet", name, "syn_storm"])?;
+        self.server.exec("nft", &["add chain inet", name, "raw { type filter hook prerouting priority raw; }"])?;
+        let rule = format!("ip saddr {src} tcp flags & (syn | ack) == syn counter name syn_storm");
+        self.server.exec("nft", &["add rule inet", name, "raw", &rule])?;
+        Ok(())
+    }
+
     /// Turns conntrack on in the server namespace: a `ct state new` rule
     /// (any conntrack expression registers its hooks there) in table `name`.
     pub fn track_connections(&self, name: &str) -> anyhow::Result<()> {

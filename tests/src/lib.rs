@@ -50,6 +50,23 @@ pub fn wait_for_explained<T>(what: &str, mut ready: impl FnMut() -> Option<T>, s
     }
 }
 
+/// True, having said why, in a guest kernel (`CTRACE_GUEST`): for tests of
+/// what does not depend on the kernel's hooks, which the host runs.
+pub fn skipped_in_guest(why: &str) -> bool {
+    match std::env::var("CTRACE_GUEST") {
+        Ok(guest) => {
+            eprintln!("SKIPPED in the {guest} guest: {why}; the host runs this");
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+/// Fails, saying how to get it, where podman is missing.
+pub fn require_podman() {
+    assert!(Command::new("podman").arg("--version").output().is_ok(), "podman is missing: run `cargo xtask setup`");
+}
+
 /// Does this kernel's skb:kfree_skb carry a drop reason? (`ctrace probes`
 /// says which drop program runs.)
 pub fn kfree_skb_has_reason() -> bool {

@@ -219,3 +219,31 @@ pub fn peak_rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status.lines().find_map(|l| l.strip_prefix("VmHWM:")?.trim().trim_end_matches("kB").trim().parse().ok())
 }
+
+/// A real Prometheus on a free loopback port with this configuration (its
+/// storage under `dir`), once it says it is ready. Returns it and its port.
+pub fn prometheus(dir: &Path, config: &str) -> (Daemon, u16) {
+    let port = free_port();
+    let path = dir.join("prometheus.yml");
+    std::fs::write(&path, config).expect("prometheus.yml");
+    let mut daemon = Daemon::spawn(
+        "prometheus",
+        Command::new("prometheus")
+            .arg(format!("--config.file={}", path.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.join("tsdb").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )
+    .expect("prometheus is not installed: run `cargo xtask setup`");
+    crate::wait_for("prometheus to be ready", || {
+        daemon.check_running().unwrap();
+        matches!(http_get(port, "/-/ready"), Ok((200, _))).then_some(())
+    });
+    (daemon, port)
+}
+
+/// Seconds since the epoch, as Prometheus stamps samples.
+pub fn now_unix() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64()
+}

@@ -5,14 +5,14 @@
 use std::{
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
     sync::atomic::{AtomicBool, Ordering},
     time::Duration,
 };
 
 use ctrace_tests::{
-    ctrace_bin, free_port, http_get, nft_counter, require_root, serve_with, url_encode, wait_for, wait_for_explained,
-    Daemon, Lab, Recording, Sysctl, TempDir, FILL_TIMEOUT,
+    ctrace_bin, http_get, nft_counter, now_unix, prometheus, require_podman, require_root, serve_with,
+    skipped_in_guest, url_encode, wait_for, wait_for_explained, Lab, Recording, Sysctl, TempDir, FILL_TIMEOUT,
 };
 use serde_json::Value;
 
@@ -24,32 +24,6 @@ const ALERT: &str = "ConntrackTableFullDrops";
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn now_unix() -> f64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64()
-}
-
-/// Prometheus on a free loopback port with this configuration, once ready.
-fn prometheus(dir: &Path, config: &str) -> (Daemon, u16) {
-    let port = free_port();
-    let path = dir.join("prometheus.yml");
-    std::fs::write(&path, config).unwrap();
-    let mut daemon = Daemon::spawn(
-        "prometheus",
-        Command::new("prometheus")
-            .arg(format!("--config.file={}", path.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("tsdb").display()))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
-    )
-    .unwrap();
-    wait_for("prometheus to be ready", || {
-        daemon.check_running().unwrap();
-        matches!(http_get(port, "/-/ready"), Ok((200, _))).then_some(())
-    });
-    (daemon, port)
 }
 
 /// Scraping `targets` every second as job "ctrace", and evaluating the
@@ -293,8 +267,7 @@ fn curl(dir: &Path, url: &str, user: Option<&str>) -> (u16, String) {
 #[test]
 fn a_node_wide_listener_answers_only_over_tls_and_with_the_password() {
     require_root();
-    if let Ok(guest) = std::env::var("CTRACE_GUEST") {
-        eprintln!("SKIPPED in the {guest} guest: TLS and passwords do not depend on the kernel; the host runs this");
+    if skipped_in_guest("TLS and passwords do not depend on the kernel") {
         return;
     }
     let dir = TempDir::new("webcfg");
@@ -407,11 +380,10 @@ impl Drop for Image {
 #[test]
 fn the_container_image_sees_what_the_host_sees() {
     require_root();
-    if let Ok(guest) = std::env::var("CTRACE_GUEST") {
-        eprintln!("SKIPPED in the {guest} guest: podman runs on the host; the image holds the same binary");
+    if skipped_in_guest("podman runs on the host; the image holds the same binary") {
         return;
     }
-    assert!(Command::new("podman").arg("--version").output().is_ok(), "podman is missing: run `cargo xtask setup`");
+    require_podman();
     let context = TempDir::new("image");
     let mut image = Image::build(&context.0);
 
@@ -429,13 +401,7 @@ fn the_container_image_sees_what_the_host_sees() {
 
     // A storm recorded at once by the host's ctrace and the container's.
     let lab = Lab::new("image", &[FILLER, STORM]).expect("lab");
-    let rules = "table inet ctrace_image {
-        counter syn_storm {}
-        chain raw { type filter hook prerouting priority raw; ip saddr 198.18.0.3 tcp flags & (syn | ack) == syn counter name syn_storm; }
-        chain track { type filter hook input priority filter; ct state new counter; }
-    }";
-    std::fs::write(context.0.join("rules.nft"), rules).unwrap();
-    lab.server.exec("nft", &["-f", context.0.join("rules.nft").to_str().unwrap()]).expect("rules");
+    lab.count_syns("ctrace_image", STORM).expect("rules");
     let _listener = lab.listen(PORT).expect("listener");
     let out = TempDir::new("image-records");
     let host_file = out.0.join("host.json");

@@ -1,13 +1,9 @@
 //! `ctrace serve` scraped by a real Prometheus during a namespace storm: the
 //! per-source counter Prometheus stores equals the kernel's ground truth.
-use std::{
-    net::Ipv4Addr,
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{net::Ipv4Addr, time::Duration};
 
 use ctrace_tests::{
-    free_port, http_get, nft_counter, require_root, serve, url_encode, wait_for, Daemon, Lab, Sysctl, TempDir,
+    http_get, nft_counter, now_unix, prometheus, require_root, serve, url_encode, wait_for, Lab, Sysctl, TempDir,
     FILL_TIMEOUT,
 };
 
@@ -27,55 +23,22 @@ fn query(prom_port: u16, promql: &str) -> Option<(f64, f64)> {
     Some((sample[1].as_str()?.parse().ok()?, sample[0].as_f64()?))
 }
 
-fn now_unix() -> f64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64()
-}
-
 #[test]
 fn prometheus_scrapes_per_source_drops_equal_to_the_kernel() {
     require_root();
-    assert!(
-        Command::new("prometheus").arg("--version").output().is_ok(),
-        "prometheus is not installed: run `cargo xtask setup`"
-    );
     let lab = Lab::new("prom", &[FILLER, STORM]).expect("lab");
-    let rules = "table inet ctrace_prom {
-        counter syn_storm {}
-        chain raw { type filter hook prerouting priority raw; ip saddr 198.18.0.3 tcp flags & (syn | ack) == syn counter name syn_storm; }
-        chain track { type filter hook input priority filter; ct state new counter; }
-    }";
+    lab.count_syns("ctrace_prom", STORM).expect("rules");
     let dir = TempDir::new("prom");
-    std::fs::write(dir.0.join("rules.nft"), rules).unwrap();
-    lab.server.exec("nft", &["-f", dir.0.join("rules.nft").to_str().unwrap()]).expect("rules");
     let _listener = lab.listen(PORT).expect("listener");
 
     let (mut ctrace, ctrace_port) = serve().expect("ctrace serve");
 
     // Prometheus scraping it every second, on its own port and storage.
-    let prom_port = free_port();
-    let config = dir.0.join("prometheus.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: ctrace\n    \
-             static_configs:\n      - targets: ['127.0.0.1:{ctrace_port}']\n"
-        ),
-    )
-    .unwrap();
-    let mut prometheus = Daemon::spawn(
-        "prometheus",
-        Command::new("prometheus")
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.0.join("tsdb").display()))
-            .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
-    )
-    .unwrap();
-    wait_for("prometheus to be ready", || {
-        prometheus.check_running().unwrap();
-        matches!(http_get(prom_port, "/-/ready"), Ok((200, _))).then_some(())
-    });
+    let config = format!(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: ctrace\n    \
+         static_configs:\n      - targets: ['127.0.0.1:{ctrace_port}']\n"
+    );
+    let (_prometheus, prom_port) = prometheus(&dir.0, &config);
 
     // The incident: a full table, then a storm from one source.
     let max = Sysctl::set("net.netfilter.nf_conntrack_max", &TABLE_MAX.to_string()).unwrap();

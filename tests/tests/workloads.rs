@@ -10,7 +10,10 @@ use std::{
     time::Duration,
 };
 
-use ctrace_tests::{ctrace_bin, nft_counter, require_root, wait_for, Netns, Recording, Sysctl, TempDir, FILL_TIMEOUT};
+use ctrace_tests::{
+    ctrace_bin, nft_counter, require_podman, require_root, skipped_in_guest, wait_for, Netns, Recording, Sysctl,
+    TempDir, FILL_TIMEOUT,
+};
 use serde_json::Value;
 use socket2::{Domain, Socket, Type};
 
@@ -134,11 +137,10 @@ fn workload_of(record: &Value, netns: u32) -> Value {
 #[test]
 fn podman_containers_are_named_in_the_record_and_in_live() {
     require_root();
-    if let Ok(guest) = std::env::var("CTRACE_GUEST") {
-        eprintln!("SKIPPED in the {guest} guest: podman runs on the host; naming does not depend on the hook tier");
+    if skipped_in_guest("podman runs on the host; naming does not depend on the hook tier") {
         return;
     }
-    assert!(Command::new("podman").arg("--version").output().is_ok(), "podman is missing: run `cargo xtask setup`");
+    require_podman();
     let dir = TempDir::new("workloads");
     let mut podman = Podman::new(&dir.0);
     let tag = std::process::id();
@@ -311,8 +313,7 @@ impl Drop for PodLayout {
 #[test]
 fn a_kubernetes_pod_is_named_from_the_kubelets_layout() {
     require_root();
-    if let Ok(guest) = std::env::var("CTRACE_GUEST") {
-        eprintln!("SKIPPED in the {guest} guest: naming does not depend on the hook tier; the host runs this");
+    if skipped_in_guest("naming does not depend on the hook tier") {
         return;
     }
     let lab = ctrace_tests::Lab::new("pod", &[FILLER, STORM]).expect("lab");
