@@ -101,7 +101,8 @@ impl Classifier {
         // Occupancy matters only for conntrack's own drops: read it only then.
         // An invalid packet conntrack let through, then dropped: by a rule,
         // wherever it was freed (kernels before 6.7 free rule drops in the core).
-        let freed_by = if event.kernel_invalid { FreedBy::RuleEngine } else { freed_by };
+        // (The kernel's own "table full" mark wins: conntrack dropped it.)
+        let freed_by = if event.kernel_invalid && !event.kernel_table_full { FreedBy::RuleEngine } else { freed_by };
         let table_at_max = if event.ct_attached || freed_by == FreedBy::RuleEngine {
             None
         } else if self.table_full_hooked {
@@ -203,6 +204,8 @@ mod tests {
         assert_eq!(classifier.key(&drop(0)).reason, Reason::ConntrackOther, "no entry, no mark: conntrack's");
         assert_eq!(classifier.key(&drop(ctrace_common::drop_flags::INVALID)).reason, Reason::Ruleset);
         assert_eq!(classifier.key(&drop(ctrace_common::drop_flags::TABLE_FULL)).reason, Reason::TableFull);
+        let both = ctrace_common::drop_flags::TABLE_FULL | ctrace_common::drop_flags::INVALID;
+        assert_eq!(classifier.key(&drop(both)).reason, Reason::TableFull, "the kernel's table-full mark wins");
     }
 
     #[test]

@@ -124,9 +124,11 @@ fn on_icmp_error_return(ret: i32) {
 }
 
 fn on_return(skb: u64, verdict: u32) -> Result<(), i64> {
-    // Take both marks whatever happens, so none outlives its packet.
+    // Take the marks whatever happens, so none outlives its packet: the
+    // previous packet's invalid mark too (an skb's address is soon reused).
     let icmp_error = recent(take_mark(&ICMP_ERROR_PENDING));
     let alloc_failed = recent(take_mark(&ALLOC_FAILED_PENDING));
+    let _ = take_mark(&INVALID_PENDING);
     if verdict != NF_ACCEPT && verdict != NF_DROP {
         return Ok(());
     }

@@ -59,8 +59,7 @@ fn on_netfilter_drop<A: Access>(layout: &KfreeSkbLayout, skb: Skb<A>, location: 
         count(counter::NETFILTER_DROPS_NO_ENTRY);
         if recent(take_mark(&TABLE_FULL_PENDING)) {
             flags |= drop_flags::TABLE_FULL;
-        }
-        if take_mark(&INVALID_PENDING) == skb.0 {
+        } else if take_mark(&INVALID_PENDING) == skb.0 {
             flags |= drop_flags::INVALID;
         }
     } else {
