@@ -136,7 +136,10 @@ enum Command {
     /// Serve OpenMetrics at /metrics for Prometheus: exact drop counters per
     /// reason and namespace, the kernel's conntrack counters, table entries,
     /// lost events, and per-source counters for the top sources only.
-    #[command(after_help = "Every metric is described in docs/metrics.md.\n\nExample scrape config:\n  \
+    #[command(after_help = "Every metric is described in docs/metrics.md; running it on many nodes (rules, \
+        dashboard, image, DaemonSet) in docs/fleet.md.\n\nExamples:\n  sudo ctrace serve\n  \
+        sudo ctrace serve --listen 0.0.0.0:9640 --web-config /etc/ctrace/web.yml\n  \
+        sudo ctrace serve --netns gateway --listen 127.0.0.1:9641\n\nExample scrape config:\n  \
         - job_name: ctrace\n    static_configs: [{targets: ['127.0.0.1:9640']}]")]
     Serve {
         /// Address to listen on. Loopback by default; anything else is
@@ -157,7 +160,8 @@ enum Command {
         netns: Option<String>,
         /// TLS and basic auth, in the web configuration file Prometheus
         /// exporters share (tls_server_config, basic_auth_users with bcrypt
-        /// hashes). Needed before listening on anything but loopback.
+        /// hashes): what a listener on anything but loopback should have
+        /// (docs/fleet.md).
         #[arg(long, value_name = "FILE")]
         web_config: Option<PathBuf>,
         #[command(flatten)]
