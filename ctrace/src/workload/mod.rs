@@ -192,11 +192,6 @@ impl Workloads {
         }
     }
 
-    /// Every namespace's workload known now or before (gone ones included).
-    pub fn all(&self) -> &HashMap<u32, Workload> {
-        &self.by_netns
-    }
-
     /// Rebuilds the picture when [`REFRESH`] has passed or a namespace it
     /// does not know yet shows up in `seen`.
     ///
@@ -268,7 +263,7 @@ fn scan() -> Scan {
     let mut warn = |what: &'static str, why: String| warnings.push((what, why));
     let own = std::fs::metadata("/proc/self/ns/net").map(|m| std::os::unix::fs::MetadataExt::ino(&m) as u32).ok();
     let pods = kubelet::pods(Path::new(kubelet::POD_LOGS));
-    let mut names = names::Names::load();
+    let names = names::Names::load();
     // Named namespaces: their names, and a path to enter them by.
     let mut paths: BTreeMap<u32, PathBuf> = BTreeMap::new();
     for dir in ["/run/netns", "/var/run/netns"] {
@@ -469,7 +464,7 @@ mod tests {
         // Many namespaces later, the gone one is the first to be forgotten.
         let many: HashMap<u32, Workload> = (100..100 + MAX_NAMESPACES as u32).map(|i| (i, container("n"))).collect();
         w.merge(Scan { namespaces: many, ..Default::default() });
-        assert!(w.of_netns(7).is_none() && w.all().len() <= MAX_NAMESPACES + 1);
+        assert!(w.of_netns(7).is_none() && w.by_netns.len() <= MAX_NAMESPACES + 1);
         assert!(w.of_netns(100).is_some(), "live namespaces are never pushed out");
     }
 

@@ -36,7 +36,7 @@ impl Names {
     }
 
     /// The container's name, if its runtime's state says it.
-    pub fn name(&mut self, runtime: Runtime, id: &str) -> Option<String> {
+    pub fn name(&self, runtime: Runtime, id: &str) -> Option<String> {
         match runtime {
             Runtime::Podman | Runtime::CriO => self.storage.get(id).cloned(),
             Runtime::Docker => docker_name(Path::new(DOCKER_CONTAINERS), id),
