@@ -55,6 +55,10 @@ pub mod drop_flags {
     /// `nf_conntrack_in` found this packet invalid and accepted it (the
     /// invalid family saw it): whatever dropped it next was a rule.
     pub const INVALID: u8 = 1 << 4;
+    /// The entry the packet carried was not confirmed (not yet in the
+    /// table): the packet was dropped between conntrack's first look and
+    /// the insertion, or at the insertion itself.
+    pub const UNCONFIRMED: u8 = 1 << 5;
 }
 
 /// Address family values as the kernel spells them (`AF_INET`, `AF_INET6`).
@@ -178,6 +182,10 @@ pub struct ConntrackLayout {
     pub net_gen: u32,
     pub net_generic_ptr: u32,
     pub cnet_count: u32,
+    /// Kernels before 5.13 keep the count in the namespace itself:
+    /// `net.ct.count` (atomic_t), or u32::MAX.
+    pub net_ct_count: u32,
+    pub _pad: u32,
     /// Kernel addresses (from kallsyms) of `nf_conntrack_net_id` and
     /// `nf_conntrack_max`; 0 when unknown (then the fill is not read).
     pub net_id_addr: u64,
@@ -229,6 +237,10 @@ pub struct KfreeSkbLayout {
     pub sock_net: u32,
     /// `net.ns.inum` (unsigned int).
     pub net_inum: u32,
+    /// `nf_conn.status` and the `IPS_CONFIRMED` mask, from conntrack's BTF;
+    /// the mask is 0 where conntrack's types are unknown (not loaded).
+    pub ct_status: u32,
+    pub ips_confirmed: u32,
     /// Kernels whose tracepoint has no drop reason: the code range of
     /// `nf_hook_slow` (from kallsyms), where netfilter frees a packet on
     /// NF_DROP. Zero where the reason is there.
@@ -255,8 +267,8 @@ mod tests {
         // Sum of field sizes equals the struct size: no hidden holes.
         assert_eq!(PacketDrop::SIZE, 1 + 1 + 1 + 1 + 4 + 8 + 8 + 4 + 2 + 2 + 16 + 16 + 1 + 7);
         assert_eq!(PacketDrop::SIZE % 8, 0);
-        assert_eq!(core::mem::size_of::<KfreeSkbLayout>(), 10 * 4 + 2 * 8);
+        assert_eq!(core::mem::size_of::<KfreeSkbLayout>(), 12 * 4 + 2 * 8);
         assert_eq!(ConntrackEvent::SIZE, 1 + 1 + 1 + 1 + 4 + 8 + 8 + 4 + 2 + 1 + 1 + 2 + 2 + 4 + 16 + 16 + 4 + 4);
-        assert_eq!(core::mem::size_of::<ConntrackLayout>(), 18 * 4 + 2 * 8);
+        assert_eq!(core::mem::size_of::<ConntrackLayout>(), 20 * 4 + 2 * 8);
     }
 }

@@ -20,6 +20,8 @@ static KFREE_SKB_LAYOUT: KfreeSkbLayout = KfreeSkbLayout {
     dev_net: 0,
     sock_net: 0,
     net_inum: 0,
+    ct_status: 0,
+    ips_confirmed: 0,
     drop_site_start: 0,
     drop_site_end: 0,
 };
@@ -52,6 +54,9 @@ pub fn drop_site() -> (u64, u64) {
         )
     }
 }
+
+/// `skb->_nfct` without its ctinfo bits: the `struct nf_conn *`.
+pub const NFCT_PTRMASK: u64 = !7;
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;

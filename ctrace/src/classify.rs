@@ -72,6 +72,29 @@ pub fn classify_with_hooks(
     }
 }
 
+/// A packet the netfilter core freed carrying an entry conntrack had not yet
+/// inserted: conntrack refused the insertion (`__nf_conntrack_confirm`
+/// returned NF_DROP), where nothing else could have returned that verdict
+/// to the core. From 6.7 nftables frees its own drops (`nft_do_chain`);
+/// legacy x_tables (`iptables-legacy`) still return NF_DROP to the core,
+/// so a namespace with such tables (or unknown: None) stays a rule's drop.
+pub fn refused_at_confirmation(
+    ct_unconfirmed: bool,
+    freed_by: FreedBy,
+    engines_free_own_drops: bool,
+    legacy_tables: impl FnOnce() -> Option<bool>,
+) -> bool {
+    ct_unconfirmed && freed_by == FreedBy::NetfilterCore && engines_free_own_drops && legacy_tables() == Some(false)
+}
+
+/// Linux 6.7 and later: nftables frees the packets its rules drop itself,
+/// so the core frees only what other hooks dropped. (Backports, such as
+/// Debian's 6.1, are not recognised: there drops stay a rule's.)
+pub fn engines_free_own_drops(release: &str) -> bool {
+    let mut parts = release.trim().split(['.', '-']).map(|p| p.parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (6, 7)
+}
+
 /// Turns decoded drops into aggregation keys, looking up the facts that
 /// [`classify`] needs. Shared by `record` and `live`.
 pub struct Classifier {
@@ -79,17 +102,49 @@ pub struct Classifier {
     pub namespaces: Namespaces,
     /// The conntrack hooks mark table-full drops in the kernel: no sampling.
     table_full_hooked: bool,
+    /// Refused insertions are inferred from unconfirmed entries (see
+    /// [`refused_at_confirmation`]): the insert hooks are off, and the
+    /// kernel's rule engines free their own drops.
+    infer_refusals: bool,
+    insert_hooked: bool,
 }
 
 impl Classifier {
     pub fn new(symbols: Symbols, namespaces: Namespaces) -> Self {
-        Classifier { symbols, namespaces, table_full_hooked: false }
+        Classifier { symbols, namespaces, table_full_hooked: false, infer_refusals: false, insert_hooked: false }
     }
 
     /// Trust the kernel's table-full mark (the kprobe tier's hooks are on).
     pub fn with_table_full_hooks(mut self, hooked: bool) -> Self {
         self.table_full_hooked = hooked;
         self
+    }
+
+    /// Infer refused insertions on this kernel (`insert_hooked`: the
+    /// hooks mark them exactly, nothing to infer).
+    pub fn with_refusals_inferred(mut self, insert_hooked: bool, kernel_release: &str) -> Self {
+        self.infer_refusals = !insert_hooked && engines_free_own_drops(kernel_release);
+        self.insert_hooked = insert_hooked;
+        self
+    }
+
+    /// How refused insertions are told from rule drops, where the insert
+    /// hooks do not mark them (for the record's notes and `live`).
+    pub fn refusals_note(&self) -> Option<&'static str> {
+        if self.insert_hooked {
+            None
+        } else if self.infer_refusals {
+            Some(
+                "insert_failed without the insert hooks: a drop freed by the netfilter core with an entry not yet \
+                 inserted (nftables frees its own drops on this kernel); in namespaces with legacy x_tables tables \
+                 these stay ruleset, as do drops by other hooks between conntrack and the insertion",
+            )
+        } else {
+            Some(
+                "refused insertions count as ruleset without the insert hooks: before 6.7 nftables' drops are freed \
+                 by the netfilter core too, so the two look alike",
+            )
+        }
     }
 
     pub fn symbols_resolved(&self) -> bool {
@@ -110,13 +165,18 @@ impl Classifier {
         } else {
             self.namespaces.table_at_max(event.netns)
         };
+        let namespaces = &mut self.namespaces;
+        let insert_failed = event.kernel_insert_failed
+            || refused_at_confirmation(event.ct_unconfirmed, freed_by, self.infer_refusals, || {
+                namespaces.legacy_tables(event.netns)
+            });
         SourceKey {
             netns: event.netns,
             src: event.src,
             dport: event.dport,
             proto: event.proto,
             state: event.state,
-            reason: classify_with_hooks(event.ct_attached, freed_by, table_at_max, event.kernel_insert_failed),
+            reason: classify_with_hooks(event.ct_attached, freed_by, table_at_max, insert_failed),
         }
     }
 }
@@ -206,6 +266,32 @@ mod tests {
         assert_eq!(classifier.key(&drop(ctrace_common::drop_flags::TABLE_FULL)).reason, Reason::TableFull);
         let both = ctrace_common::drop_flags::TABLE_FULL | ctrace_common::drop_flags::INVALID;
         assert_eq!(classifier.key(&drop(both)).reason, Reason::TableFull, "the kernel's table-full mark wins");
+    }
+
+    #[test]
+    fn an_unconfirmed_entry_freed_by_the_core_is_a_refused_insertion_only_where_nothing_else_can_be() {
+        use FreedBy::*;
+        let no_legacy = || Some(false);
+        assert!(refused_at_confirmation(true, NetfilterCore, true, no_legacy));
+        // A confirmed entry: the flow existed, a rule (or another hook) dropped it.
+        assert!(!refused_at_confirmation(false, NetfilterCore, true, no_legacy));
+        // nftables freed it: its rule.
+        assert!(!refused_at_confirmation(true, RuleEngine, true, no_legacy));
+        assert!(!refused_at_confirmation(true, Unknown, true, no_legacy));
+        // Before 6.7 nftables returns NF_DROP to the core too.
+        assert!(!refused_at_confirmation(true, NetfilterCore, false, no_legacy));
+        // Legacy x_tables in the namespace, or unknown: a rule could have.
+        assert!(!refused_at_confirmation(true, NetfilterCore, true, || Some(true)));
+        assert!(!refused_at_confirmation(true, NetfilterCore, true, || None));
+        // The namespace is looked at only when everything else says so.
+        assert!(!refused_at_confirmation(false, NetfilterCore, true, || unreachable!()));
+
+        assert!(engines_free_own_drops("6.7.0"));
+        assert!(engines_free_own_drops("6.18.44-fc-v657"));
+        assert!(engines_free_own_drops("7.2.13+deb14-amd64"));
+        assert!(!engines_free_own_drops("6.1.0-56-amd64"));
+        assert!(!engines_free_own_drops("5.10.0-32-amd64"));
+        assert!(!engines_free_own_drops(""));
     }
 
     #[test]

@@ -108,6 +108,7 @@ impl DropEvent {
             tcp_flags: raw.tcp_flags,
             state: ConnState::implied(proto, raw.tcp_flags, ct_attached),
             ct_attached,
+            ct_unconfirmed: ct_attached && raw.flags & drop_flags::UNCONFIRMED != 0,
             header_read: raw.flags & drop_flags::NO_HEADER == 0,
             kernel_table_full: raw.flags & drop_flags::TABLE_FULL != 0,
             kernel_insert_failed: raw.flags & drop_flags::INSERT_FAILED != 0,

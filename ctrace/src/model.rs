@@ -23,6 +23,8 @@ pub struct DropEvent {
     pub state: ConnState,
     /// Conntrack had attached an entry to the packet.
     pub ct_attached: bool,
+    /// ... and that entry was not yet confirmed (in the table).
+    pub ct_unconfirmed: bool,
     /// The kernel program could read the packet's headers.
     pub header_read: bool,
     /// Kernel address of the code that freed the packet.

@@ -207,6 +207,25 @@ pub struct Namespaces {
     last_scan: Option<Instant>,
     occupancy: FxHashMap<u32, (Instant, bool)>,
     peaks: FxHashMap<u32, Occupancy>,
+    legacy: FxHashMap<u32, (Instant, bool)>,
+}
+
+/// How long a look at a namespace's legacy x_tables stands.
+const LEGACY_TTL: Duration = Duration::from_secs(1);
+
+/// The namespace has legacy x_tables tables (`iptables-legacy`), whose rules
+/// return their drops to the netfilter core. A file missing means the
+/// family's module is not loaded: no tables of that family anywhere.
+fn has_legacy_tables(ns_path: &Path) -> io::Result<bool> {
+    run_in(ns_path, || {
+        ["ip_tables_names", "ip6_tables_names"].iter().try_fold(false, |found, name| {
+            match fs::read_to_string(Path::new("/proc/thread-self/net").join(name)) {
+                Ok(tables) => Ok(found || !tables.trim().is_empty()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(found),
+                Err(e) => Err(e),
+            }
+        })
+    })?
 }
 
 /// How long a sample that found the table full stands for its state.
@@ -232,6 +251,7 @@ impl Namespaces {
             last_scan: None,
             occupancy: FxHashMap::default(),
             peaks: FxHashMap::default(),
+            legacy: FxHashMap::default(),
         }
     }
 
@@ -244,6 +264,7 @@ impl Namespaces {
         self.known.retain(|inum, _| found.contains_key(inum));
         self.readers.retain(|inum, _| found.contains_key(inum));
         self.occupancy.retain(|inum, _| found.contains_key(inum));
+        self.legacy.retain(|inum, _| found.contains_key(inum));
         for (inum, ns) in found {
             self.known.entry(inum).or_insert(ns);
         }
@@ -281,6 +302,23 @@ impl Namespaces {
     /// The fullest the namespace's table was seen while classifying drops.
     pub fn peak(&self, inum: u32) -> Option<Occupancy> {
         self.peaks.get(&inum).copied()
+    }
+
+    /// Does the namespace have legacy x_tables tables? Looked at most once
+    /// a second per namespace (entering it takes a thread); None if it
+    /// cannot be found or read.
+    pub fn legacy_tables(&mut self, inum: u32) -> Option<bool> {
+        if let Some((at, found)) = self.legacy.get(&inum) {
+            if at.elapsed() < LEGACY_TTL {
+                return Some(*found);
+            }
+        }
+        if !self.known.contains_key(&inum) && self.last_scan.is_none_or(|t| t.elapsed() >= RESCAN_EVERY) {
+            self.rescan();
+        }
+        let found = has_legacy_tables(&self.known.get(&inum)?.path).ok()?;
+        self.legacy.insert(inum, (Instant::now(), found));
+        Some(found)
     }
 
     /// Was the namespace's table at `nf_conntrack_max` just now? A full

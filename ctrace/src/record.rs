@@ -198,6 +198,9 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     for hook in engine.attached.hooks.iter().filter(|h| h.tier.is_none()) {
         notes.push(format!("hook {} off: {}", hook.hook, hook.detail));
     }
+    if let Some(note) = engine.pipeline.classifier.refusals_note() {
+        notes.push(note.into());
+    }
 
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;

@@ -127,6 +127,80 @@ impl Lab {
         })
     }
 
+    /// Sends `rounds` pairs of identical SYNs from `src` to the server's
+    /// `port`, one flow per round (source port `first_sport + round`), the
+    /// two of a pair from two CPUs at the same moment (both senders spin
+    /// until the other arrives). Each CPU passes its packets through
+    /// conntrack itself, so a pair can race: both pass `nf_conntrack_in`
+    /// before either's entry is inserted, and the second insertion meets
+    /// the first, which TCP cannot settle (insert_failed, the SYN dropped).
+    /// How many pairs raced is the kernel's to count.
+    ///
+    /// Returns once the server has processed every SYN (each sender ends
+    /// with a datagram to `marker`, a UDP sink, behind its SYNs in its CPU's
+    /// backlog), with how many were sent; None when this process may run on
+    /// one CPU only.
+    pub fn raced_syns(
+        &self,
+        src: Ipv4Addr,
+        port: u16,
+        rounds: u16,
+        first_sport: u16,
+        marker: (&Socket, u16),
+    ) -> std::io::Result<Option<u32>> {
+        use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+        let (sink, marker_port) = marker;
+        let cpus = allowed_cpus()?;
+        let [first, second, ..] = cpus[..] else { return Ok(None) };
+        let dst: socket2::SockAddr = SocketAddr::V4(SocketAddrV4::new(SERVER, 0)).into();
+        let marker_dst: socket2::SockAddr = SocketAddr::V4(SocketAddrV4::new(SERVER, marker_port)).into();
+        let (arrived, gave_up) = (AtomicU32::new(0), AtomicBool::new(false));
+        let sender = |cpu: usize| -> std::io::Result<u32> {
+            let raw = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::TCP))?;
+            raw.bind(&SocketAddr::V4(SocketAddrV4::new(src, 0)).into())?;
+            let udp = Socket::new(Domain::IPV4, Type::DGRAM, None)?;
+            udp.bind(&SocketAddr::V4(SocketAddrV4::new(src, 0)).into())?;
+            pin(cpu)?;
+            let mut sent = 0;
+            for round in 0..rounds {
+                arrived.fetch_add(1, Ordering::AcqRel);
+                while arrived.load(Ordering::Acquire) < 2 * (u32::from(round) + 1) {
+                    if gave_up.load(Ordering::Relaxed) {
+                        return Err(std::io::Error::other("the other sender gave up"));
+                    }
+                    std::hint::spin_loop();
+                }
+                let segment = tcp_segment(src, SERVER, first_sport + round, port, 0x02);
+                sent += u32::from(raw.send_to(&segment, &dst).is_ok());
+            }
+            udp.send_to(b"marker", &marker_dst)?;
+            Ok(sent)
+        };
+        // Spawned from a thread inside the client namespace: both are in it.
+        let sent = self.client.enter(|| {
+            std::thread::scope(|scope| {
+                let (sender, gave_up) = (&sender, &gave_up);
+                let run = move |cpu| {
+                    let result = sender(cpu);
+                    if result.is_err() {
+                        gave_up.store(true, Ordering::Relaxed);
+                    }
+                    result
+                };
+                let (a, b) = (scope.spawn(move || run(first)), scope.spawn(move || run(second)));
+                let joined = |h: std::thread::ScopedJoinHandle<'_, std::io::Result<u32>>| {
+                    h.join().unwrap_or_else(|_| Err(std::io::Error::other("a sender panicked")))
+                };
+                Ok::<u32, std::io::Error>(joined(a)? + joined(b)?)
+            })
+        })?;
+        sink.set_read_timeout(Some(HANG))?;
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 16];
+        sink.recv(&mut buf)?;
+        sink.recv(&mut buf)?;
+        Ok(Some(sent))
+    }
+
     /// Sends one UDP datagram from `src` (a fresh source port) to the server.
     pub fn udp_send(&self, src: Ipv4Addr, port: u16) -> std::io::Result<()> {
         self.udp_send_from(src, 0, port)
@@ -276,15 +350,27 @@ impl Spoofed {
 
 /// Keeps the calling thread on the first CPU it may use.
 fn pin_to_first_cpu() -> std::io::Result<()> {
-    // SAFETY: cpu_set_t is plain data; the calls get valid pointers and sizes.
+    pin(allowed_cpus()?.first().copied().unwrap_or(0))
+}
+
+/// The CPUs this thread may run on.
+fn allowed_cpus() -> std::io::Result<Vec<usize>> {
+    // SAFETY: cpu_set_t is plain data; the call gets a valid pointer and size.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
             return Err(std::io::Error::last_os_error());
         }
-        let first = (0..libc::CPU_SETSIZE as usize).find(|&c| libc::CPU_ISSET(c, &set)).unwrap_or(0);
-        libc::CPU_ZERO(&mut set);
-        libc::CPU_SET(first, &mut set);
+        Ok((0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect())
+    }
+}
+
+/// Keeps the calling thread on `cpu`.
+fn pin(cpu: usize) -> std::io::Result<()> {
+    // SAFETY: a valid set with one CPU, applied to the calling thread (0).
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
         if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
             return Err(std::io::Error::last_os_error());
         }

@@ -25,7 +25,7 @@ const FILE: &str = "docs/kernels.json";
 
 pub fn kernels(write: bool) -> anyhow::Result<()> {
     run(cargo().args(["build", "--bin", "ctrace"]))?;
-    let ctrace = root().join("target/debug/ctrace");
+    let ctrace = crate::ctrace_debug_bin();
     let mut lines = Vec::new();
     for choice in LINES {
         // A package that cannot be fetched (the registry unreachable) is

@@ -65,6 +65,9 @@ enum Task {
         /// test's passes.
         #[arg(long, default_value = "1", value_parser = clap::value_parser!(u32).range(1..))]
         repeat: u32,
+        /// Run only these suites (test binaries: table_full, conntrack_hooks, ...).
+        #[arg(long = "suite")]
+        suites: Vec<String>,
     },
     /// Build the release binary and install it with its man pages and shell
     /// completions (bash, zsh, fish) under a prefix.
@@ -127,9 +130,9 @@ fn main() -> ExitCode {
         Task::Image { tag } => fleet::image(&tag),
         Task::Kernels { write } => kernels::kernels(write),
         Task::VmRun { kernel, timeout_min, command } => vm_run(kernel, timeout_min, &command),
-        Task::VmTest { kernel, repeat } => {
+        Task::VmTest { kernel, repeat, suites } => {
             let mut tally = Tally::default();
-            let result = vm_test(kernel, repeat, &mut tally);
+            let result = vm_test(kernel, repeat, &suites, &mut tally);
             eprint!("\nxtask: end-to-end tests, passes per run:\n{}", tally.report());
             result
         }
@@ -146,6 +149,13 @@ fn main() -> ExitCode {
 /// The workspace root (xtask lives one level below it).
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+/// The debug build of ctrace (under `CARGO_TARGET_DIR` when set, so that a
+/// guest run can use its own build while another is made beside it).
+pub fn ctrace_debug_bin() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
+    target.join("debug/ctrace")
 }
 
 /// Runs a command in the workspace root, echoing it, and fails if it fails.
@@ -204,7 +214,7 @@ fn test(no_setup: bool, no_vm: bool, repeat: u32) -> anyhow::Result<()> {
 fn e2e_rounds(no_vm: bool, repeat: u32, tally: &mut Tally) -> anyhow::Result<()> {
     run(cargo().args(["build", "--bin", "ctrace"]))?;
     let bins = e2e_test_binaries()?;
-    let ctrace = root().join("target/debug/ctrace");
+    let ctrace = ctrace_debug_bin();
     let mut failed_rounds = 0;
     for round in 1..=repeat {
         if repeat > 1 {
@@ -226,7 +236,7 @@ fn e2e_rounds(no_vm: bool, repeat: u32, tally: &mut Tally) -> anyhow::Result<()>
         }
     }
     if !no_vm {
-        vm_test(VmSelection::All, repeat, tally)?;
+        vm_test(VmSelection::All, repeat, &[], tally)?;
     }
     if failed_rounds > 0 {
         bail!("end-to-end tests failed on the host ({failed_rounds} test binary runs)");
@@ -337,9 +347,13 @@ fn e2e_test_binaries() -> anyhow::Result<Vec<PathBuf>> {
 /// Marks where each test binary's output starts in a guest's output.
 const SUITE_MARK: &str = "xtask-suite ";
 
-fn vm_test(selection: VmSelection, repeat: u32, tally: &mut Tally) -> anyhow::Result<()> {
+fn vm_test(selection: VmSelection, repeat: u32, only: &[String], tally: &mut Tally) -> anyhow::Result<()> {
     run(cargo().args(["build", "--bin", "ctrace"]))?;
     let bins = e2e_test_binaries()?;
+    let known: Vec<String> = bins.iter().map(|b| suite_name(b)).collect();
+    if let Some(unknown) = only.iter().find(|s| !known.contains(s)) {
+        bail!("no end-to-end suite is called {unknown}; there are {}", known.join(", "));
+    }
     let kernels: Vec<vm::KernelChoice> = match selection {
         VmSelection::Debian510 => vec![vm::KernelChoice::Debian510],
         VmSelection::Debian61 => vec![vm::KernelChoice::Debian61],
@@ -378,15 +392,16 @@ fn vm_test(selection: VmSelection, repeat: u32, tally: &mut Tally) -> anyhow::Re
             };
             // CTRACE_GUEST: tests that do not depend on the kernel run on the host only.
             let env = [
-                ("CTRACE_BIN".to_string(), root().join("target/debug/ctrace").display().to_string()),
+                ("CTRACE_BIN".to_string(), ctrace_debug_bin().display().to_string()),
                 ("CTRACE_GUEST".to_string(), kernel.label.to_string()),
             ];
             let of = if repeat > 1 { format!(", run {round} of {repeat}") } else { String::new() };
             eprintln!("xtask: end-to-end tests in the {} guest ({}{of})", kernel.label, kernel.release);
             // `all` (CI) runs the newest and oldest kernels' storm suite only
             // (the time budget; their whole suite: `--kernel 5.10`, `--kernel 7.x`).
-            let suites = smoke;
-            if let Some(suites) = suites {
+            let named: Vec<&str> = only.iter().map(String::as_str).collect();
+            let suites = if named.is_empty() { smoke } else { Some(&named[..]) };
+            if let (Some(suites), true) = (smoke, named.is_empty()) {
                 eprintln!("xtask: the {} guest runs the storm suites only ({suites:?}) in `all`", kernel.label);
             }
             let command = ["sh".into(), "-c".into(), script_for(suites)];

@@ -6,7 +6,8 @@
 //!   full table (nothing evicted) from a memory failure. A full table also
 //!   marks this CPU, so the packet's kfree_skb record carries the kernel's
 //!   own "table full".
-//! - `nf_ct_delete` inside `early_drop` is an eviction; elsewhere a deletion.
+//! - `nf_ct_delete` (or its split part) inside `early_drop` is an eviction;
+//!   elsewhere a deletion.
 //! - `__nf_conntrack_confirm` returning NF_ACCEPT with the entry now
 //!   confirmed is an insertion; NF_DROP is a failed insertion.
 //!
@@ -23,7 +24,7 @@ use ctrace_common::{counter, ct_event, kind, ConntrackEvent, ConntrackLayout};
 use crate::{
     maps::{count, output, set_mark, ALLOC_FAILED_PENDING, INSERT_FAILED_PENDING, TABLE_FULL_PENDING},
     read,
-    skb::{Net, Skb},
+    skb::{Net, Skb, NFCT_PTRMASK},
     task,
 };
 
@@ -47,6 +48,8 @@ static CONNTRACK_LAYOUT: ConntrackLayout = ConntrackLayout {
     net_gen: 0,
     net_generic_ptr: 0,
     cnet_count: 0,
+    net_ct_count: u32::MAX,
+    _pad: 0,
     net_id_addr: 0,
     max_addr: 0,
 };
@@ -84,7 +87,6 @@ static BORN: LruHashMap<u64, u64> = LruHashMap::with_max_entries(65536, 0);
 
 const NF_DROP: u64 = 0; // include/uapi/linux/netfilter.h
 const NF_ACCEPT: u64 = 1;
-const NFCT_PTRMASK: u64 = !7;
 const MAX_ERRNO: u64 = 4095;
 
 fn layout() -> ConntrackLayout {
@@ -125,7 +127,18 @@ pub fn ct_early_drop_ret(ctx: RetProbeContext) -> u32 {
 #[kprobe]
 pub fn ct_delete(ctx: ProbeContext) -> u32 {
     if let Some(ct) = ctx.arg::<u64>(0) {
-        let _ = on_delete(ct);
+        let _ = on_delete(ct, Dying::Check);
+    }
+    0
+}
+
+/// `nf_ct_delete.part.0`, where the compiler split the function (5.10,
+/// 7.x): its callers, early_drop and the gc among them, set the dying bit
+/// inline and call the part only when they won it.
+#[kprobe]
+pub fn ct_delete_part(ctx: ProbeContext) -> u32 {
+    if let Some(ct) = ctx.arg::<u64>(0) {
+        let _ = on_delete(ct, Dying::SetByCaller);
     }
     0
 }
@@ -174,7 +187,7 @@ pub fn ct_early_drop_fexit(ctx: FExitContext) -> i32 {
 
 #[fentry(function = "nf_ct_delete")]
 pub fn ct_delete_fentry(ctx: FEntryContext) -> i32 {
-    let _ = on_delete(ctx.arg(0));
+    let _ = on_delete(ctx.arg(0), Dying::Check);
     0
 }
 
@@ -234,24 +247,42 @@ fn on_alloc_return(ret: u64) {
 }
 
 /// The namespace's entry count and `nf_conntrack_max`, read where the
-/// kernel keeps them: `nf_ct_pernet(net)->count` and the global.
+/// kernel keeps them: `nf_ct_pernet(net)->count` (before 5.13
+/// `net->ct.count`) and the global.
 fn table_fill(l: &ConntrackLayout, net: u64) -> Result<(u32, u32), i64> {
-    if l.net_id_addr == 0 || l.max_addr == 0 {
+    if l.max_addr == 0 {
         return Err(0);
     }
-    let id: u32 = read::at(l.net_id_addr, 0)?;
-    let generic: u64 = read::at(net, l.net_gen)?;
-    let pernet: u64 = read::at(generic + l.net_generic_ptr as u64 + 8 * id as u64, 0)?;
-    let count: u32 = read::at(pernet, l.cnet_count)?;
+    let count: u32 = if l.net_id_addr != 0 {
+        let id: u32 = read::at(l.net_id_addr, 0)?;
+        let generic: u64 = read::at(net, l.net_gen)?;
+        let pernet: u64 = read::at(generic + l.net_generic_ptr as u64 + 8 * id as u64, 0)?;
+        read::at(pernet, l.cnet_count)?
+    } else if l.net_ct_count != u32::MAX {
+        read::at(net, l.net_ct_count)?
+    } else {
+        return Err(0);
+    };
     let max: u32 = read::at(l.max_addr, 0)?;
     Ok((count, max))
 }
 
-fn on_delete(ct: u64) -> Result<(), i64> {
+/// Whether the hooked function still has to win the entry's dying bit.
+#[derive(PartialEq)]
+enum Dying {
+    /// `nf_ct_delete`: an entry already dying is not deleted again.
+    Check,
+    /// Its split part: the caller set the bit, so it is always set here.
+    SetByCaller,
+}
+
+fn on_delete(ct: u64, dying: Dying) -> Result<(), i64> {
     let l = layout();
-    let status: u64 = read::at(ct, l.ct_status)?;
-    if status & l.ips_dying as u64 != 0 {
-        return Ok(()); // already on its way out: this call deletes nothing
+    if dying == Dying::Check {
+        let status: u64 = read::at(ct, l.ct_status)?;
+        if status & l.ips_dying as u64 != 0 {
+            return Ok(()); // already on its way out: this call deletes nothing
+        }
     }
     // Inside early_drop, an entry found expired is reaped as any expiry
     // (the kernel does not count it as an early drop); only a live one is

@@ -15,7 +15,8 @@ use ctrace_common::{counter, drop_flags, kind, KfreeSkbLayout, PacketDrop};
 
 use crate::{
     maps::{count, output_nth, recent, take_mark, INSERT_FAILED_PENDING, INVALID_PENDING, TABLE_FULL_PENDING},
-    skb::{self, Access, Direct, Net, Probe, Skb},
+    read,
+    skb::{self, Access, Direct, Net, Probe, Skb, NFCT_PTRMASK},
 };
 
 // TP_PROTO(struct sk_buff *skb, void *location, enum skb_drop_reason reason, ...)
@@ -66,6 +67,13 @@ fn on_netfilter_drop<A: Access>(layout: &KfreeSkbLayout, skb: Skb<A>, location: 
         flags |= drop_flags::CT_ATTACHED;
         if take_mark(&INSERT_FAILED_PENDING) == skb.0 {
             flags |= drop_flags::INSERT_FAILED;
+        } else if layout.ips_confirmed != 0 {
+            // Without the insert hooks, an unconfirmed entry is what tells
+            // a refused insertion from a rule's drop (user space decides).
+            let status: u64 = read::at(nfct & NFCT_PTRMASK, layout.ct_status).unwrap_or(u64::MAX);
+            if status & layout.ips_confirmed as u64 == 0 {
+                flags |= drop_flags::UNCONFIRMED;
+            }
         }
     }
 

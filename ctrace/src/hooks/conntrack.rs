@@ -25,6 +25,27 @@ pub struct Hook {
     /// The parameter count the fexit program assumes (it reads the return
     /// value after the arguments); checked against BTF.
     pub params: usize,
+    /// kprobe program for `FUNCTION.part.0`, where the compiler split the
+    /// function (GCC's partial inlining: callers run its first test inline
+    /// and call the rest, the part, directly); empty when the hook has none.
+    pub part: &'static str,
+}
+
+impl Hook {
+    /// The symbol of the function's split part.
+    pub fn part_symbol(&self) -> String {
+        format!("{}.part.0", self.function)
+    }
+
+    /// The symbol the kprobe goes on: the split part where the kernel has
+    /// one (every call passes through it), else the function.
+    pub fn kprobe_target(&self, split: &[&str]) -> String {
+        if split.contains(&self.function) {
+            self.part_symbol()
+        } else {
+            self.function.to_string()
+        }
+    }
 }
 
 /// The hook families, as `ctrace probes` and the record name them.
@@ -64,7 +85,7 @@ const fn hook(
     function: &'static str,
     params: usize,
 ) -> Hook {
-    Hook { kprobe, fentry, on_return, function, params }
+    Hook { kprobe, fentry, on_return, function, params, part: "" }
 }
 
 pub const FAMILIES: [Family; 4] = [
@@ -90,7 +111,9 @@ pub const FAMILIES: [Family; 4] = [
     },
     Family {
         id: HookFamily::Delete,
-        hooks: &[hook("ct_delete", "ct_delete_fentry", false, "nf_ct_delete", 3)],
+        // 5.10 and 7.x split nf_ct_delete: early_drop and the gc call its
+        // part after setting the dying bit themselves.
+        hooks: &[Hook { part: "ct_delete_part", ..hook("ct_delete", "ct_delete_fentry", false, "nf_ct_delete", 3) }],
         per_packet: false,
         needs: None,
     },
@@ -108,6 +131,20 @@ pub const FAMILIES: [Family; 4] = [
         needs: Some(HookFamily::TableFull),
     },
 ];
+
+/// What a family attached on a tier goes on, for `probes` and the record:
+/// "kprobes on nf_ct_delete.part.0".
+pub fn describe(family: &Family, tier: super::Tier, split: &[&str]) -> String {
+    let mut symbols: Vec<String> = family
+        .hooks
+        .iter()
+        .filter(|h| tier != super::Tier::Fentry || !h.fentry.is_empty())
+        .map(|h| if tier == super::Tier::Fentry { h.function.to_string() } else { h.kprobe_target(split) })
+        .collect();
+    symbols.dedup();
+    let kind = if tier == super::Tier::Fentry { "fentry/fexit" } else { "kprobes" };
+    format!("{kind} on {}", symbols.join(", "))
+}
 
 pub const LAYOUT_GLOBAL: &str = "CONNTRACK_LAYOUT";
 pub const MODULE_BTF: &str = "/sys/kernel/btf/nf_conntrack";
@@ -160,6 +197,8 @@ pub fn layout(btf: &Btf) -> Result<ConntrackLayout, BtfError> {
         net_gen: btf.member_offset("net", "gen").unwrap_or(u32::MAX),
         net_generic_ptr: btf.member_offset("net_generic", "ptr").unwrap_or(u32::MAX),
         cnet_count: btf.member_offset("nf_conntrack_net", "count").unwrap_or(u32::MAX),
+        net_ct_count: btf.member_offset("net", "ct.count").unwrap_or(u32::MAX),
+        _pad: 0,
         net_id_addr: 0,
         max_addr: 0,
     })
@@ -172,6 +211,9 @@ pub fn with_symbol_addresses(mut layout: ConntrackLayout, kallsyms: &Kallsyms) -
     let address = |wanted: &str| kallsyms.data_address(wanted);
     if [layout.net_gen, layout.net_generic_ptr, layout.cnet_count].iter().all(|o| *o != u32::MAX) {
         layout.net_id_addr = address("nf_conntrack_net_id").unwrap_or(0);
+        layout.max_addr = address("nf_conntrack_max").unwrap_or(0);
+    } else if layout.net_ct_count != u32::MAX {
+        // Before 5.13: the count is in `struct net`, no slot to look up.
         layout.max_addr = address("nf_conntrack_max").unwrap_or(0);
     }
     layout
@@ -211,15 +253,25 @@ ffffffffc0a10010 d nf_conntrack_max\t[nf_conntrack]
     #[test]
     fn table_fill_addresses_from_kallsyms() {
         let kallsyms = Kallsyms::parse(KALLSYMS.into());
-        let known = ConntrackLayout { net_gen: 8, net_generic_ptr: 0, cnet_count: 0, ..Default::default() };
+        let known = ConntrackLayout {
+            net_gen: 8,
+            net_generic_ptr: 0,
+            cnet_count: 0,
+            net_ct_count: u32::MAX,
+            ..Default::default()
+        };
         let l = with_symbol_addresses(known, &kallsyms);
         assert_eq!((l.net_id_addr, l.max_addr), (0xffffffffc0a10000, 0xffffffffc0a10010));
         // kptr_restrict: addresses read as zero, so the fill is not read.
         let hidden: String = KALLSYMS.lines().map(|l| format!("0000000000000000{}\n", &l[16..])).collect();
         let l = with_symbol_addresses(known, &Kallsyms::parse(hidden));
         assert_eq!((l.net_id_addr, l.max_addr), (0, 0));
-        // A kernel without nf_conntrack_net: no addresses either.
-        let l = with_symbol_addresses(ConntrackLayout { cnet_count: u32::MAX, ..known }, &kallsyms);
+        // A kernel with neither count: no addresses either.
+        let neither = ConntrackLayout { cnet_count: u32::MAX, net_ct_count: u32::MAX, ..known };
+        let l = with_symbol_addresses(neither, &kallsyms);
         assert_eq!((l.net_id_addr, l.max_addr), (0, 0));
+        // 5.10: the count in `struct net`, only the maximum's address needed.
+        let l = with_symbol_addresses(ConntrackLayout { net_ct_count: 0x1c0, ..neither }, &kallsyms);
+        assert_eq!((l.net_id_addr, l.max_addr), (0, 0xffffffffc0a10010));
     }
 }

@@ -88,10 +88,21 @@ pub fn layout(btf: &Btf, drop_site: Option<std::ops::Range<u64>>) -> Result<(Kfr
         dev_net: btf.member_offset("net_device", "nd_net.net")?,
         sock_net: btf.member_offset("sock", "__sk_common.skc_net.net")?,
         net_inum: btf.member_offset("net", "ns.inum")?,
+        // Conntrack's types may be in its module: see `with_conntrack`.
+        ct_status: 0,
+        ips_confirmed: 0,
         drop_site_start: site.start,
         drop_site_end: site.end,
     };
     Ok((layout, test))
+}
+
+/// Lets the drop program tell an unconfirmed entry (not yet in the table)
+/// from a confirmed one, with conntrack's own layout.
+pub fn with_conntrack(mut layout: KfreeSkbLayout, ct: &ctrace_common::ConntrackLayout) -> KfreeSkbLayout {
+    layout.ct_status = ct.ct_status;
+    layout.ips_confirmed = ct.ips_confirmed;
+    layout
 }
 
 #[cfg(test)]

@@ -156,6 +156,8 @@ pub struct Attached {
     /// The table-full family is attached: drops carry the kernel's own
     /// "table full" mark, and unmarked conntrack drops are not table-full.
     pub table_full_hooked: bool,
+    /// The insert family attached: refused insertions are marked exactly.
+    pub insert_hooked: bool,
     /// Raw TCP state values to states, from BTF.
     pub tcp_states: Vec<(u8, ConnState)>,
     /// What classification keeps of the kernel's symbols (the functions
@@ -187,6 +189,9 @@ pub(crate) fn conntrack_facts(
         }
     }
     for hook in conntrack::FAMILIES.iter().flat_map(|f| f.hooks) {
+        if !hook.part.is_empty() && has_function(&hook.part_symbol()) {
+            facts.split.push(hook.function);
+        }
         if !has_function(hook.function) {
             facts.missing.push(hook.function);
         } else if facts.built_in && btf.function_params(hook.function) != Some(hook.params) {
@@ -238,7 +243,7 @@ impl Attached {
             .into_iter()
             .next()
             .map(|(range, ())| range);
-        let (layout, drop_test) =
+        let (mut layout, drop_test) =
             kfree_skb::layout(&btf, drop_site).context("the tracepoint tier cannot run on this kernel")?;
 
         // The conntrack layout, when a hook tier is wanted and possible.
@@ -249,8 +254,14 @@ impl Attached {
             kprobes: conntrack::kprobes_supported(),
             ..Default::default()
         };
+        let ct_btf = conntrack::conntrack_btf(&btf, &kallsyms);
+        if let Ok(Some(ct_btf)) = &ct_btf {
+            // The drop program reads whether an entry was confirmed, on every tier.
+            if let Ok(ct) = conntrack::layout(ct_btf) {
+                layout = kfree_skb::with_conntrack(layout, &ct);
+            }
+        }
         if choice != TierChoice::Tracepoint {
-            let ct_btf = conntrack::conntrack_btf(&btf, &kallsyms);
             if let Some(layout) = conntrack_facts(&mut facts, &btf, &ct_btf, &|name| kallsyms.has_function(name)) {
                 ct_layout = conntrack::with_symbol_addresses(layout, &kallsyms);
                 if let Ok(Some(ct_btf)) = &ct_btf {
@@ -258,6 +269,7 @@ impl Attached {
                 }
             }
         }
+        drop(ct_btf);
         let plans = plan::plan(&facts, choice, wanted.invalid).map_err(anyhow::Error::msg)?;
         let symbols = crate::classify::Symbols::new(&kallsyms);
         // The same 6.7 series made trace_call_bpf count skipped runs and
@@ -306,7 +318,7 @@ impl Attached {
             for step in plan.steps {
                 match step {
                     plan::Step::Skip(tier, why) => whys.push(format!("{}: {why}", tier.name())),
-                    plan::Step::Try(tier) => match attach_family(&mut ebpf, family, tier, &aya_btf) {
+                    plan::Step::Try(tier) => match attach_family(&mut ebpf, family, tier, &facts.split, &aya_btf) {
                         Ok(detail) => {
                             attached = Some((tier, detail));
                             break;
@@ -319,8 +331,9 @@ impl Attached {
                 hooks.push(HookReport { hook: family.id, tier: None, detail: whys.join("; ") });
                 continue;
             };
-            if family.id == conntrack::HookFamily::TableFull && (ct_layout.net_id_addr == 0 || ct_layout.max_addr == 0)
-            {
+            let fill_readable =
+                ct_layout.max_addr != 0 && (ct_layout.net_id_addr != 0 || ct_layout.net_ct_count != u32::MAX);
+            if family.id == conntrack::HookFamily::TableFull && !fill_readable {
                 detail.push_str(
                     "; the table's fill at a refusal is not read (nf_conntrack_net_id or nf_conntrack_max \
                      not in /proc/kallsyms: kptr_restrict, or a kernel without CONFIG_KALLSYMS_ALL)",
@@ -329,7 +342,9 @@ impl Attached {
             hooks.push(HookReport { hook: family.id, tier: Some(tier), detail });
         }
         let tier = plan::settle(choice, &hooks).map_err(anyhow::Error::msg)?;
-        let table_full_hooked = hooks.iter().any(|h| h.hook == conntrack::HookFamily::TableFull && h.tier.is_some());
+        let hooked = |family| hooks.iter().any(|h| h.hook == family && h.tier.is_some());
+        let table_full_hooked = hooked(conntrack::HookFamily::TableFull);
+        let insert_hooked = hooked(conntrack::HookFamily::Insert);
 
         let events = RingBuf::try_from(ebpf.take_map("EVENTS").context("no EVENTS map")?)?;
         let counters = PerCpuArray::try_from(ebpf.take_map("COUNTERS").context("no COUNTERS map")?)?;
@@ -338,6 +353,7 @@ impl Attached {
             tier,
             hooks,
             table_full_hooked,
+            insert_hooked,
             tcp_states,
             symbols,
             kprobe_misses_counted,

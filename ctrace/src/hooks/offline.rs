@@ -11,7 +11,7 @@
 //! passes.
 use serde::Serialize;
 
-use super::{kfree_skb, plan, Tier, TierChoice};
+use super::{conntrack, kfree_skb, plan, Tier, TierChoice};
 use crate::btf::Btf;
 
 /// A kernel as its package ships it.
@@ -73,12 +73,12 @@ pub fn check(files: &KernelFiles) -> anyhow::Result<Vec<Verdict>> {
         }
         for step in family_plan.steps {
             verdicts.push(match step {
-                plan::Step::Try(tier) => {
-                    let mut functions: Vec<&str> = family_plan.family.hooks.iter().map(|h| h.function).collect();
-                    functions.dedup();
-                    let kind = if tier == Tier::Fentry { "fentry/fexit" } else { "kprobes" };
-                    Verdict { hook, tier: tier.name(), ok: true, detail: format!("{kind} on {}", functions.join(", ")) }
-                }
+                plan::Step::Try(tier) => Verdict {
+                    hook,
+                    tier: tier.name(),
+                    ok: true,
+                    detail: conntrack::describe(family_plan.family, tier, &facts.split),
+                },
                 plan::Step::Skip(tier, why) => Verdict { hook, tier: tier.name(), ok: false, detail: why },
             });
         }

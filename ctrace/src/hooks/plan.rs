@@ -24,6 +24,9 @@ pub struct KernelFacts {
     /// Hooked functions whose vmlinux BTF prototype is not the one the
     /// fentry/fexit programs assume (checked where conntrack is built in).
     pub fentry_mismatch: Vec<&'static str>,
+    /// Hooked functions the compiler split (`NAME.part.0` exists, and the
+    /// hook has a program for it): their kprobe goes on the part.
+    pub split: Vec<&'static str>,
 }
 
 /// One tier for one family: tried, or left out with the reason.
@@ -79,9 +82,17 @@ fn steps(facts: &KernelFacts, choice: TierChoice, family: &Family) -> Vec<Step> 
                 h.function, h.params
             )
         });
+        let split = family.hooks.iter().find(|h| facts.split.contains(&h.function)).map(|h| {
+            format!(
+                "`{}` is split by the compiler: callers that inline its first test call `{}`, which has no BTF \
+                 for fentry",
+                h.function,
+                h.part_symbol()
+            )
+        });
         steps.push(if !facts.built_in {
             Step::Skip(Tier::Fentry, "conntrack is a module (aya 0.14 cannot fentry-attach to module functions)".into())
-        } else if let Some(why) = not_a_function.clone().or(mismatch) {
+        } else if let Some(why) = not_a_function.clone().or(mismatch).or(split) {
             Step::Skip(Tier::Fentry, why)
         } else {
             Step::Try(Tier::Fentry)
@@ -198,6 +209,29 @@ mod tests {
         let plans = plan(&facts, TierChoice::Auto, false).unwrap();
         assert!(
             matches!(&of(&plans, HookFamily::Insert).steps[1], Step::Skip(Tier::Kprobe, why) if why.contains("no kprobes"))
+        );
+    }
+
+    /// 5.10 and 7.x call `nf_ct_delete.part.0` from early_drop and the gc:
+    /// the kprobe goes on the part, which fentry cannot reach.
+    #[test]
+    fn a_split_function_is_hooked_at_its_part_by_kprobes_only() {
+        let facts = KernelFacts { split: vec!["nf_ct_delete"], ..built_in() };
+        let plans = plan(&facts, TierChoice::Auto, false).unwrap();
+        let p = of(&plans, HookFamily::Delete);
+        assert!(matches!(&p.steps[0], Step::Skip(Tier::Fentry, why) if why.contains("nf_ct_delete.part.0")), "{p:?}");
+        assert_eq!(p.steps[1], Step::Try(Tier::Kprobe));
+        assert_eq!(of(&plans, HookFamily::Insert).steps[0], Step::Try(Tier::Fentry), "other families unaffected");
+        let delete = p.family;
+        assert_eq!(
+            crate::hooks::conntrack::describe(delete, Tier::Kprobe, &facts.split),
+            "kprobes on nf_ct_delete.part.0"
+        );
+        assert_eq!(crate::hooks::conntrack::describe(delete, Tier::Kprobe, &[]), "kprobes on nf_ct_delete");
+        let table_full = of(&plans, HookFamily::TableFull).family;
+        assert_eq!(
+            crate::hooks::conntrack::describe(table_full, Tier::Fentry, &facts.split),
+            "fentry/fexit on __nf_conntrack_alloc, early_drop"
         );
     }
 

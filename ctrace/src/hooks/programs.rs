@@ -47,60 +47,77 @@ pub(super) fn attach_family(
     ebpf: &mut Ebpf,
     family: &conntrack::Family,
     tier: Tier,
+    split: &[&str],
     aya_btf: &aya::Btf,
 ) -> Result<String, String> {
-    let mut done: Vec<&conntrack::Hook> = Vec::new();
+    let mut done: Vec<(&conntrack::Hook, Target)> = Vec::new();
     for hook in family.hooks.iter().filter(|h| tier != Tier::Fentry || !h.fentry.is_empty()) {
-        if let Err(err) = load_and_attach(ebpf, hook, tier, aya_btf) {
-            for undo in done {
-                unload(ebpf, undo, tier);
+        let target = Target::of(hook, tier, split);
+        if let Err(err) = load_and_attach(ebpf, hook, &target, aya_btf) {
+            for (undo, target) in done {
+                unload(ebpf, undo, &target);
             }
-            let name = if tier == Tier::Fentry { hook.fentry } else { hook.kprobe };
             return Err(match &err {
                 ProgramError::LoadError { io_error, .. } if is_permission_error(io_error) => {
-                    format!("the kernel refused to load {name} ({io_error})")
+                    format!("the kernel refused to load {} ({io_error})", target.program)
                 }
-                other => format!("{name} on {}: {other}", hook.function),
+                other => format!("{} on {}: {other}", target.program, target.symbol),
             });
         }
-        done.push(hook);
+        done.push((hook, target));
     }
-    let mut functions: Vec<&str> = family.hooks.iter().map(|h| h.function).collect();
-    functions.dedup();
-    let kind = if tier == Tier::Fentry { "fentry/fexit" } else { "kprobes" };
-    Ok(format!("{kind} on {}", functions.join(", ")))
+    Ok(conntrack::describe(family, tier, split))
+}
+
+/// Which program goes on which kernel symbol.
+struct Target {
+    tier: Tier,
+    program: &'static str,
+    symbol: String,
+}
+
+impl Target {
+    fn of(hook: &conntrack::Hook, tier: Tier, split: &[&str]) -> Self {
+        match tier {
+            Tier::Fentry => Target { tier, program: hook.fentry, symbol: hook.function.into() },
+            _ if split.contains(&hook.function) => Target { tier, program: hook.part, symbol: hook.part_symbol() },
+            _ => Target { tier, program: hook.kprobe, symbol: hook.function.into() },
+        }
+    }
 }
 
 fn load_and_attach(
     ebpf: &mut Ebpf,
     hook: &conntrack::Hook,
-    tier: Tier,
+    target: &Target,
     aya_btf: &aya::Btf,
 ) -> Result<(), ProgramError> {
-    match (tier, hook.on_return) {
+    match (target.tier, hook.on_return) {
         (Tier::Fentry, false) => {
-            let p: &mut FEntry = ebpf.program_mut(hook.fentry).ok_or(ProgramError::NotLoaded)?.try_into()?;
-            p.load(hook.function, aya_btf)?;
+            let p: &mut FEntry = ebpf.program_mut(target.program).ok_or(ProgramError::NotLoaded)?.try_into()?;
+            p.load(&target.symbol, aya_btf)?;
             p.attach().map(drop)
         }
         (Tier::Fentry, true) => {
-            let p: &mut FExit = ebpf.program_mut(hook.fentry).ok_or(ProgramError::NotLoaded)?.try_into()?;
-            p.load(hook.function, aya_btf)?;
+            let p: &mut FExit = ebpf.program_mut(target.program).ok_or(ProgramError::NotLoaded)?.try_into()?;
+            p.load(&target.symbol, aya_btf)?;
             p.attach().map(drop)
         }
         _ => {
-            let p: &mut KProbe = ebpf.program_mut(hook.kprobe).ok_or(ProgramError::NotLoaded)?.try_into()?;
+            let p: &mut KProbe = ebpf.program_mut(target.program).ok_or(ProgramError::NotLoaded)?.try_into()?;
             p.load()?;
-            p.attach(hook.function, 0).map(drop)
+            p.attach(target.symbol.as_str(), 0).map(drop)
         }
     }
 }
 
-fn unload(ebpf: &mut Ebpf, hook: &conntrack::Hook, tier: Tier) {
-    let _ = match (tier, hook.on_return) {
-        (Tier::Fentry, false) => ebpf.program_mut(hook.fentry).map(|p| <&mut FEntry>::try_from(p).map(|p| p.unload())),
-        (Tier::Fentry, true) => ebpf.program_mut(hook.fentry).map(|p| <&mut FExit>::try_from(p).map(|p| p.unload())),
-        _ => ebpf.program_mut(hook.kprobe).map(|p| <&mut KProbe>::try_from(p).map(|p| p.unload())),
+fn unload(ebpf: &mut Ebpf, hook: &conntrack::Hook, target: &Target) {
+    let _ = match (target.tier, hook.on_return) {
+        (Tier::Fentry, false) => {
+            ebpf.program_mut(target.program).map(|p| <&mut FEntry>::try_from(p).map(|p| p.unload()))
+        }
+        (Tier::Fentry, true) => ebpf.program_mut(target.program).map(|p| <&mut FExit>::try_from(p).map(|p| p.unload())),
+        _ => ebpf.program_mut(target.program).map(|p| <&mut KProbe>::try_from(p).map(|p| p.unload())),
     };
 }
 
