@@ -3,20 +3,28 @@
 //! live; classification keeps the address ranges of the few functions that
 //! free dropped packets. The table itself is dropped once attached.
 //!
-//! No symbol name is copied: the text is kept whole and symbols point into
-//! it, so a kernel's 100,000+ symbols cost one allocation and one sort.
-//! (Under an emulated CPU, a set of every function name took 9 s to build.)
-use std::ops::Range;
+//! Names are kept in one string, each symbol pointing into it, so a
+//! kernel's 100,000+ symbols cost a few allocations and one sort. (Under an
+//! emulated CPU, a set of every function name took 9 s to build.) The file
+//! is read a line at a time: addresses, types and module names are not
+//! kept as text, which halves the table's megabytes at start-up (the
+//! process's peak).
+use std::{
+    io::{BufRead, BufReader},
+    ops::Range,
+};
 
 /// One line: `ADDRESS TYPE NAME [MODULE]`.
 #[derive(Clone, Copy, Debug)]
 struct Sym {
     addr: u64,
-    /// Start of the name in the text, and its length.
+    /// Start of the name in `names`, and its length.
     name_at: u32,
-    name_len: u32,
+    name_len: u16,
     /// The type letter (`t`/`T` text, `d`/`D`/`b`/`B`/`r`/`R` data, ...).
     kind: u8,
+    /// The line names a module (`[nf_conntrack]`).
+    in_module: bool,
 }
 
 impl Sym {
@@ -25,12 +33,12 @@ impl Sym {
     }
 
     fn name_range(&self) -> Range<usize> {
-        self.name_at as usize..(self.name_at + self.name_len) as usize
+        self.name_at as usize..self.name_at as usize + self.name_len as usize
     }
 }
 
 pub struct Kallsyms {
-    text: String,
+    names: String,
     /// Sorted by address (hidden addresses, all zero, first).
     syms: Vec<Sym>,
 }
@@ -39,30 +47,46 @@ impl Kallsyms {
     /// Reads `/proc/kallsyms`. Unreadable, it is empty: no function is
     /// known, and the callers say what that turns off.
     pub fn read() -> Self {
-        Self::parse(std::fs::read_to_string("/proc/kallsyms").unwrap_or_default())
+        match std::fs::File::open("/proc/kallsyms") {
+            Ok(file) => Self::from_reader(BufReader::with_capacity(64 * 1024, file)),
+            Err(_) => Self::parse(String::new()),
+        }
     }
 
     pub fn parse(text: String) -> Self {
-        let mut syms = Vec::with_capacity(text.len() / 40);
-        let mut at = 0usize;
-        for line in text.split_inclusive('\n') {
-            let start = at;
-            at += line.len();
+        Self::from_reader(text.as_bytes())
+    }
+
+    fn from_reader(mut reader: impl BufRead) -> Self {
+        let (mut names, mut syms) = (String::new(), Vec::new());
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match reader.read_line(&mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
             let mut fields = line.split_ascii_whitespace();
             let (Some(addr), Some(kind), Some(name)) = (fields.next(), fields.next(), fields.next()) else {
                 continue;
             };
-            let (Ok(addr), [kind]) = (u64::from_str_radix(addr, 16), kind.as_bytes()) else { continue };
-            // `name` is a slice of `line`: its offset in the text follows.
-            let name_at = start + (name.as_ptr() as usize - line.as_ptr() as usize);
-            syms.push(Sym { addr, name_at: name_at as u32, name_len: name.len() as u32, kind: *kind });
+            let (Ok(addr), [kind], Ok(name_len)) =
+                (u64::from_str_radix(addr, 16), kind.as_bytes(), name.len().try_into())
+            else {
+                continue;
+            };
+            let in_module = fields.next().is_some_and(|m| m.starts_with('['));
+            syms.push(Sym { addr, name_at: names.len() as u32, name_len, kind: *kind, in_module });
+            names.push_str(name);
         }
+        names.shrink_to_fit();
+        syms.shrink_to_fit();
         syms.sort_unstable_by_key(|s| s.addr);
-        Kallsyms { text, syms }
+        Kallsyms { names, syms }
     }
 
     fn name(&self, sym: &Sym) -> &str {
-        &self.text[sym.name_range()]
+        &self.names[sym.name_range()]
     }
 
     fn named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Sym> + 'a {
@@ -78,9 +102,7 @@ impl Kallsyms {
     /// Whether the function lives in a module (its line ends in
     /// `[module]`); None when there is no such function.
     pub fn function_in_module(&self, name: &str) -> Option<bool> {
-        let sym = self.named(name).find(|s| s.is_function())?;
-        let rest = self.text[sym.name_range().end..].split('\n').next().unwrap_or("");
-        Some(rest.trim_start().starts_with('['))
+        self.named(name).find(|s| s.is_function()).map(|s| s.in_module)
     }
 
     /// The address of a data symbol (a variable), if shown (not zero: root

@@ -10,7 +10,9 @@
 //!    process's own CPU time and the kernel programs' run time (bpf_stats)
 //!    count, since per-packet work happens in the kernel.
 //! 4. A random-source flood with record, live and serve running: memory,
-//!    file size, lost events, totals (flood.rs).
+//!    file size, lost events, totals; then the same flood with `ctrace
+//!    live` alone and with the bpftrace script alone, for their CPU
+//!    (flood.rs).
 use std::{
     net::Ipv4Addr,
     path::Path,
@@ -23,7 +25,13 @@ use ctrace_tests::{Lab, Sysctl};
 
 use crate::{figures::Figures, root, run};
 
-pub fn bench(storm_secs: u64, storm_only: bool, flood_secs: u64, json: Option<&Path>) -> anyhow::Result<()> {
+pub fn bench(
+    storm_secs: u64,
+    storm_only: bool,
+    flood_secs: u64,
+    json: Option<&Path>,
+    guests: bool,
+) -> anyhow::Result<()> {
     run(Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())).args(["build", "--release"]))?;
     let bin = root().join("target/release/ctrace");
     let mut report = Vec::new();
@@ -50,8 +58,14 @@ pub fn bench(storm_secs: u64, storm_only: bool, flood_secs: u64, json: Option<&P
     if storm_only {
         figures.skip("synthetic.events_per_s", "--storm-only");
     }
-    for key in ["connections.off.per_s", "connections.kprobe.per_s", "connections.fentry.per_s"] {
-        figures.skip(key, "the bench does not measure new connections per second in the guests yet (issue 13)");
+    if guests {
+        // ctrace's debug build: the guests see the host's files, and the
+        // release build is above; either is the same programs.
+        report.extend(crate::connections::in_guests(&bin, storm_secs.max(5), &mut figures)?);
+    } else {
+        for key in crate::figures::KEYS.iter().filter(|k| k.starts_with("connections.")) {
+            figures.skip(key, "measured in guest kernels: cargo xtask bench --guests");
+        }
     }
 
     // SAFETY: geteuid has no preconditions.
@@ -62,6 +76,8 @@ pub fn bench(storm_secs: u64, storm_only: bool, flood_secs: u64, json: Option<&P
         }
         if flood_secs > 0 {
             report.extend(crate::flood::flood(&bin, flood_secs, &mut figures)?);
+            // Per tool as long as a storm runs per tool.
+            report.extend(crate::flood::flood_cpu(&bin, storm_secs.max(5), &mut figures)?);
         }
     } else {
         report.push("storm CPU and flood memory: not measured: need root (namespaces, BPF)".into());
@@ -174,7 +190,7 @@ fn bpf_programs() -> anyhow::Result<Vec<(u64, u64, u64, String)>> {
         .unwrap_or_default())
 }
 
-struct Tool {
+pub struct Tool {
     name: &'static str,
     child: Child,
     programs: Vec<u64>,
@@ -197,7 +213,7 @@ impl Drop for Tool {
     }
 }
 
-fn start(name: &'static str, cmd: &mut Command) -> anyhow::Result<Tool> {
+pub fn start(name: &'static str, cmd: &mut Command) -> anyhow::Result<Tool> {
     let before: Vec<u64> = bpf_programs()?.iter().map(|p| p.0).collect();
     let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().with_context(|| format!("start {name}"))?;
     let mut tool = Tool { name, child, programs: Vec::new() };
@@ -225,10 +241,10 @@ const BPFTRACE: &str = "tracepoint:skb:kfree_skb /args->reason == 12/ { \
     @drops[ntop($ip->saddr)] = count(); }";
 
 /// Mounts tracefs (bpftrace needs it) for the bench's duration.
-struct Tracefs(bool);
+pub struct Tracefs(bool);
 
 impl Tracefs {
-    fn ensure() -> Self {
+    pub fn ensure() -> Self {
         if Path::new("/sys/kernel/tracing/events").exists() {
             return Tracefs(false);
         }
@@ -266,25 +282,17 @@ fn storm_cpu(bin: &Path, secs: u64, figures: &mut Figures) -> anyhow::Result<Vec
         (0..room).map(|_| lab.connect(FILLER, PORT, Duration::from_secs(2))).collect::<Result<_, _>>()?;
 
     let mut lines = Vec::new();
-    let bpftrace_found = Command::new("bpftrace").arg("--version").output().is_ok();
     // Each tool with the key its figures go under (None: printed only).
-    let mut tools: Vec<(&'static str, Option<&'static str>, Command)> = Vec::new();
-    let mut live = Command::new(bin);
-    live.args(["live", "--plain"]);
-    tools.push(("ctrace live --plain", Some("ctrace"), live));
+    let mut tools = compared_tools(bin);
     // The per-packet invalid hook, where hooks attach: what it adds per packet.
     if Path::new("/sys/bus/event_source/devices/kprobe").exists() {
         let mut with_invalid = Command::new(bin);
         with_invalid.args(["live", "--plain", "--invalid"]);
-        tools.push(("ctrace live --plain --invalid", None, with_invalid));
+        tools.insert(1, ("ctrace live --plain --invalid", None, with_invalid));
     } else {
         lines.push("storm CPU, --invalid: not measured: no kprobes here (run the bench in a guest kernel)".into());
     }
-    if bpftrace_found {
-        let mut bt = Command::new("bpftrace");
-        bt.args(["-e", BPFTRACE]);
-        tools.push(("bpftrace (count per source)", Some("bpftrace"), bt));
-    } else {
+    if !bpftrace_installed() {
         lines.push("storm CPU, bpftrace: not measured: bpftrace is not installed (apt-get install bpftrace)".into());
         for key in ["storm.bpftrace.kernel_ns_per_drop", "storm.bpftrace.cpu_share", "storm.bpftrace.drops_per_s"] {
             figures.skip(key, "bpftrace is not installed");
@@ -293,62 +301,116 @@ fn storm_cpu(bin: &Path, secs: u64, figures: &mut Figures) -> anyhow::Result<Vec
     lines.push(quit_latency(bin, &lab, &storm, PORT)?);
     for (name, key, mut cmd) in tools {
         let tool = start(name, &mut cmd)?;
-        let progs_before = bpf_programs()?;
-        let cpu_before = cpu_seconds(tool.child.id())?;
-        let drops_before = lab.server.conntrack_stat()?.drop;
-        let started = Instant::now();
-        let mut sent = 0;
-        while started.elapsed() < Duration::from_secs(secs) {
-            for src in &storm {
-                sent += lab.syn_burst(*src, PORT, 200);
-            }
-        }
-        let wall = started.elapsed().as_secs_f64();
-        let drops = lab.server.conntrack_stat()?.drop - drops_before;
-        let cpu = cpu_seconds(tool.child.id())? - cpu_before;
-        let progs_after = bpf_programs()?;
-        let (mut run_ns, mut runs) = (0u64, 0u64);
-        let mut per_program = Vec::new();
-        for (id, ns, cnt, name) in &progs_after {
-            if tool.programs.contains(id) {
-                let (ns0, cnt0) = progs_before.iter().find(|p| p.0 == *id).map_or((0, 0), |p| (p.1, p.2));
-                let (ns, cnt) = (ns - ns0, cnt - cnt0);
-                run_ns += ns;
-                runs += cnt;
-                if cnt > 0 {
-                    per_program.push(format!("{name} {cnt} runs, {:.0} ns/run", ns as f64 / cnt as f64));
-                }
-            }
-        }
-        lines.push(format!(
-            "storm CPU, {}: {drops} table-full drops ({sent} SYNs) in {wall:.1} s ({:.0}/s); process {:.3} s CPU \
-             ({:.1}% of a core); kernel programs {:.3} s over {runs} runs ({:.0} ns/run); total {:.1}% of a core",
-            tool.name,
-            drops as f64 / wall,
-            cpu,
-            100.0 * cpu / wall,
-            run_ns as f64 / 1e9,
-            if runs == 0 { 0.0 } else { run_ns as f64 / runs as f64 },
-            100.0 * (cpu + run_ns as f64 / 1e9) / wall
-        ));
-        lines.push(format!("  per program: {}", per_program.join("; ")));
-        let share = (cpu + run_ns as f64 / 1e9) / wall;
-        let per_drop = run_ns as f64 / drops.max(1) as f64;
-        match key {
-            Some("ctrace") => {
-                figures.set("storm.ctrace.kernel_ns_per_drop", per_drop);
-                figures.set("storm.ctrace.cpu_share", share);
-                figures.set("storm.ctrace.drops_per_s", drops as f64 / wall);
-            }
-            Some("bpftrace") => {
-                figures.set("storm.bpftrace.kernel_ns_per_drop", per_drop);
-                figures.set("storm.bpftrace.cpu_share", share);
-                figures.set("storm.bpftrace.drops_per_s", drops as f64 / wall);
-            }
-            _ => {}
-        }
+        let m = measure(&tool, &lab, secs, || Ok(storm.iter().map(|src| lab.syn_burst(*src, PORT, 200)).sum()))?;
+        lines.push(m.line("storm CPU", "table-full drops", "SYNs"));
+        lines.push(format!("  per program: {}", m.per_program.join("; ")));
+        let keys = match key {
+            Some("ctrace") => ["storm.ctrace.kernel_ns_per_drop", "storm.ctrace.cpu_share", "storm.ctrace.drops_per_s"],
+            Some(_) => ["storm.bpftrace.kernel_ns_per_drop", "storm.bpftrace.cpu_share", "storm.bpftrace.drops_per_s"],
+            None => continue,
+        };
+        figures.set(keys[0], m.kernel_ns_per_drop());
+        figures.set(keys[1], m.cpu_share());
+        figures.set(keys[2], m.drops as f64 / m.wall);
     }
     Ok(lines)
+}
+
+/// The tools whose cost is compared: `ctrace live --plain` (figures under
+/// `ctrace`) and the bpftrace script (under `bpftrace`), if installed.
+pub fn compared_tools(bin: &Path) -> Vec<(&'static str, Option<&'static str>, Command)> {
+    let mut live = Command::new(bin);
+    live.args(["live", "--plain"]);
+    let mut tools = vec![("ctrace live --plain", Some("ctrace"), live)];
+    if bpftrace_installed() {
+        let mut bt = Command::new("bpftrace");
+        bt.args(["-e", BPFTRACE]);
+        tools.push(("bpftrace (count per source)", Some("bpftrace"), bt));
+    }
+    tools
+}
+
+pub fn bpftrace_installed() -> bool {
+    Command::new("bpftrace").arg("--version").output().is_ok()
+}
+
+/// One tool's cost over a stretch of traffic: its process's CPU time and
+/// its kernel programs' run time (bpf_stats must be on).
+pub struct Measured {
+    pub name: &'static str,
+    pub drops: u64,
+    pub sent: u64,
+    pub wall: f64,
+    pub cpu: f64,
+    pub run_ns: u64,
+    pub runs: u64,
+    pub per_program: Vec<String>,
+}
+
+impl Measured {
+    /// Process and kernel programs together, as a share of one core.
+    pub fn cpu_share(&self) -> f64 {
+        (self.cpu + self.run_ns as f64 / 1e9) / self.wall
+    }
+
+    pub fn kernel_ns_per_drop(&self) -> f64 {
+        self.run_ns as f64 / self.drops.max(1) as f64
+    }
+
+    pub fn line(&self, what: &str, dropped: &str, sent: &str) -> String {
+        format!(
+            "{what}, {}: {} {dropped} ({} {sent}) in {:.1} s ({:.0}/s); process {:.3} s CPU ({:.1}% of a core); \
+             kernel programs {:.3} s over {} runs ({:.0} ns/run, {:.0} ns/drop); total {:.1}% of a core",
+            self.name,
+            self.drops,
+            self.sent,
+            self.wall,
+            self.drops as f64 / self.wall,
+            self.cpu,
+            100.0 * self.cpu / self.wall,
+            self.run_ns as f64 / 1e9,
+            self.runs,
+            if self.runs == 0 { 0.0 } else { self.run_ns as f64 / self.runs as f64 },
+            self.kernel_ns_per_drop(),
+            100.0 * self.cpu_share()
+        )
+    }
+}
+
+/// Runs `traffic` (each call sends a batch, returning how many packets)
+/// for `secs` with `tool` attached, and measures it; drops are the server
+/// namespace's `drop` counter.
+pub fn measure(
+    tool: &Tool,
+    lab: &Lab,
+    secs: u64,
+    mut traffic: impl FnMut() -> anyhow::Result<u64>,
+) -> anyhow::Result<Measured> {
+    let progs_before = bpf_programs()?;
+    let cpu_before = cpu_seconds(tool.child.id())?;
+    let drops_before = lab.server.conntrack_stat()?.drop;
+    let started = Instant::now();
+    let mut sent = 0;
+    while started.elapsed() < Duration::from_secs(secs) {
+        sent += traffic()?;
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let drops = lab.server.conntrack_stat()?.drop - drops_before;
+    let cpu = cpu_seconds(tool.child.id())? - cpu_before;
+    let (mut run_ns, mut runs) = (0u64, 0u64);
+    let mut per_program = Vec::new();
+    for (id, ns, cnt, name) in &bpf_programs()? {
+        if tool.programs.contains(id) {
+            let (ns0, cnt0) = progs_before.iter().find(|p| p.0 == *id).map_or((0, 0), |p| (p.1, p.2));
+            let (ns, cnt) = (ns - ns0, cnt - cnt0);
+            run_ns += ns;
+            runs += cnt;
+            if cnt > 0 {
+                per_program.push(format!("{name} {cnt} runs, {:.0} ns/run", ns as f64 / cnt as f64));
+            }
+        }
+    }
+    Ok(Measured { name: tool.name, drops, sent, wall, cpu, run_ns, runs, per_program })
 }
 
 /// Time from pressing `q` in the terminal UI to the process's exit, measured

@@ -21,7 +21,10 @@ pub const KEYS: &[&str] = &[
     "synthetic.events_per_s",
     "connections.off.per_s",
     "connections.kprobe.per_s",
+    "connections.kprobe_invalid.per_s",
+    "connections.off_builtin.per_s",
     "connections.fentry.per_s",
+    "connections.fentry_invalid.per_s",
 ];
 
 #[derive(Default)]

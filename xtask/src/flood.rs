@@ -15,7 +15,7 @@ use std::{
 
 use anyhow::Context as _;
 
-use crate::figures::Figures;
+use crate::{bench, figures::Figures};
 use ctrace_tests::{
     free_port, http_get, peak_rss_kib, wait_for, Daemon, Lab, Recording, Spoofed, Sysctl, TempDir, FILL_TIMEOUT, HANG,
 };
@@ -86,9 +86,6 @@ pub fn flood(bin: &Path, secs: u64, figures: &mut Figures) -> anyhow::Result<Vec
 
     figures.set("flood.drops_per_s", drops as f64 / flood_s);
     figures.set("flood.ctrace.lost_events", record["totals"]["lost_events"].as_f64().unwrap_or(f64::NAN));
-    let together = "record, live and serve run together in the flood: one tool's CPU is not separated yet";
-    figures.skip("flood.ctrace.cpu_share", together);
-    figures.skip("flood.bpftrace.cpu_share", "bpftrace does not run in the flood yet");
     let size = std::fs::metadata(&path)?.len();
     let totals = &record["totals"];
     let flood = &snapshot["flood"];
@@ -122,6 +119,42 @@ pub fn flood(bin: &Path, secs: u64, figures: &mut Figures) -> anyhow::Result<Vec
             sample("ctrace_destination_random_source_flood{")
         ),
     ])
+}
+
+/// The same flood with one tool at a time: `ctrace live --plain`, then the
+/// bpftrace script, each's process CPU and kernel program time (bpf_stats).
+pub fn flood_cpu(bin: &Path, secs: u64, figures: &mut Figures) -> anyhow::Result<Vec<String>> {
+    let filler = Ipv4Addr::new(198, 18, 0, 2);
+    let lab = Lab::new("bfcpu", &[filler])?;
+    lab.track_connections("ctrace_bfcpu")?;
+    lab.route_all_back()?;
+    let _listener = lab.listen(PORT)?;
+    let _stats = Sysctl::set("kernel.bpf_stats_enabled", "1")?;
+    let _tracefs = bench::Tracefs::ensure();
+    let _max = Sysctl::set("net.netfilter.nf_conntrack_max", &TABLE_MAX.to_string())?;
+    let room = TABLE_MAX - lab.server.conntrack_stat()?.entries;
+    let _held: Vec<_> = (0..room).map(|_| lab.connect(filler, PORT, FILL_TIMEOUT)).collect::<Result<_, _>>()?;
+    let mut lines = Vec::new();
+    if !bench::bpftrace_installed() {
+        figures.skip("flood.bpftrace.cpu_share", "bpftrace is not installed");
+    }
+    let mut seed = 1;
+    for (name, key, mut cmd) in bench::compared_tools(bin) {
+        let tool = bench::start(name, &mut cmd)?;
+        let m = bench::measure(&tool, &lab, secs, || {
+            let (n, next) = lab.syn_flood_random_sources(PORT, 20_000, Spoofed::Anywhere, seed)?;
+            seed = next;
+            Ok(u64::from(n))
+        })?;
+        lines.push(m.line("random-source flood CPU", "table-full drops", "SYNs"));
+        lines.push(format!("  per program: {}", m.per_program.join("; ")));
+        match key {
+            Some("ctrace") => figures.set("flood.ctrace.cpu_share", m.cpu_share()),
+            Some(_) => figures.set("flood.bpftrace.cpu_share", m.cpu_share()),
+            None => {}
+        }
+    }
+    Ok(lines)
 }
 
 /// `ctrace live --format jsonl`, once it prints its first snapshot; later

@@ -1,5 +1,6 @@
 //! Project tasks: `cargo xtask setup`, `cargo xtask test`.
 mod bench;
+mod connections;
 mod figures;
 mod fleet;
 mod flood;
@@ -57,6 +58,15 @@ enum Task {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Inside a guest (run by `bench --guests`): new connections per second
+    /// through a namespace, off, with ctrace on TIER, with --invalid.
+    #[command(hide = true)]
+    ConnRate {
+        #[arg(long, default_value = "5")]
+        secs: u64,
+        #[arg(long)]
+        tier: String,
+    },
     /// Run the privileged end-to-end tests inside guest kernels.
     VmTest {
         #[arg(long, value_enum, default_value = "all")]
@@ -88,13 +98,19 @@ enum Task {
         #[arg(long)]
         storm_only: bool,
         /// Seconds of random-source flood with record, live and serve
-        /// running (root; 0 skips it).
+        /// running (root; 0 skips it); then `--storm-secs` (at least 5) of
+        /// it per tool for the CPU comparison with bpftrace.
         #[arg(long, default_value = "60")]
         flood_secs: u64,
         /// Also write every figure under fixed keys to FILE (JSON; null,
         /// with the reason, where this run could not measure one).
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
+        /// Also measure new connections per second in the 6.12 guest
+        /// (kprobe tier) and the built-in 6.12 guest (fentry tier), with
+        /// and without ctrace attached (emulated CPUs: ratios only).
+        #[arg(long)]
+        guests: bool,
     },
     /// Check every hook against each Debian kernel line (5.10, 6.1, 6.12,
     /// the newest 7.x) from its package, without booting it; print the
@@ -122,10 +138,11 @@ fn main() -> ExitCode {
     let result = match Cli::parse().task {
         Task::Setup => setup::setup(),
         Task::Test { no_setup, no_vm, repeat } => test(no_setup, no_vm, repeat),
-        Task::Bench { storm_secs, storm_only, flood_secs, json } => {
-            bench::bench(storm_secs, storm_only, flood_secs, json.as_deref())
+        Task::Bench { storm_secs, storm_only, flood_secs, json, guests } => {
+            bench::bench(storm_secs, storm_only, flood_secs, json.as_deref(), guests)
         }
         Task::BenchTable { file } => bench_table(&file),
+        Task::ConnRate { secs, tier } => connections::conn_rate(secs, &tier),
         Task::Install { prefix } => install(&prefix),
         Task::Image { tag } => fleet::image(&tag),
         Task::Kernels { write } => kernels::kernels(write),

@@ -1,7 +1,7 @@
 //! Loader side of the conntrack hooks (kprobe tier): where conntrack's types
 //! are described (vmlinux or the module's split BTF), the layout the
 //! programs read, and which kernel functions each hook family needs.
-use std::path::Path;
+use std::{borrow::Cow, path::Path};
 
 use ctrace_common::ConntrackLayout;
 
@@ -163,12 +163,13 @@ pub fn built_in(kallsyms: &Kallsyms) -> bool {
 /// conntrack's types: the module's split BTF when it is a module, else
 /// vmlinux when it is built in. None when it is not loaded (vmlinux may
 /// still describe `struct nf_conn`: the functions are what tell).
-pub fn conntrack_btf(vmlinux: &Btf, kallsyms: &Kallsyms) -> Result<Option<Btf>, BtfError> {
+/// (Borrowed when built in: vmlinux's parse is megabytes, not copied.)
+pub fn conntrack_btf<'a>(vmlinux: &'a Btf, kallsyms: &Kallsyms) -> Result<Option<Cow<'a, Btf>>, BtfError> {
     if Path::new(MODULE_BTF).exists() {
         let bytes = std::fs::read(MODULE_BTF).map_err(|source| BtfError::Read { path: MODULE_BTF.into(), source })?;
-        return Btf::parse(&bytes, Some(vmlinux)).map(Some);
+        return Btf::parse(&bytes, Some(vmlinux)).map(|b| Some(Cow::Owned(b)));
     }
-    Ok(kallsyms.has_function("nf_conntrack_in").then(|| vmlinux.clone()))
+    Ok(kallsyms.has_function("nf_conntrack_in").then_some(Cow::Borrowed(vmlinux)))
 }
 
 /// Every offset and mask the conntrack programs use.

@@ -177,7 +177,7 @@ pub struct Attached {
 pub(crate) fn conntrack_facts(
     facts: &mut plan::KernelFacts,
     btf: &Btf,
-    ct_btf: &Result<Option<Btf>, crate::btf::BtfError>,
+    ct_btf: &Result<Option<std::borrow::Cow<'_, Btf>>, crate::btf::BtfError>,
     has_function: &dyn Fn(&str) -> bool,
 ) -> Option<ctrace_common::ConntrackLayout> {
     facts.blocker = conntrack_blocker(ct_btf);
@@ -202,7 +202,7 @@ pub(crate) fn conntrack_facts(
 }
 
 /// Why no conntrack hook can run at all, if none can.
-fn conntrack_blocker(ct_btf: &Result<Option<Btf>, crate::btf::BtfError>) -> Option<String> {
+fn conntrack_blocker(ct_btf: &Result<Option<std::borrow::Cow<'_, Btf>>, crate::btf::BtfError>) -> Option<String> {
     match ct_btf {
         Ok(None) => Some(
             "nf_conntrack is not loaded yet (it loads with the first conntrack rule, or `modprobe nf_conntrack`); \
@@ -279,9 +279,13 @@ impl Attached {
         // their megabytes go before aya parses the BTF again (the peak).
         drop(kallsyms);
         drop(btf);
-        let aya_btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
-
+        // EbpfLoader::new() parses the kernel's BTF itself, and aya offers
+        // no way to borrow that parse for the program loads below: drop it
+        // before making the one ctrace keeps, so that one parse is alive
+        // at a time (two were the process's peak).
         let mut loader = EbpfLoader::new();
+        loader.btf(None);
+        let aya_btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
         if let Some(kib) = wanted.ring_kib {
             loader.map_max_entries("EVENTS", kib * 1024);
         }

@@ -9,6 +9,8 @@
 //! What files cannot tell: whether the verifier accepts the programs, and
 //! whether an fentry attach succeeds. "ok" means every check before loading
 //! passes.
+use std::borrow::Cow;
+
 use serde::Serialize;
 
 use super::{conntrack, kfree_skb, plan, Tier, TierChoice};
@@ -57,9 +59,9 @@ pub fn check(files: &KernelFiles) -> anyhow::Result<Vec<Verdict>> {
     let mut facts =
         plan::KernelFacts { built_in: files.module_functions.is_none(), kprobes: files.kprobes, ..Default::default() };
     let ct_btf = match &files.module_btf {
-        Some(bytes) => Btf::parse(bytes, Some(&btf)).map(Some),
+        Some(bytes) => Btf::parse(bytes, Some(&btf)).map(|b| Some(Cow::Owned(b))),
         // Built in, or a module without BTF (5.10): vmlinux's types, if conntrack is there.
-        None => Ok(has_function("nf_conntrack_in").then(|| btf.clone())),
+        None => Ok(has_function("nf_conntrack_in").then_some(Cow::Borrowed(&btf))),
     };
     super::conntrack_facts(&mut facts, &btf, &ct_btf, &has_function);
     let plans = plan::plan(&facts, TierChoice::Auto, true).map_err(anyhow::Error::msg)?;
