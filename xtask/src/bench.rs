@@ -174,7 +174,7 @@ fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
 }
 
 /// Loaded programs: (id, run_time_ns, run_cnt, name), from bpftool.
-fn bpf_programs() -> anyhow::Result<Vec<(u64, u64, u64, String)>> {
+pub fn bpf_programs() -> anyhow::Result<Vec<(u64, u64, u64, String)>> {
     let out = Command::new("bpftool").args(["-j", "prog", "show"]).output().context("bpftool")?;
     let progs: serde_json::Value = serde_json::from_slice(&out.stdout).context("bpftool JSON")?;
     Ok(progs

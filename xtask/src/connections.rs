@@ -15,7 +15,7 @@ use anyhow::Context as _;
 use ctrace_tests::{Lab, Recording, Sysctl, TempDir, SERVER};
 use socket2::{Domain, Socket, Type};
 
-use crate::{figures::Figures, vm};
+use crate::{bench, figures::Figures, vm};
 
 const PORT: u16 = 8090;
 const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
@@ -23,12 +23,17 @@ const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 const MARK: &str = "xtask-conn-rate ";
 
 /// In the guest: connections per second with nothing attached, with
-/// `ctrace record --tier TIER`, with `--invalid` too, and with nothing
-/// again (the drift between the two "off" runs is the noise floor).
+/// `ctrace record --tier TIER`, and with `--invalid` too, three rounds of
+/// the three, interleaved (emulated CPUs drift); medians, and the spread
+/// of the "off" runs (the noise floor).
 pub fn conn_rate(secs: u64, tier: &str) -> anyhow::Result<()> {
+    const ROUNDS: usize = 3;
     let lab = Lab::new("conn", &[CLIENT])?;
     lab.track_connections("ctrace_conn")?;
-    // Each connection leaves a closing entry for a while: room for all.
+    // Each connection ends with a reset; its closed entry then leaves after
+    // a second (the namespace's own timeout), so the table stays the same
+    // size from round to round.
+    lab.server.enter(|| std::fs::write("/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_close", "1"))?;
     let _max = Sysctl::set("net.netfilter.nf_conntrack_max", "1048576")?;
     let listener = lab.listen(PORT)?;
     std::thread::spawn(move || {
@@ -38,24 +43,56 @@ pub fn conn_rate(secs: u64, tier: &str) -> anyhow::Result<()> {
     });
     let run = |secs: u64| -> anyhow::Result<f64> { lab.client.enter(|| connect_loop(Duration::from_secs(secs))) };
     run(1)?; // warm-up
-    let off = run(secs)?;
     let dir = TempDir::new("conn");
-    let attached = |extra: &[&str]| -> anyhow::Result<f64> {
+    // The programs' own run time per connection (bpf_stats): steadier under
+    // emulation than the rates, whose spread the "off" runs show.
+    let _stats = Sysctl::set("kernel.bpf_stats_enabled", "1")?;
+    let attached = |extra: &[&str]| -> anyhow::Result<(f64, f64)> {
         let mut args = vec!["--tier", tier];
         args.extend(extra);
+        let before: Vec<u64> = bench::bpf_programs()?.iter().map(|p| p.0).collect();
         let recording = Recording::start(&dir.0.join("r.json"), &args)?;
+        let at_start = bench::bpf_programs()?;
+        let started = Instant::now();
         let rate = run(secs)?;
+        let made = rate * started.elapsed().as_secs_f64();
+        let at_end = bench::bpf_programs()?;
         let record = recording.stop()?;
         anyhow::ensure!(record["tier"] == tier, "ctrace ran on {} instead of {tier}", record["tier"]);
-        Ok(rate)
+        let run_ns: u64 = at_end
+            .iter()
+            .filter(|p| !before.contains(&p.0))
+            .map(|p| p.1 - at_start.iter().find(|q| q.0 == p.0).map_or(0, |q| q.1))
+            .sum();
+        Ok((rate, run_ns as f64 / made.max(1.0)))
     };
-    let hooked = attached(&[])?;
-    let invalid = attached(&["--invalid"])?;
-    let off_again = run(secs)?;
-    let result =
-        serde_json::json!({ "tier": tier, "off": off, "hooked": hooked, "invalid": invalid, "off_again": off_again });
+    let (mut off, mut hooked, mut invalid) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut hooked_ns, mut invalid_ns) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        off.push(run(secs)?);
+        let (rate, ns) = attached(&[])?;
+        hooked.push(rate);
+        hooked_ns.push(ns);
+        let (rate, ns) = attached(&["--invalid"])?;
+        invalid.push(rate);
+        invalid_ns.push(ns);
+    }
+    let result = serde_json::json!({
+        "tier": tier,
+        "off": median(&mut off.clone()),
+        "hooked": median(&mut hooked),
+        "invalid": median(&mut invalid),
+        "hooked_ns_per_conn": median(&mut hooked_ns),
+        "invalid_ns_per_conn": median(&mut invalid_ns),
+        "off_spread": (off.iter().cloned().fold(f64::MIN, f64::max) / off.iter().cloned().fold(f64::MAX, f64::min)) - 1.0,
+    });
     println!("{MARK}{result}");
     Ok(())
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
 }
 
 /// Connects from `CLIENT` to the server and closes with a reset (no
@@ -96,25 +133,34 @@ pub fn in_guests(ctrace: &Path, secs: u64, figures: &mut Figures) -> anyhow::Res
         })?;
         let r: serde_json::Value = serde_json::from_str(line)?;
         let rate = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
-        let (off, hooked, invalid, again) = (rate("off"), rate("hooked"), rate("invalid"), rate("off_again"));
+        let (off, hooked, invalid, spread) = (rate("off"), rate("hooked"), rate("invalid"), rate("off_spread"));
         let cost = |with: f64| 100.0 * (1.0 - with / off);
+        // The programs' time as a share of a connection's time with nothing attached.
+        let share = |ns: f64| 100.0 * ns * off / 1e9;
+        let (hooked_ns, invalid_ns) = (rate("hooked_ns_per_conn"), rate("invalid_ns_per_conn"));
         lines.push(format!(
-            "new connections/s in the {} guest ({}): off {off:.0}, {tier} {hooked:.0} ({:.1} % fewer), {tier} with \
-             --invalid {invalid:.0} ({:.1} % fewer), off again {again:.0} (drift {:.1} %)",
+            "new connections/s in the {} guest ({}), medians of 3 interleaved {secs} s runs: off {off:.0}, {tier} \
+             {hooked:.0} ({:.1} % fewer), {tier} with --invalid {invalid:.0} ({:.1} % fewer); the off runs spread \
+             {:.0} % (the noise floor). Programs per connection: {hooked_ns:.0} ns ({:.1} % of a connection's time \
+             off), with --invalid {invalid_ns:.0} ns ({:.1} %)",
             kernel.label,
             kernel.release,
             cost(hooked),
             cost(invalid),
-            -cost(again)
+            100.0 * spread,
+            share(hooked_ns),
+            share(invalid_ns)
         ));
         if tier == "kprobe" {
             figures.set("connections.off.per_s", off);
             figures.set("connections.kprobe.per_s", hooked);
             figures.set("connections.kprobe_invalid.per_s", invalid);
+            figures.set("connections.kprobe.program_ns_per_conn", hooked_ns);
         } else {
             figures.set("connections.off_builtin.per_s", off);
             figures.set("connections.fentry.per_s", hooked);
             figures.set("connections.fentry_invalid.per_s", invalid);
+            figures.set("connections.fentry.program_ns_per_conn", hooked_ns);
         }
     }
     Ok(lines)

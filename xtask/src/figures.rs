@@ -25,6 +25,8 @@ pub const KEYS: &[&str] = &[
     "connections.off_builtin.per_s",
     "connections.fentry.per_s",
     "connections.fentry_invalid.per_s",
+    "connections.kprobe.program_ns_per_conn",
+    "connections.fentry.program_ns_per_conn",
 ];
 
 #[derive(Default)]
@@ -68,7 +70,7 @@ pub fn markdown(json: &serde_json::Value) -> String {
         format!("Measured on {}:\n\n| figure | value |\n|---|---|\n", json["machine"].as_str().unwrap_or("?"));
     for key in KEYS {
         let value = match json["figures"][key].as_f64() {
-            Some(v) if key.ends_with("ns_per_drop") => format!("{v:.0} ns"),
+            Some(v) if key.ends_with("ns_per_drop") || key.ends_with("ns_per_conn") => format!("{v:.0} ns"),
             Some(v) if key.ends_with("cpu_share") => format!("{:.1} % of a core", 100.0 * v),
             Some(v) if key.ends_with("_kib") => format!("{:.1} MiB", v / 1024.0),
             Some(v) if key.ends_with("per_s") => format!("{:.0} /s", v),

@@ -81,6 +81,7 @@ hostname ctrace-vm
 ip link set lo up
 stty -F /dev/ttyS1 raw -echo
 stty -F /dev/ttyS2 raw -echo
+echo "CTRACE-VM-START" > /dev/ttyS0
 sh /ctrace-vm-cmd > /dev/ttyS1 2> /dev/ttyS2 < /dev/null
 echo "CTRACE-VM-EXIT=$?" > /dev/ttyS0
 "#;
@@ -195,6 +196,32 @@ pub fn run_in_guest(
     env: &[(String, String)],
     timeout: Duration,
 ) -> anyhow::Result<GuestRun> {
+    // An emulated kernel now and then dies while booting (seen once: an
+    // int3 oops in sched_clock_cpu under TCG, two seconds in), before the
+    // command has started: that guest is booted again, and says so.
+    const BOOTS: u32 = 3;
+    for boot in 1..=BOOTS {
+        match boot_and_run(kernel, command, env, timeout)? {
+            Some(run) => return Ok(run),
+            None if boot < BOOTS => {
+                eprintln!(
+                    "xtask: the {} guest's kernel died before the command started; booting it again",
+                    kernel.label
+                )
+            }
+            None => {}
+        }
+    }
+    bail!("the {} guest's kernel died before the command started, {BOOTS} times", kernel.label)
+}
+
+/// One boot: None when the kernel died before the command started.
+fn boot_and_run(
+    kernel: &Kernel,
+    command: &[String],
+    env: &[(String, String)],
+    timeout: Duration,
+) -> anyhow::Result<Option<GuestRun>> {
     static DONE: AtomicBool = AtomicBool::new(false);
     DONE.store(false, Ordering::Release);
     let dir = std::env::temp_dir().join(format!("ctrace-vm-{}-{}", kernel.label, std::process::id()));
@@ -258,7 +285,17 @@ pub fn run_in_guest(
                     started.elapsed().as_secs_f64()
                 );
                 let stdout = String::from_utf8_lossy(&std::fs::read(&out).unwrap_or_default()).into_owned();
-                Ok(GuestRun { code, stdout })
+                Ok(Some(GuestRun { code, stdout }))
+            }
+            None if !console_text.contains("CTRACE-VM-START") => {
+                let tail: Vec<&str> =
+                    console_text.lines().rev().take(12).collect::<Vec<_>>().into_iter().rev().collect();
+                eprintln!(
+                    "xtask: the {} guest died while booting ({status}); console ends:\n{}",
+                    kernel.label,
+                    tail.join("\n")
+                );
+                Ok(None)
             }
             None => {
                 let mut qemu_err = String::new();
