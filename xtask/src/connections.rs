@@ -47,7 +47,9 @@ pub fn conn_rate(secs: u64, tier: &str) -> anyhow::Result<()> {
     // The programs' own run time per connection (bpf_stats): steadier under
     // emulation than the rates, whose spread the "off" runs show.
     let _stats = Sysctl::set("kernel.bpf_stats_enabled", "1")?;
-    let attached = |extra: &[&str]| -> anyhow::Result<(f64, f64)> {
+    // Per program: run time and runs, summed over the rounds, and the connections made.
+    type Programs = std::collections::BTreeMap<String, (u64, u64)>;
+    let attached = |extra: &[&str], programs: &mut Programs, connections: &mut f64| -> anyhow::Result<(f64, f64)> {
         let mut args = vec!["--tier", tier];
         args.extend(extra);
         let before: Vec<u64> = bench::bpf_programs()?.iter().map(|p| p.0).collect();
@@ -59,21 +61,33 @@ pub fn conn_rate(secs: u64, tier: &str) -> anyhow::Result<()> {
         let at_end = bench::bpf_programs()?;
         let record = recording.stop()?;
         anyhow::ensure!(record["tier"] == tier, "ctrace ran on {} instead of {tier}", record["tier"]);
-        let run_ns: u64 = at_end
-            .iter()
-            .filter(|p| !before.contains(&p.0))
-            .map(|p| p.1 - at_start.iter().find(|q| q.0 == p.0).map_or(0, |q| q.1))
-            .sum();
+        let mut run_ns = 0;
+        for (id, ns, cnt, name) in at_end.iter().filter(|p| !before.contains(&p.0)) {
+            let (ns0, cnt0) = at_start.iter().find(|q| q.0 == *id).map_or((0, 0), |q| (q.1, q.2));
+            run_ns += ns - ns0;
+            let entry = programs.entry(name.clone()).or_default();
+            (entry.0, entry.1) = (entry.0 + ns - ns0, entry.1 + cnt - cnt0);
+        }
+        *connections += made;
         Ok((rate, run_ns as f64 / made.max(1.0)))
     };
+    let per_connection = |programs: &Programs, connections: f64| -> serde_json::Value {
+        let each = programs.iter().filter(|(_, (_, runs))| *runs > 0).map(|(name, (ns, runs))| {
+            let per = |v: u64| v as f64 / connections.max(1.0);
+            (name.clone(), serde_json::json!({ "ns": per(*ns), "runs": per(*runs) }))
+        });
+        serde_json::Value::Object(each.collect())
+    };
+    let (mut hooked_programs, mut invalid_programs) = (Programs::new(), Programs::new());
+    let (mut hooked_made, mut invalid_made) = (0.0, 0.0);
     let (mut off, mut hooked, mut invalid) = (Vec::new(), Vec::new(), Vec::new());
     let (mut hooked_ns, mut invalid_ns) = (Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
         off.push(run(secs)?);
-        let (rate, ns) = attached(&[])?;
+        let (rate, ns) = attached(&[], &mut hooked_programs, &mut hooked_made)?;
         hooked.push(rate);
         hooked_ns.push(ns);
-        let (rate, ns) = attached(&["--invalid"])?;
+        let (rate, ns) = attached(&["--invalid"], &mut invalid_programs, &mut invalid_made)?;
         invalid.push(rate);
         invalid_ns.push(ns);
     }
@@ -84,6 +98,8 @@ pub fn conn_rate(secs: u64, tier: &str) -> anyhow::Result<()> {
         "invalid": median(&mut invalid),
         "hooked_ns_per_conn": median(&mut hooked_ns),
         "invalid_ns_per_conn": median(&mut invalid_ns),
+        "hooked_programs": per_connection(&hooked_programs, hooked_made),
+        "invalid_programs": per_connection(&invalid_programs, invalid_made),
         "off_spread": (off.iter().cloned().fold(f64::MIN, f64::max) / off.iter().cloned().fold(f64::MAX, f64::min)) - 1.0,
     });
     println!("{MARK}{result}");
@@ -151,6 +167,18 @@ pub fn in_guests(ctrace: &Path, secs: u64, figures: &mut Figures) -> anyhow::Res
             share(hooked_ns),
             share(invalid_ns)
         ));
+        for (with, key) in [("", "hooked_programs"), (" with --invalid", "invalid_programs")] {
+            let programs: Vec<String> = r[key]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(name, p)| {
+                    let (ns, runs) = (p["ns"].as_f64().unwrap_or(0.0), p["runs"].as_f64().unwrap_or(0.0));
+                    format!("{name} {runs:.1} runs, {ns:.0} ns")
+                })
+                .collect();
+            lines.push(format!("  per connection, {tier}{with}: {}", programs.join("; ")));
+        }
         if tier == "kprobe" {
             figures.set("connections.off.per_s", off);
             figures.set("connections.kprobe.per_s", hooked);
