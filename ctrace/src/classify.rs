@@ -102,16 +102,24 @@ pub struct Classifier {
     pub namespaces: Namespaces,
     /// The conntrack hooks mark table-full drops in the kernel: no sampling.
     table_full_hooked: bool,
-    /// Refused insertions are inferred from unconfirmed entries (see
-    /// [`refused_at_confirmation`]): the insert hooks are off, and the
-    /// kernel's rule engines free their own drops.
-    infer_refusals: bool,
-    insert_hooked: bool,
+    refusals: Refusals,
+}
+
+/// How refused insertions are told from rule drops.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Refusals {
+    /// The insert hooks mark each one.
+    Hooked,
+    /// From unconfirmed entries (see [`refused_at_confirmation`]): no
+    /// insert hooks, and the kernel's rule engines free their own drops.
+    Inferred,
+    /// They cannot be told apart: counted as `ruleset`.
+    AsRuleset,
 }
 
 impl Classifier {
     pub fn new(symbols: Symbols, namespaces: Namespaces) -> Self {
-        Classifier { symbols, namespaces, table_full_hooked: false, infer_refusals: false, insert_hooked: false }
+        Classifier { symbols, namespaces, table_full_hooked: false, refusals: Refusals::AsRuleset }
     }
 
     /// Trust the kernel's table-full mark (the kprobe tier's hooks are on).
@@ -120,30 +128,31 @@ impl Classifier {
         self
     }
 
-    /// Infer refused insertions on this kernel (`insert_hooked`: the
-    /// hooks mark them exactly, nothing to infer).
-    pub fn with_refusals_inferred(mut self, insert_hooked: bool, kernel_release: &str) -> Self {
-        self.infer_refusals = !insert_hooked && engines_free_own_drops(kernel_release);
-        self.insert_hooked = insert_hooked;
+    /// How refused insertions are told on this kernel: marked by the insert
+    /// hooks, or inferred where the rule engines free their own drops.
+    pub fn with_refusals(mut self, insert_hooked: bool, engines_free_own_drops: bool) -> Self {
+        self.refusals = match (insert_hooked, engines_free_own_drops) {
+            (true, _) => Refusals::Hooked,
+            (false, true) => Refusals::Inferred,
+            (false, false) => Refusals::AsRuleset,
+        };
         self
     }
 
     /// How refused insertions are told from rule drops, where the insert
-    /// hooks do not mark them (for the record's notes and `live`).
+    /// hooks do not mark them (for the record's notes).
     pub fn refusals_note(&self) -> Option<&'static str> {
-        if self.insert_hooked {
-            None
-        } else if self.infer_refusals {
-            Some(
+        match self.refusals {
+            Refusals::Hooked => None,
+            Refusals::Inferred => Some(
                 "insert_failed without the insert hooks: a drop freed by the netfilter core with an entry not yet \
                  inserted (nftables frees its own drops on this kernel); in namespaces with legacy x_tables tables \
                  these stay ruleset, as do drops by other hooks between conntrack and the insertion",
-            )
-        } else {
-            Some(
+            ),
+            Refusals::AsRuleset => Some(
                 "refused insertions count as ruleset without the insert hooks: before 6.7 nftables' drops are freed \
                  by the netfilter core too, so the two look alike",
-            )
+            ),
         }
     }
 
@@ -167,7 +176,7 @@ impl Classifier {
         };
         let namespaces = &mut self.namespaces;
         let insert_failed = event.kernel_insert_failed
-            || refused_at_confirmation(event.ct_unconfirmed, freed_by, self.infer_refusals, || {
+            || refused_at_confirmation(event.ct_unconfirmed, freed_by, self.refusals == Refusals::Inferred, || {
                 namespaces.legacy_tables(event.netns)
             });
         SourceKey {

@@ -106,10 +106,7 @@ impl Engine {
         unsafe { libc::malloc_trim(0) };
         let classifier = Classifier::new(attached.symbols.clone(), Namespaces::new())
             .with_table_full_hooks(attached.table_full_hooked)
-            .with_refusals_inferred(
-                attached.insert_hooked,
-                &std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default(),
-            );
+            .with_refusals(attached.insert_hooked, attached.engines_free_own_drops);
         let pipeline = Pipeline::new(classifier, attached.tcp_states.clone());
         Ok(Engine { attached, pipeline, events: crate::hooks::poll_events(events)?, drain: drain_interval() })
     }

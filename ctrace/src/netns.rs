@@ -207,7 +207,7 @@ pub struct Namespaces {
     last_scan: Option<Instant>,
     occupancy: FxHashMap<u32, (Instant, bool)>,
     peaks: FxHashMap<u32, Occupancy>,
-    legacy: FxHashMap<u32, (Instant, bool)>,
+    legacy: FxHashMap<u32, (Instant, Option<bool>)>,
 }
 
 /// How long a look at a namespace's legacy x_tables stands.
@@ -305,20 +305,20 @@ impl Namespaces {
     }
 
     /// Does the namespace have legacy x_tables tables? Looked at most once
-    /// a second per namespace (entering it takes a thread); None if it
-    /// cannot be found or read.
+    /// a second per namespace, failures included (entering it takes a
+    /// thread, and this runs per drop); None if it cannot be found or read.
     pub fn legacy_tables(&mut self, inum: u32) -> Option<bool> {
         if let Some((at, found)) = self.legacy.get(&inum) {
             if at.elapsed() < LEGACY_TTL {
-                return Some(*found);
+                return *found;
             }
         }
         if !self.known.contains_key(&inum) && self.last_scan.is_none_or(|t| t.elapsed() >= RESCAN_EVERY) {
             self.rescan();
         }
-        let found = has_legacy_tables(&self.known.get(&inum)?.path).ok()?;
+        let found = self.known.get(&inum).and_then(|ns| has_legacy_tables(&ns.path).ok());
         self.legacy.insert(inum, (Instant::now(), found));
-        Some(found)
+        found
     }
 
     /// Was the namespace's table at `nf_conntrack_max` just now? A full

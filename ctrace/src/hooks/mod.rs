@@ -158,6 +158,8 @@ pub struct Attached {
     pub table_full_hooked: bool,
     /// The insert family attached: refused insertions are marked exactly.
     pub insert_hooked: bool,
+    /// Linux 6.7+: nftables frees its own drops (see `classify`).
+    pub engines_free_own_drops: bool,
     /// Raw TCP state values to states, from BTF.
     pub tcp_states: Vec<(u8, ConnState)>,
     /// What classification keeps of the kernel's symbols (the functions
@@ -254,16 +256,19 @@ impl Attached {
             kprobes: conntrack::kprobes_supported(),
             ..Default::default()
         };
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let engines_free_own_drops = crate::classify::engines_free_own_drops(&release);
         let ct_btf = conntrack::conntrack_btf(&btf, &kallsyms);
-        if let Ok(Some(ct_btf)) = &ct_btf {
-            // The drop program reads whether an entry was confirmed, on every tier.
-            if let Ok(ct) = conntrack::layout(ct_btf) {
+        // (With --tier tracepoint the plan turns every family off; the
+        // layout still serves the drop program.)
+        if let Some(ct) = conntrack_facts(&mut facts, &btf, &ct_btf, &|name| kallsyms.has_function(name)) {
+            // Whether a dropped packet's entry was confirmed: read only where
+            // classification can use it (a probe read per drop otherwise spent).
+            if engines_free_own_drops {
                 layout = kfree_skb::with_conntrack(layout, &ct);
             }
-        }
-        if choice != TierChoice::Tracepoint {
-            if let Some(layout) = conntrack_facts(&mut facts, &btf, &ct_btf, &|name| kallsyms.has_function(name)) {
-                ct_layout = conntrack::with_symbol_addresses(layout, &kallsyms);
+            if choice != TierChoice::Tracepoint {
+                ct_layout = conntrack::with_symbol_addresses(ct, &kallsyms);
                 if let Ok(Some(ct_btf)) = &ct_btf {
                     tcp_states = conntrack::tcp_states(ct_btf);
                 }
@@ -358,6 +363,7 @@ impl Attached {
             hooks,
             table_full_hooked,
             insert_hooked,
+            engines_free_own_drops,
             tcp_states,
             symbols,
             kprobe_misses_counted,

@@ -288,12 +288,10 @@ fn boot_and_run(
                 Ok(Some(GuestRun { code, stdout }))
             }
             None if !console_text.contains("CTRACE-VM-START") => {
-                let tail: Vec<&str> =
-                    console_text.lines().rev().take(12).collect::<Vec<_>>().into_iter().rev().collect();
                 eprintln!(
                     "xtask: the {} guest died while booting ({status}); console ends:\n{}",
                     kernel.label,
-                    tail.join("\n")
+                    last_lines(&console_text, 12)
                 );
                 Ok(None)
             }
@@ -302,18 +300,22 @@ fn boot_and_run(
                 if let Some(mut e) = child.stderr.take() {
                     let _ = e.read_to_string(&mut qemu_err);
                 }
-                let tail: Vec<&str> =
-                    console_text.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect();
                 bail!(
                     "the {} guest gave no exit code (qemu {status}: {qemu_err}); console ends:\n{}",
                     kernel.label,
-                    tail.join("\n")
+                    last_lines(&console_text, 30)
                 )
             }
         }
     })();
     let _ = std::fs::remove_dir_all(&dir);
     result
+}
+
+/// The last `n` lines of a guest's console, for an error.
+fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// KVM only where the CPU offers virtualisation; /dev/kvm alone is not enough.
