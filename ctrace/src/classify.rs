@@ -172,7 +172,7 @@ impl Classifier {
         } else if self.table_full_hooked {
             Some(event.kernel_table_full)
         } else {
-            self.namespaces.table_at_max(event.netns)
+            self.namespaces.table_at_max(event.netns, event.ts_ns)
         };
         let namespaces = &mut self.namespaces;
         let insert_failed = event.kernel_insert_failed

@@ -205,7 +205,9 @@ pub struct Namespaces {
     known: FxHashMap<u32, Netns>,
     readers: FxHashMap<u32, StatReader>,
     last_scan: Option<Instant>,
-    occupancy: FxHashMap<u32, (Instant, bool)>,
+    /// The last sample of each namespace's fill: when (a record's
+    /// CLOCK_MONOTONIC time) and whether it was full.
+    occupancy: FxHashMap<u32, (u64, bool)>,
     peaks: FxHashMap<u32, Occupancy>,
     legacy: FxHashMap<u32, (Instant, Option<bool>)>,
 }
@@ -229,11 +231,11 @@ fn has_legacy_tables(ns_path: &Path) -> io::Result<bool> {
 }
 
 /// How long a sample that found the table full stands for its state.
-const FULL_TTL: Duration = Duration::from_millis(100);
+const FULL_TTL_NS: u64 = 100_000_000;
 /// How long one that found room does. A conntrack drop while the last
 /// sample found room suggests the table has filled since: read again, at
 /// most this often, rather than trust a sample from before the storm.
-const ROOM_TTL: Duration = Duration::from_millis(1);
+const ROOM_TTL_NS: u64 = 1_000_000;
 /// How often an unknown inode may trigger a rescan of /proc.
 const RESCAN_EVERY: Duration = Duration::from_millis(500);
 
@@ -323,16 +325,17 @@ impl Namespaces {
 
     /// Was the namespace's table at `nf_conntrack_max` just now? A full
     /// table is sampled at most every 100 ms per namespace, one with room
-    /// every millisecond; None if it cannot be read.
-    pub fn table_at_max(&mut self, inum: u32) -> Option<bool> {
-        if let Some((at, full)) = self.occupancy.get(&inum) {
-            if at.elapsed() < if *full { FULL_TTL } else { ROOM_TTL } {
-                return Some(*full);
+    /// every millisecond, in the records' time (`ts_ns`, the drop's: no
+    /// clock is read per drop); None if it cannot be read.
+    pub fn table_at_max(&mut self, inum: u32, ts_ns: u64) -> Option<bool> {
+        if let Some(&(at, full)) = self.occupancy.get(&inum) {
+            if ts_ns.wrapping_sub(at) < if full { FULL_TTL_NS } else { ROOM_TTL_NS } {
+                return Some(full);
             }
         }
         let sample = Occupancy { entries: self.stats(inum)?.entries, max: conntrack_max()? };
         let full = sample.entries >= sample.max;
-        self.occupancy.insert(inum, (Instant::now(), full));
+        self.occupancy.insert(inum, (ts_ns, full));
         let peak = self.peaks.entry(inum).or_insert(sample);
         if sample.entries > peak.entries {
             *peak = sample;
