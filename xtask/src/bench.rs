@@ -162,6 +162,22 @@ fn synthetic(bin: &Path, events: u64, sources: u64) -> anyhow::Result<String> {
 }
 
 /// CPU seconds (user + system) a process has used so far.
+/// CPU time the whole machine spent busy, all CPUs together: user, system,
+/// irq and softirq time (not idle, iowait or steal), in seconds. This is
+/// where a tool's cost shows in full: a classic tracepoint fills its event
+/// record before the program runs, which bpf_stats does not count.
+fn machine_busy_seconds() -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat.lines().next().filter(|l| l.starts_with("cpu ")).context("/proc/stat format")?;
+    let ticks: Vec<f64> = line.split_whitespace().skip(1).map(str::parse).collect::<Result<_, _>>()?;
+    anyhow::ensure!(ticks.len() >= 7, "/proc/stat: too few fields");
+    // user nice system idle iowait irq softirq ...
+    let busy = ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6];
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(busy / hz)
+}
+
 fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command name (which may contain spaces).
@@ -294,24 +310,44 @@ fn storm_cpu(bin: &Path, secs: u64, figures: &mut Figures) -> anyhow::Result<Vec
     }
     if !bpftrace_installed() {
         lines.push("storm CPU, bpftrace: not measured: bpftrace is not installed (apt-get install bpftrace)".into());
-        for key in ["storm.bpftrace.kernel_ns_per_drop", "storm.bpftrace.cpu_share", "storm.bpftrace.drops_per_s"] {
+        for key in [
+            "storm.bpftrace.kernel_ns_per_drop",
+            "storm.bpftrace.cpu_share",
+            "storm.bpftrace.drops_per_s",
+            "storm.bpftrace.machine_ns_per_drop",
+        ] {
             figures.skip(key, "bpftrace is not installed");
         }
     }
     lines.push(quit_latency(bin, &lab, &storm, PORT)?);
+    let storm_traffic = || Ok(storm.iter().map(|src| lab.syn_burst(*src, PORT, 200)).sum());
+    let baseline = measure(None, &lab, secs, storm_traffic)?;
+    lines.push(baseline.line("storm CPU", "table-full drops", "SYNs"));
+    figures.set("storm.off.machine_ns_per_drop", baseline.machine_ns_per_drop());
     for (name, key, mut cmd) in tools {
         let tool = start(name, &mut cmd)?;
-        let m = measure(&tool, &lab, secs, || Ok(storm.iter().map(|src| lab.syn_burst(*src, PORT, 200)).sum()))?;
+        let m = measure(Some(&tool), &lab, secs, storm_traffic)?;
         lines.push(m.line("storm CPU", "table-full drops", "SYNs"));
         lines.push(format!("  per program: {}", m.per_program.join("; ")));
         let keys = match key {
-            Some("ctrace") => ["storm.ctrace.kernel_ns_per_drop", "storm.ctrace.cpu_share", "storm.ctrace.drops_per_s"],
-            Some(_) => ["storm.bpftrace.kernel_ns_per_drop", "storm.bpftrace.cpu_share", "storm.bpftrace.drops_per_s"],
+            Some("ctrace") => [
+                "storm.ctrace.kernel_ns_per_drop",
+                "storm.ctrace.cpu_share",
+                "storm.ctrace.drops_per_s",
+                "storm.ctrace.machine_ns_per_drop",
+            ],
+            Some(_) => [
+                "storm.bpftrace.kernel_ns_per_drop",
+                "storm.bpftrace.cpu_share",
+                "storm.bpftrace.drops_per_s",
+                "storm.bpftrace.machine_ns_per_drop",
+            ],
             None => continue,
         };
         figures.set(keys[0], m.kernel_ns_per_drop());
         figures.set(keys[1], m.cpu_share());
         figures.set(keys[2], m.drops as f64 / m.wall);
+        figures.set(keys[3], m.machine_ns_per_drop());
     }
     Ok(lines)
 }
@@ -330,18 +366,23 @@ pub fn compared_tools(bin: &Path) -> Vec<(&'static str, Option<&'static str>, Co
     tools
 }
 
+/// The baseline's name in the bench's lines.
+pub const NO_TOOL: &str = "no tool (baseline)";
+
 pub fn bpftrace_installed() -> bool {
     Command::new("bpftrace").arg("--version").output().is_ok()
 }
 
-/// One tool's cost over a stretch of traffic: its process's CPU time and
-/// its kernel programs' run time (bpf_stats must be on).
+/// One tool's cost over a stretch of traffic: its process's CPU time, its
+/// kernel programs' run time (bpf_stats must be on), and the whole
+/// machine's busy time (traffic, kernel and tool together).
 pub struct Measured {
     pub name: &'static str,
     pub drops: u64,
     pub sent: u64,
     pub wall: f64,
     pub cpu: f64,
+    pub machine: f64,
     pub run_ns: u64,
     pub runs: u64,
     pub per_program: Vec<String>,
@@ -357,10 +398,17 @@ impl Measured {
         self.run_ns as f64 / self.drops.max(1) as f64
     }
 
+    /// The machine's busy time per drop: the same traffic with no tool
+    /// gives the baseline, and the difference is the tool's whole cost.
+    pub fn machine_ns_per_drop(&self) -> f64 {
+        self.machine * 1e9 / self.drops.max(1) as f64
+    }
+
     pub fn line(&self, what: &str, dropped: &str, sent: &str) -> String {
         format!(
             "{what}, {}: {} {dropped} ({} {sent}) in {:.1} s ({:.0}/s); process {:.3} s CPU ({:.1}% of a core); \
-             kernel programs {:.3} s over {} runs ({:.0} ns/run, {:.0} ns/drop); total {:.1}% of a core",
+             kernel programs {:.3} s over {} runs ({:.0} ns/run, {:.0} ns/drop); total {:.1}% of a core; \
+             machine busy {:.0} ns/drop",
             self.name,
             self.drops,
             self.sent,
@@ -372,22 +420,25 @@ impl Measured {
             self.runs,
             if self.runs == 0 { 0.0 } else { self.run_ns as f64 / self.runs as f64 },
             self.kernel_ns_per_drop(),
-            100.0 * self.cpu_share()
+            100.0 * self.cpu_share(),
+            self.machine_ns_per_drop()
         )
     }
 }
 
 /// Runs `traffic` (each call sends a batch, returning how many packets)
-/// for `secs` with `tool` attached, and measures it; drops are the server
-/// namespace's `drop` counter.
+/// for `secs` with `tool` attached (None: no tool, the baseline), and
+/// measures it; drops are the server namespace's `drop` counter.
 pub fn measure(
-    tool: &Tool,
+    tool: Option<&Tool>,
     lab: &Lab,
     secs: u64,
     mut traffic: impl FnMut() -> anyhow::Result<u64>,
 ) -> anyhow::Result<Measured> {
     let progs_before = bpf_programs()?;
-    let cpu_before = cpu_seconds(tool.child.id())?;
+    let process_cpu = || tool.map_or(Ok(0.0), |t| cpu_seconds(t.child.id()));
+    let cpu_before = process_cpu()?;
+    let machine_before = machine_busy_seconds()?;
     let drops_before = lab.server.conntrack_stat()?.drop;
     let started = Instant::now();
     let mut sent = 0;
@@ -395,12 +446,14 @@ pub fn measure(
         sent += traffic()?;
     }
     let wall = started.elapsed().as_secs_f64();
+    let machine = machine_busy_seconds()? - machine_before;
     let drops = lab.server.conntrack_stat()?.drop - drops_before;
-    let cpu = cpu_seconds(tool.child.id())? - cpu_before;
+    let cpu = process_cpu()? - cpu_before;
+    let programs: &[u64] = tool.map_or(&[], |t| &t.programs);
     let (mut run_ns, mut runs) = (0u64, 0u64);
     let mut per_program = Vec::new();
     for (id, ns, cnt, name) in &bpf_programs()? {
-        if tool.programs.contains(id) {
+        if programs.contains(id) {
             let (ns0, cnt0) = progs_before.iter().find(|p| p.0 == *id).map_or((0, 0), |p| (p.1, p.2));
             let (ns, cnt) = (ns - ns0, cnt - cnt0);
             run_ns += ns;
@@ -410,7 +463,7 @@ pub fn measure(
             }
         }
     }
-    Ok(Measured { name: tool.name, drops, sent, wall, cpu, run_ns, runs, per_program })
+    Ok(Measured { name: tool.map_or(NO_TOOL, |t| t.name), drops, sent, wall, cpu, machine, run_ns, runs, per_program })
 }
 
 /// Time from pressing `q` in the terminal UI to the process's exit, measured

@@ -137,20 +137,31 @@ pub fn flood_cpu(bin: &Path, secs: u64, figures: &mut Figures) -> anyhow::Result
     let mut lines = Vec::new();
     if !bench::bpftrace_installed() {
         figures.skip("flood.bpftrace.cpu_share", "bpftrace is not installed");
+        figures.skip("flood.bpftrace.machine_ns_per_drop", "bpftrace is not installed");
     }
-    let mut seed = 1;
+    let seed = std::cell::Cell::new(1);
+    let flood = || {
+        let (n, next) = lab.syn_flood_random_sources(PORT, 20_000, Spoofed::Anywhere, seed.get())?;
+        seed.set(next);
+        Ok(u64::from(n))
+    };
+    let baseline = bench::measure(None, &lab, secs, flood)?;
+    lines.push(baseline.line("random-source flood CPU", "table-full drops", "SYNs"));
+    figures.set("flood.off.machine_ns_per_drop", baseline.machine_ns_per_drop());
     for (name, key, mut cmd) in bench::compared_tools(bin) {
         let tool = bench::start(name, &mut cmd)?;
-        let m = bench::measure(&tool, &lab, secs, || {
-            let (n, next) = lab.syn_flood_random_sources(PORT, 20_000, Spoofed::Anywhere, seed)?;
-            seed = next;
-            Ok(u64::from(n))
-        })?;
+        let m = bench::measure(Some(&tool), &lab, secs, flood)?;
         lines.push(m.line("random-source flood CPU", "table-full drops", "SYNs"));
         lines.push(format!("  per program: {}", m.per_program.join("; ")));
         match key {
-            Some("ctrace") => figures.set("flood.ctrace.cpu_share", m.cpu_share()),
-            Some(_) => figures.set("flood.bpftrace.cpu_share", m.cpu_share()),
+            Some("ctrace") => {
+                figures.set("flood.ctrace.cpu_share", m.cpu_share());
+                figures.set("flood.ctrace.machine_ns_per_drop", m.machine_ns_per_drop());
+            }
+            Some(_) => {
+                figures.set("flood.bpftrace.cpu_share", m.cpu_share());
+                figures.set("flood.bpftrace.machine_ns_per_drop", m.machine_ns_per_drop());
+            }
             None => {}
         }
     }
