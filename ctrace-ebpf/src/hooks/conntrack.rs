@@ -16,7 +16,7 @@
 use aya_ebpf::{
     helpers::{bpf_get_smp_processor_id, bpf_jiffies64, bpf_ktime_get_ns},
     macros::{fentry, fexit, kprobe, kretprobe, map},
-    maps::{HashMap, LruHashMap},
+    maps::{LruHashMap, PerCpuArray},
     programs::{FEntryContext, FExitContext, ProbeContext, RetProbeContext},
 };
 use ctrace_common::{counter, ct_event, kind, ConntrackEvent, ConntrackLayout};
@@ -54,10 +54,24 @@ static CONNTRACK_LAYOUT: ConntrackLayout = ConntrackLayout {
     max_addr: 0,
 };
 
-/// An allocation in progress on one task.
+/// The allocation in progress on this CPU: whose (the task key), its
+/// arguments, and what early_drop said.
+///
+/// A per-CPU slot, not a map keyed by task: the allocation runs from entry
+/// to return on one CPU, and nearly every one succeeds, so the common path
+/// costs a slot write at entry and a read at return, no hash insert and
+/// delete (which were most of these programs' time). Its limits are the
+/// other per-CPU marks': a softirq that interrupts an allocation made in
+/// process context takes the slot (a map keyed by task had the same limit:
+/// the softirq runs as the task it interrupts); a task preempted inside the
+/// allocation (only on fully preemptible kernels) finds the slot taken, or
+/// resumes on another CPU, and its failure then goes unreported, as does
+/// any failure whose slot is not its own.
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct Alloc {
+    /// `task::key()` of the allocating task; 0 when the slot is free.
+    task: u64,
     net: u64,
     tuple: u64,
     /// 0: early_drop not called; 1: it evicted; 2: it found nothing.
@@ -68,18 +82,31 @@ struct Alloc {
 }
 
 #[map]
-static ALLOCS: HashMap<u64, Alloc> = HashMap::with_max_entries(4096, 0);
+static ALLOC: PerCpuArray<Alloc> = PerCpuArray::with_max_entries(1, 0);
 
-/// A confirmation in progress on one task: the packet and its new entry.
+/// This CPU's allocation slot when it belongs to the current task.
+#[inline(always)]
+fn own_alloc(task: u64) -> Option<*mut Alloc> {
+    ALLOC.get_ptr_mut(0).filter(|slot| {
+        // SAFETY: this CPU's slot of a map value.
+        unsafe { (**slot).task == task }
+    })
+}
+
+/// The confirmation in progress on this CPU: whose, the packet and its new
+/// entry. A per-CPU slot for the reasons, and with the limits, of
+/// [`Alloc`]'s (a softirq run by `local_bh_enable` inside the confirmation
+/// takes the slot, as it took a task-keyed map's entry).
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct Confirm {
+    task: u64,
     skb: u64,
     ct: u64,
 }
 
 #[map]
-static CONFIRMS: HashMap<u64, Confirm> = HashMap::with_max_entries(4096, 0);
+static CONFIRM: PerCpuArray<Confirm> = PerCpuArray::with_max_entries(1, 0);
 
 /// When ctrace saw each entry inserted, for lifetimes at deletion.
 #[map]
@@ -204,19 +231,22 @@ pub fn ct_confirm_fexit(ctx: FExitContext) -> i32 {
 }
 
 fn on_alloc_entry(net: u64, tuple: u64) {
-    let alloc = Alloc { net, tuple, early_drop: 0, in_early_drop: 0, _pad: [0; 6] };
-    let _ = ALLOCS.insert(task::key(), alloc, 0);
+    if let Some(slot) = ALLOC.get_ptr_mut(0) {
+        let alloc = Alloc { task: task::key(), net, tuple, early_drop: 0, in_early_drop: 0, _pad: [0; 6] };
+        // SAFETY: this CPU's slot.
+        unsafe { *slot = alloc };
+    }
 }
 
 fn on_early_drop_entry() {
-    if let Some(alloc) = ALLOCS.get_ptr_mut(task::key()) {
-        // SAFETY: a pointer to this task's map value.
+    if let Some(alloc) = own_alloc(task::key()) {
+        // SAFETY: this CPU's slot.
         unsafe { (*alloc).in_early_drop = 1 };
     }
 }
 
 fn on_early_drop_return(evicted: bool) {
-    if let Some(alloc) = ALLOCS.get_ptr_mut(task::key()) {
+    if let Some(alloc) = own_alloc(task::key()) {
         // SAFETY: as above.
         unsafe {
             (*alloc).in_early_drop = 0;
@@ -226,10 +256,13 @@ fn on_early_drop_return(evicted: bool) {
 }
 
 fn on_alloc_return(ret: u64) {
-    let key = task::key();
-    // SAFETY: the value is copied out before the entry is removed.
-    let Some(alloc) = (unsafe { ALLOCS.get(key) }).copied() else { return };
-    let _ = ALLOCS.remove(key);
+    let Some(slot) = own_alloc(task::key()) else { return };
+    // SAFETY: this CPU's slot, copied out, then freed.
+    let alloc = unsafe {
+        let alloc = *slot;
+        (*slot).task = 0;
+        alloc
+    };
     if ret < u64::MAX - MAX_ERRNO {
         return; // a valid pointer: allocated
     }
@@ -287,8 +320,8 @@ fn on_delete(ct: u64, dying: Dying) -> Result<(), i64> {
     // Inside early_drop, an entry found expired is reaped as any expiry
     // (the kernel does not count it as an early drop); only a live one is
     // evicted.
-    // SAFETY: copied out.
-    let in_early_drop = unsafe { ALLOCS.get(task::key()) }.is_some_and(|a| a.in_early_drop == 1);
+    // SAFETY: this CPU's slot, read.
+    let in_early_drop = own_alloc(task::key()).is_some_and(|a| unsafe { (*a).in_early_drop } == 1);
     let evicting = in_early_drop && !expired(ct, &l)?;
     // SAFETY: copied out before removal.
     let born = unsafe { BORN.get(ct) }.copied().unwrap_or(0);
@@ -312,15 +345,22 @@ fn expired(ct: u64, l: &ConntrackLayout) -> Result<bool, i64> {
 
 fn on_confirm_entry(skb: u64) -> Result<(), i64> {
     let nfct = Skb::probe(skb).nfct()?;
-    let _ = CONFIRMS.insert(task::key(), Confirm { skb, ct: nfct & NFCT_PTRMASK }, 0);
+    if let Some(slot) = CONFIRM.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot.
+        unsafe { *slot = Confirm { task: task::key(), skb, ct: nfct & NFCT_PTRMASK } };
+    }
     Ok(())
 }
 
 fn on_confirm_return(ret: u64) -> Result<(), i64> {
-    let key = task::key();
-    // SAFETY: copied out before removal.
-    let Some(Confirm { skb, ct }) = (unsafe { CONFIRMS.get(key) }).copied() else { return Ok(()) };
-    let _ = CONFIRMS.remove(key);
+    let Some(slot) = CONFIRM.get_ptr_mut(0) else { return Ok(()) };
+    // SAFETY: this CPU's slot: copied out, and freed when it is this task's.
+    let Confirm { task, skb, ct } = unsafe { *slot };
+    if task != task::key() {
+        return Ok(());
+    }
+    // SAFETY: as above.
+    unsafe { (*slot).task = 0 };
     if ct == 0 {
         return Ok(());
     }
