@@ -117,9 +117,10 @@ pub struct ConntrackEvent {
     pub proto: u8,
     pub netns: u32,
     pub ts_ns: u64,
-    /// For deletions and early drops: time since ctrace saw the insertion
-    /// (0 if it did not).
-    pub lifetime_ns: u64,
+    /// The entry's address (`struct nf_conn *`; 0 when there is none, as
+    /// in a refused allocation). User space pairs an insertion with the
+    /// entry's deletion by it, for lifetimes.
+    pub entry: u64,
     pub cpu: u32,
     /// Conntrack zone id (0 without zones).
     pub zone: u16,

@@ -70,12 +70,58 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
                 proto: Protocol::from_number(raw.proto),
                 raw_tcp_state: raw.tcp_state,
                 zone: raw.zone,
-                lifetime_ns: raw.lifetime_ns,
+                entry: raw.entry,
+                lifetime_ns: 0,
                 table: (raw.table_max != 0)
                     .then_some(Occupancy { entries: raw.table_count as u64, max: raw.table_max as u64 }),
             }))
         }
         other => Err(DecodeError::UnknownKind(other)),
+    }
+}
+
+/// When ctrace saw each live entry inserted, by the entry's address, for
+/// lifetimes at its deletion. Kept here rather than in a kernel map: the
+/// kernel programs then do no hash work per connection. At most
+/// [`Births::CAPACITY`] entries: beyond that a new entry's birth is not
+/// kept, and its deletion carries no lifetime (as for an entry inserted
+/// before ctrace started).
+#[derive(Default)]
+pub struct Births {
+    born: rustc_hash::FxHashMap<u64, u64>,
+}
+
+impl Births {
+    /// 16 bytes each (about 4.5 MiB at most, with the map's overhead).
+    pub const CAPACITY: usize = 1 << 17;
+
+    /// Notes an insertion, or gives a deletion its lifetime. A kernel
+    /// address is reused once its entry is freed, so a deletion forgets
+    /// the address and the next insertion there starts afresh.
+    pub fn pair(&mut self, event: &mut CtEvent) {
+        if event.entry == 0 {
+            return;
+        }
+        match event.kind {
+            CtKind::Insert if self.born.len() < Self::CAPACITY || self.born.contains_key(&event.entry) => {
+                self.born.insert(event.entry, event.ts_ns);
+            }
+            CtKind::Delete | CtKind::EarlyDrop => {
+                if let Some(born) = self.born.remove(&event.entry) {
+                    // At least 1 ns: 0 means "not seen inserted".
+                    event.lifetime_ns = event.ts_ns.saturating_sub(born).max(1);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.born.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.born.is_empty()
     }
 }
 
@@ -219,7 +265,7 @@ mod tests {
             proto: 6,
             netns: 7,
             ts_ns: 5,
-            lifetime_ns: 2_000_000_000,
+            entry: 0xffff_8880_0000_1000,
             tcp_state: 7,
             sport: 1234,
             dport: 80,
@@ -229,7 +275,8 @@ mod tests {
         let Record::Conntrack(ev) = decode(&encode_conntrack(&raw)).unwrap() else { panic!("not conntrack") };
         assert_eq!(ev.kind, CtKind::EarlyDrop);
         assert_eq!(ev.src.to_string(), "198.18.0.9");
-        assert_eq!((ev.sport, ev.dport, ev.raw_tcp_state, ev.lifetime_ns), (1234, 80, 7, 2_000_000_000));
+        assert_eq!((ev.sport, ev.dport, ev.raw_tcp_state, ev.entry), (1234, 80, 7, 0xffff_8880_0000_1000));
+        assert_eq!(ev.lifetime_ns, 0, "a lifetime comes from pairing, not decoding");
         assert_eq!(ev.table, None, "no fill: not a refusal");
         raw.table_count = 64;
         raw.table_max = 64;
@@ -262,5 +309,61 @@ mod tests {
         let mut buf = [0u8; PacketDrop::SIZE + 1];
         buf[1..].copy_from_slice(&encode(&syn_v4()));
         assert!(matches!(decode(&buf[1..]), Ok(Record::Drop(e)) if e.dport == 8080));
+    }
+
+    fn event(kind: CtKind, entry: u64, ts_ns: u64) -> CtEvent {
+        CtEvent {
+            kind,
+            ts_ns,
+            netns: 1,
+            src: IpAddr::V4(Ipv4Addr::new(198, 18, 0, 9)),
+            dst: IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1)),
+            sport: 1234,
+            dport: 80,
+            proto: Protocol::Tcp,
+            raw_tcp_state: 0,
+            zone: 0,
+            entry,
+            lifetime_ns: 0,
+            table: None,
+        }
+    }
+
+    #[test]
+    fn births_pair_insertions_with_deletions() {
+        let mut births = Births::default();
+        let mut paired = |kind, entry, ts| {
+            let mut ev = event(kind, entry, ts);
+            births.pair(&mut ev);
+            ev.lifetime_ns
+        };
+        assert_eq!(paired(CtKind::Insert, 0x1000, 100), 0);
+        assert_eq!(paired(CtKind::Insert, 0x2000, 150), 0);
+        assert_eq!(paired(CtKind::EarlyDrop, 0x1000, 2_100), 2_000);
+        assert_eq!(paired(CtKind::Delete, 0x1000, 3_000), 0, "deleted once: the address is forgotten");
+        assert_eq!(paired(CtKind::Delete, 0x3000, 3_000), 0, "never seen inserted");
+        // The address reused by a new entry: its own lifetime.
+        assert_eq!(paired(CtKind::Insert, 0x1000, 5_000), 0);
+        assert_eq!(paired(CtKind::Delete, 0x1000, 5_000), 1, "same instant: still seen inserted");
+        // Events that neither insert nor delete leave the births alone.
+        assert_eq!(paired(CtKind::InsertFailed, 0x2000, 6_000), 0);
+        assert_eq!(paired(CtKind::Delete, 0x2000, 7_150), 7_000);
+        assert_eq!(paired(CtKind::TableFull, 0, 8_000), 0);
+        assert!(births.is_empty());
+    }
+
+    #[test]
+    fn births_are_bounded() {
+        let mut births = Births::default();
+        for entry in 1..=(Births::CAPACITY as u64 + 10) {
+            births.pair(&mut event(CtKind::Insert, entry << 8, 1));
+        }
+        assert_eq!(births.len(), Births::CAPACITY);
+        let mut late = event(CtKind::Delete, (Births::CAPACITY as u64 + 10) << 8, 9);
+        births.pair(&mut late);
+        assert_eq!(late.lifetime_ns, 0, "inserted past the bound: no lifetime");
+        let mut early = event(CtKind::Delete, 1 << 8, 9);
+        births.pair(&mut early);
+        assert_eq!(early.lifetime_ns, 8);
     }
 }

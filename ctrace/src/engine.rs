@@ -11,7 +11,7 @@ use tokio::{io::unix::AsyncFd, time::Interval};
 use crate::{
     aggregate::SourceKey,
     classify::Classifier,
-    decode::{decode, Record},
+    decode::{decode, Births, Record},
     hooks::{kernel_btf, Attached, Events, HookChoice},
     live::state::{NetnsSample, TickInput},
     model::{ConnState, CtEvent, DropEvent},
@@ -63,11 +63,12 @@ pub struct Pipeline {
     pub classifier: Classifier,
     /// Raw TCP state values to states (from BTF).
     tcp_states: Vec<(u8, ConnState)>,
+    births: Births,
 }
 
 impl Pipeline {
     pub fn new(classifier: Classifier, tcp_states: Vec<(u8, ConnState)>) -> Self {
-        Pipeline { classifier, tcp_states }
+        Pipeline { classifier, tcp_states, births: Births::default() }
     }
 
     /// One ring-buffer record. The per-event path: keep it lean.
@@ -78,7 +79,8 @@ impl Pipeline {
                 let key = self.classifier.key(&event);
                 sink.on_drop(&key, &event);
             }
-            Ok(Record::Conntrack(event)) => {
+            Ok(Record::Conntrack(mut event)) => {
+                self.births.pair(&mut event);
                 let state = crate::decode::event_state(&self.tcp_states, &event);
                 sink.on_conntrack(&event, state);
             }

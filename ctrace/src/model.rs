@@ -108,6 +108,10 @@ pub struct CtEvent {
     /// `enum tcp_conntrack` value; named with the kernel's BTF.
     pub raw_tcp_state: u8,
     pub zone: u16,
+    /// The entry's kernel address (0: none); pairs insertion and deletion.
+    pub entry: u64,
+    /// For deletions and early drops: time since ctrace saw the entry
+    /// inserted (0 if it did not). Set by [`crate::decode::Births`].
     pub lifetime_ns: u64,
     /// For table_full: the namespace's entry count and `nf_conntrack_max`
     /// when the kernel refused, as the hook read them (None if it could not).

@@ -16,7 +16,7 @@
 use aya_ebpf::{
     helpers::{bpf_get_smp_processor_id, bpf_jiffies64, bpf_ktime_get_ns},
     macros::{fentry, fexit, kprobe, kretprobe, map},
-    maps::{LruHashMap, PerCpuArray},
+    maps::PerCpuArray,
     programs::{FEntryContext, FExitContext, ProbeContext, RetProbeContext},
 };
 use ctrace_common::{counter, ct_event, kind, ConntrackEvent, ConntrackLayout};
@@ -107,10 +107,6 @@ struct Confirm {
 
 #[map]
 static CONFIRM: PerCpuArray<Confirm> = PerCpuArray::with_max_entries(1, 0);
-
-/// When ctrace saw each entry inserted, for lifetimes at deletion.
-#[map]
-static BORN: LruHashMap<u64, u64> = LruHashMap::with_max_entries(65536, 0);
 
 const NF_DROP: u64 = 0; // include/uapi/linux/netfilter.h
 const NF_ACCEPT: u64 = 1;
@@ -323,15 +319,9 @@ fn on_delete(ct: u64, dying: Dying) -> Result<(), i64> {
     // SAFETY: this CPU's slot, read.
     let in_early_drop = own_alloc(task::key()).is_some_and(|a| unsafe { (*a).in_early_drop } == 1);
     let evicting = in_early_drop && !expired(ct, &l)?;
-    // SAFETY: copied out before removal.
-    let born = unsafe { BORN.get(ct) }.copied().unwrap_or(0);
-    let _ = BORN.remove(ct);
-    let lifetime = if born == 0 { 0 } else { now().saturating_sub(born) };
     let event = if evicting { ct_event::EARLY_DROP } else { ct_event::DELETE };
     let net: u64 = read::at(ct, l.ct_net)?;
-    let mut record = event_record(&l, event, ct + l.ct_tuple as u64, net, ct)?;
-    record.lifetime_ns = lifetime;
-    output(record, counter::RINGBUF_FULL_CONNTRACK);
+    output(event_record(&l, event, ct + l.ct_tuple as u64, net, ct)?, counter::RINGBUF_FULL_CONNTRACK);
     Ok(())
 }
 
@@ -381,7 +371,6 @@ fn on_confirm_return(ret: u64) -> Result<(), i64> {
                 if status & l.ips_nat_clash as u64 != 0 {
                     (ct_event::CLASH_RESOLVED, ct)
                 } else {
-                    let _ = BORN.insert(ct, now(), 0);
                     (ct_event::INSERT, ct)
                 }
             }
@@ -398,7 +387,8 @@ fn on_confirm_return(ret: u64) -> Result<(), i64> {
 }
 
 /// Counts the event and fills its record from the tuple; `ct` (0 if none)
-/// gives the TCP state and zone. Inlined: the record is returned by value.
+/// gives the TCP state and zone and is the record's `entry`. Inlined: the
+/// record is returned by value.
 #[inline(always)]
 fn event_record(l: &ConntrackLayout, event: u8, tuple: u64, net: u64, ct: u64) -> Result<ConntrackEvent, i64> {
     count(counter::CT_BASE + event as u32);
@@ -408,6 +398,7 @@ fn event_record(l: &ConntrackLayout, event: u8, tuple: u64, net: u64, ct: u64) -
         ts_ns: now(),
         // SAFETY: no arguments.
         cpu: unsafe { bpf_get_smp_processor_id() },
+        entry: ct,
         ..ConntrackEvent::default()
     };
     record.family = read::at::<u16>(tuple, l.tuple_l3num)? as u8;

@@ -644,6 +644,7 @@ mod tests {
             proto: Protocol::Tcp,
             raw_tcp_state: 0,
             zone: 0,
+            entry: 0,
             lifetime_ns,
             table: None,
         };
