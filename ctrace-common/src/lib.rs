@@ -186,12 +186,23 @@ pub struct ConntrackLayout {
     /// Kernels before 5.13 keep the count in the namespace itself:
     /// `net.ct.count` (atomic_t), or u32::MAX.
     pub net_ct_count: u32,
-    pub _pad: u32,
+    /// 1 when BTF lays the tuple's six fields out as every kernel so far
+    /// has (see `PACKED_TUPLE`): the programs then read them in one
+    /// [`PACKED_TUPLE_BYTES`] read instead of one read each.
+    pub tuple_packed: u32,
     /// Kernel addresses (from kallsyms) of `nf_conntrack_net_id` and
     /// `nf_conntrack_max`; 0 when unknown (then the fill is not read).
     pub net_id_addr: u64,
     pub max_addr: u64,
 }
+
+/// The tuple layout the programs can read in one go, as offsets within
+/// `struct nf_conntrack_tuple`: `src.u3` (16 bytes), `src.u.all`,
+/// `src.l3num`, `dst.u3`, `dst.u.all`, `dst.protonum`. The loader sets
+/// [`ConntrackLayout::tuple_packed`] only when BTF gives exactly these.
+pub const PACKED_TUPLE: [u32; 6] = [0, 16, 18, 20, 36, 38];
+/// Bytes that cover every field of [`PACKED_TUPLE`].
+pub const PACKED_TUPLE_BYTES: usize = 40;
 
 /// Indices into the per-CPU `COUNTERS` array. Summed over CPUs these are exact,
 /// even when the ring buffer overflows and records are lost.

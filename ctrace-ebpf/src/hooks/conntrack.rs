@@ -19,7 +19,7 @@ use aya_ebpf::{
     maps::PerCpuArray,
     programs::{FEntryContext, FExitContext, ProbeContext, RetProbeContext},
 };
-use ctrace_common::{counter, ct_event, kind, ConntrackEvent, ConntrackLayout};
+use ctrace_common::{counter, ct_event, kind, ConntrackEvent, ConntrackLayout, PACKED_TUPLE_BYTES};
 
 use crate::{
     maps::{count, output, set_mark, ALLOC_FAILED_PENDING, INSERT_FAILED_PENDING, TABLE_FULL_PENDING},
@@ -49,7 +49,7 @@ static CONNTRACK_LAYOUT: ConntrackLayout = ConntrackLayout {
     net_generic_ptr: 0,
     cnet_count: 0,
     net_ct_count: u32::MAX,
-    _pad: 0,
+    tuple_packed: 0,
     net_id_addr: 0,
     max_addr: 0,
 };
@@ -401,12 +401,23 @@ fn event_record(l: &ConntrackLayout, event: u8, tuple: u64, net: u64, ct: u64) -
         entry: ct,
         ..ConntrackEvent::default()
     };
-    record.family = read::at::<u16>(tuple, l.tuple_l3num)? as u8;
-    record.proto = read::at(tuple, l.tuple_protonum)?;
-    record.src = read::at(tuple, l.tuple_src_addr)?;
-    record.dst = read::at(tuple, l.tuple_dst_addr)?;
-    record.sport = u16::from_be(read::at(tuple, l.tuple_src_port)?);
-    record.dport = u16::from_be(read::at(tuple, l.tuple_dst_port)?);
+    if l.tuple_packed != 0 {
+        // One read where BTF says the fields lie as PACKED_TUPLE does.
+        let t: [u8; PACKED_TUPLE_BYTES] = read::at(tuple, 0)?;
+        record.src.copy_from_slice(&t[0..16]);
+        record.sport = u16::from_be_bytes([t[16], t[17]]);
+        record.family = u16::from_ne_bytes([t[18], t[19]]) as u8;
+        record.dst.copy_from_slice(&t[20..36]);
+        record.dport = u16::from_be_bytes([t[36], t[37]]);
+        record.proto = t[38];
+    } else {
+        record.family = read::at::<u16>(tuple, l.tuple_l3num)? as u8;
+        record.proto = read::at(tuple, l.tuple_protonum)?;
+        record.src = read::at(tuple, l.tuple_src_addr)?;
+        record.dst = read::at(tuple, l.tuple_dst_addr)?;
+        record.sport = u16::from_be(read::at(tuple, l.tuple_src_port)?);
+        record.dport = u16::from_be(read::at(tuple, l.tuple_dst_port)?);
+    }
     if net != 0 {
         record.netns = Net::probe(net).inum().unwrap_or(0);
     }

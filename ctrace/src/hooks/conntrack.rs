@@ -3,7 +3,7 @@
 //! programs read, and which kernel functions each hook family needs.
 use std::{borrow::Cow, path::Path};
 
-use ctrace_common::ConntrackLayout;
+use ctrace_common::{ConntrackLayout, PACKED_TUPLE, PACKED_TUPLE_BYTES};
 
 use crate::{
     btf::{Btf, BtfError},
@@ -176,7 +176,7 @@ pub fn conntrack_btf<'a>(vmlinux: &'a Btf, kallsyms: &Kallsyms) -> Result<Option
 pub fn layout(btf: &Btf) -> Result<ConntrackLayout, BtfError> {
     let tuple = btf.member_offset("nf_conn", "tuplehash")? + btf.member_offset("nf_conntrack_tuple_hash", "tuple")?;
     let mask = |name: &str| btf.enum_value("ip_conntrack_status", name).map(|v| v as u32);
-    Ok(ConntrackLayout {
+    let mut layout = ConntrackLayout {
         ct_tuple: tuple,
         ct_status: btf.member_offset("nf_conn", "status")?,
         ct_timeout: btf.member_offset("nf_conn", "timeout")?,
@@ -199,10 +199,21 @@ pub fn layout(btf: &Btf) -> Result<ConntrackLayout, BtfError> {
         net_generic_ptr: btf.member_offset("net_generic", "ptr").unwrap_or(u32::MAX),
         cnet_count: btf.member_offset("nf_conntrack_net", "count").unwrap_or(u32::MAX),
         net_ct_count: btf.member_offset("net", "ct.count").unwrap_or(u32::MAX),
-        _pad: 0,
+        tuple_packed: 0,
         net_id_addr: 0,
         max_addr: 0,
-    })
+    };
+    let tuple_size = btf.struct_size("nf_conntrack_tuple").unwrap_or(0);
+    layout.tuple_packed = u32::from(tuple_is_packed(&layout, tuple_size));
+    Ok(layout)
+}
+
+/// Whether the tuple's fields sit where [`PACKED_TUPLE`] says, inside a
+/// struct at least [`PACKED_TUPLE_BYTES`] long.
+fn tuple_is_packed(l: &ConntrackLayout, tuple_size: u32) -> bool {
+    let offsets =
+        [l.tuple_src_addr, l.tuple_src_port, l.tuple_l3num, l.tuple_dst_addr, l.tuple_dst_port, l.tuple_protonum];
+    offsets == PACKED_TUPLE && tuple_size as usize >= PACKED_TUPLE_BYTES
 }
 
 /// Adds the kernel addresses the table-fill read needs, from
@@ -274,5 +285,23 @@ ffffffffc0a10010 d nf_conntrack_max\t[nf_conntrack]
         // 5.10: the count in `struct net`, only the maximum's address needed.
         let l = with_symbol_addresses(ConntrackLayout { net_ct_count: 0x1c0, ..neither }, &kallsyms);
         assert_eq!((l.net_id_addr, l.max_addr), (0, 0xffffffffc0a10010));
+    }
+
+    #[test]
+    fn the_tuple_is_read_in_one_go_only_where_btf_lays_it_out_so() {
+        let [src_addr, src_port, l3num, dst_addr, dst_port, protonum] = PACKED_TUPLE;
+        let packed = ConntrackLayout {
+            tuple_src_addr: src_addr,
+            tuple_src_port: src_port,
+            tuple_l3num: l3num,
+            tuple_dst_addr: dst_addr,
+            tuple_dst_port: dst_port,
+            tuple_protonum: protonum,
+            ..Default::default()
+        };
+        assert!(tuple_is_packed(&packed, 40));
+        assert!(!tuple_is_packed(&packed, 38), "a shorter struct: the read would run past it");
+        let moved = ConntrackLayout { tuple_l3num: 20, tuple_dst_addr: 24, ..packed };
+        assert!(!tuple_is_packed(&moved, 44), "any other layout: one read per field");
     }
 }
