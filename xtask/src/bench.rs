@@ -31,7 +31,11 @@ pub fn bench(
     flood_secs: u64,
     json: Option<&Path>,
     guests: bool,
+    earlier: Option<&Path>,
 ) -> anyhow::Result<()> {
+    if let Some(earlier) = earlier {
+        anyhow::ensure!(earlier.is_file(), "--earlier {}: no such file", earlier.display());
+    }
     run(Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())).args(["build", "--release"]))?;
     let bin = root().join("target/release/ctrace");
     let mut report = Vec::new();
@@ -72,12 +76,12 @@ pub fn bench(
     if unsafe { libc::geteuid() } == 0 {
         report.push(attached_memory(&bin, &mut figures)?);
         if storm_secs > 0 {
-            report.extend(storm_cpu(&bin, storm_secs, &mut figures)?);
+            report.extend(storm_cpu(&bin, earlier, storm_secs, &mut figures)?);
         }
         if flood_secs > 0 {
             report.extend(crate::flood::flood(&bin, flood_secs, &mut figures)?);
             // Per tool as long as a storm runs per tool.
-            report.extend(crate::flood::flood_cpu(&bin, storm_secs.max(5), &mut figures)?);
+            report.extend(crate::flood::flood_cpu(&bin, earlier, storm_secs.max(5), &mut figures)?);
         }
     } else {
         report.push("storm CPU and flood memory: not measured: need root (namespaces, BPF)".into());
@@ -280,7 +284,7 @@ impl Drop for Tracefs {
     }
 }
 
-fn storm_cpu(bin: &Path, secs: u64, figures: &mut Figures) -> anyhow::Result<Vec<String>> {
+fn storm_cpu(bin: &Path, earlier: Option<&Path>, secs: u64, figures: &mut Figures) -> anyhow::Result<Vec<String>> {
     const FILLER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
     const PORT: u16 = 8080;
     let storm: Vec<Ipv4Addr> = (10..18).map(|i| Ipv4Addr::new(198, 18, 0, i)).collect();
@@ -299,7 +303,7 @@ fn storm_cpu(bin: &Path, secs: u64, figures: &mut Figures) -> anyhow::Result<Vec
 
     let mut lines = Vec::new();
     // Each tool with the key its figures go under (None: printed only).
-    let mut tools = compared_tools(bin);
+    let mut tools = compared_tools(bin, earlier);
     // The per-packet invalid hook, where hooks attach: what it adds per packet.
     if Path::new("/sys/bus/event_source/devices/kprobe").exists() {
         let mut with_invalid = Command::new(bin);
@@ -354,10 +358,17 @@ fn storm_cpu(bin: &Path, secs: u64, figures: &mut Figures) -> anyhow::Result<Vec
 
 /// The tools whose cost is compared: `ctrace live --plain` (figures under
 /// `ctrace`) and the bpftrace script (under `bpftrace`), if installed.
-pub fn compared_tools(bin: &Path) -> Vec<(&'static str, Option<&'static str>, Command)> {
+/// The tools compared, each with the key its figures go under (None:
+/// printed only): ctrace, an earlier ctrace build if given, bpftrace.
+pub fn compared_tools(bin: &Path, earlier: Option<&Path>) -> Vec<(&'static str, Option<&'static str>, Command)> {
     let mut live = Command::new(bin);
     live.args(["live", "--plain"]);
     let mut tools = vec![("ctrace live --plain", Some("ctrace"), live)];
+    if let Some(earlier) = earlier {
+        let mut before = Command::new(earlier);
+        before.args(["live", "--plain"]);
+        tools.push(("earlier ctrace build, live --plain", None, before));
+    }
     if bpftrace_installed() {
         let mut bt = Command::new("bpftrace");
         bt.args(["-e", BPFTRACE]);

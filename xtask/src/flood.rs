@@ -123,7 +123,7 @@ pub fn flood(bin: &Path, secs: u64, figures: &mut Figures) -> anyhow::Result<Vec
 
 /// The same flood with one tool at a time: `ctrace live --plain`, then the
 /// bpftrace script, each's process CPU and kernel program time (bpf_stats).
-pub fn flood_cpu(bin: &Path, secs: u64, figures: &mut Figures) -> anyhow::Result<Vec<String>> {
+pub fn flood_cpu(bin: &Path, earlier: Option<&Path>, secs: u64, figures: &mut Figures) -> anyhow::Result<Vec<String>> {
     let filler = Ipv4Addr::new(198, 18, 0, 2);
     let lab = Lab::new("bfcpu", &[filler])?;
     lab.track_connections("ctrace_bfcpu")?;
@@ -148,7 +148,7 @@ pub fn flood_cpu(bin: &Path, secs: u64, figures: &mut Figures) -> anyhow::Result
     let baseline = bench::measure(None, &lab, secs, flood)?;
     lines.push(baseline.line("random-source flood CPU", "table-full drops", "SYNs"));
     figures.set("flood.off.machine_ns_per_drop", baseline.machine_ns_per_drop());
-    for (name, key, mut cmd) in bench::compared_tools(bin) {
+    for (name, key, mut cmd) in bench::compared_tools(bin, earlier) {
         let tool = bench::start(name, &mut cmd)?;
         let m = bench::measure(Some(&tool), &lab, secs, flood)?;
         lines.push(m.line("random-source flood CPU", "table-full drops", "SYNs"));

@@ -111,6 +111,11 @@ enum Task {
         /// and without ctrace attached (emulated CPUs: ratios only).
         #[arg(long)]
         guests: bool,
+        /// Also measure this ctrace binary (an earlier release build, say
+        /// copied aside before a change) in the storm and flood CPU runs,
+        /// beside the current one: before and after in one run.
+        #[arg(long, value_name = "BIN")]
+        earlier: Option<PathBuf>,
     },
     /// Check every hook against each Debian kernel line (5.10, 6.1, 6.12,
     /// the newest 7.x) from its package, without booting it; print the
@@ -138,8 +143,8 @@ fn main() -> ExitCode {
     let result = match Cli::parse().task {
         Task::Setup => setup::setup(),
         Task::Test { no_setup, no_vm, repeat } => test(no_setup, no_vm, repeat),
-        Task::Bench { storm_secs, storm_only, flood_secs, json, guests } => {
-            bench::bench(storm_secs, storm_only, flood_secs, json.as_deref(), guests)
+        Task::Bench { storm_secs, storm_only, flood_secs, json, guests, earlier } => {
+            bench::bench(storm_secs, storm_only, flood_secs, json.as_deref(), guests, earlier.as_deref())
         }
         Task::BenchTable { file } => bench_table(&file),
         Task::ConnRate { secs, tier } => connections::conn_rate(secs, &tier),
