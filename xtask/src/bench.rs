@@ -66,6 +66,11 @@ pub fn bench(
         // ctrace's debug build: the guests see the host's files, and the
         // release build is above; either is the same programs.
         report.extend(crate::connections::in_guests(&bin, storm_secs.max(5), &mut figures)?);
+        if let Some(earlier) = earlier {
+            // Printed for comparison; the figures are the current build's.
+            let lines = crate::connections::in_guests(earlier, storm_secs.max(5), &mut Figures::default())?;
+            report.extend(lines.into_iter().map(|line| format!("earlier build: {line}")));
+        }
     } else {
         for key in crate::figures::KEYS.iter().filter(|k| k.starts_with("connections.")) {
             figures.skip(key, "measured in guest kernels: cargo xtask bench --guests");

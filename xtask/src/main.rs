@@ -113,7 +113,8 @@ enum Task {
         guests: bool,
         /// Also measure this ctrace binary (an earlier release build, say
         /// copied aside before a change) in the storm and flood CPU runs,
-        /// beside the current one: before and after in one run.
+        /// beside the current one, and with --guests in the guests after
+        /// it: before and after in one run.
         #[arg(long, value_name = "BIN")]
         earlier: Option<PathBuf>,
     },
