@@ -162,7 +162,11 @@ fn failed_insertions_match_the_kernels_insert_failed_counter() {
     lab.server
         .enter(|| std::fs::write("/proc/sys/net/netfilter/nf_conntrack_udp_timeout", "3600"))
         .expect("UDP timeout");
-    let recording = Recording::start(&out.0.join("r.json"), &["--tier", "kprobe"]).expect("ctrace record");
+    // About 100,000 records (8 MB) as fast as the spray goes: a ring that
+    // holds them all, so that no record is lost however far the reader
+    // falls behind (under emulation it can; the counts must be exact).
+    let recording =
+        Recording::start(&out.0.join("r.json"), &["--tier", "kprobe", "--ring-size", "32768"]).expect("ctrace record");
     let before = lab.server.conntrack_stat().unwrap();
     let buckets = Sysctl::set("net.netfilter.nf_conntrack_buckets", "1").unwrap();
     let max = Sysctl::set("net.netfilter.nf_conntrack_max", "200000").unwrap();
