@@ -206,6 +206,22 @@ impl Lab {
         self.udp_send_from(src, 0, port)
     }
 
+    /// Sends one UDP datagram on each of `flows` new flows (a fresh source
+    /// port each) from `src` to the server's `port`, all from one thread in
+    /// the client namespace: quick, so that a short conntrack timeout does
+    /// not expire the first entry before the last is made (one namespace
+    /// entry per datagram took seconds under emulation).
+    pub fn udp_flows(&self, src: Ipv4Addr, port: u16, flows: u64) -> std::io::Result<()> {
+        self.client.enter(|| {
+            for _ in 0..flows {
+                let socket = Socket::new(Domain::IPV4, Type::DGRAM, None)?;
+                socket.bind(&SocketAddr::V4(SocketAddrV4::new(src, 0)).into())?;
+                socket.send_to(b"ctrace", &SocketAddr::V4(SocketAddrV4::new(SERVER, port)).into())?;
+            }
+            Ok(())
+        })
+    }
+
     /// Sends one UDP datagram from `src`:`sport` (0: any) to the server.
     pub fn udp_send_from(&self, src: Ipv4Addr, sport: u16, port: u16) -> std::io::Result<()> {
         self.client.enter(|| {
