@@ -19,7 +19,7 @@ use aya_ebpf::{
     maps::PerCpuArray,
     programs::{FEntryContext, FExitContext, ProbeContext, RetProbeContext},
 };
-use ctrace_common::{counter, ct_event, kind, ConntrackEvent, ConntrackLayout, PACKED_TUPLE_BYTES};
+use ctrace_common::{counter, ct_event, kind, ConntrackEvent, ConntrackLayout, PACKED_TUPLE, PACKED_TUPLE_BYTES};
 
 use crate::{
     maps::{count, output, set_mark, ALLOC_FAILED_PENDING, INSERT_FAILED_PENDING, TABLE_FULL_PENDING},
@@ -403,13 +403,14 @@ fn event_record(l: &ConntrackLayout, event: u8, tuple: u64, net: u64, ct: u64) -
     };
     if l.tuple_packed != 0 {
         // One read where BTF says the fields lie as PACKED_TUPLE does.
+        let [src, sport, l3num, dst, dport, protonum] = PACKED_TUPLE.map(|offset| offset as usize);
         let t: [u8; PACKED_TUPLE_BYTES] = read::at(tuple, 0)?;
-        record.src.copy_from_slice(&t[0..16]);
-        record.sport = u16::from_be_bytes([t[16], t[17]]);
-        record.family = u16::from_ne_bytes([t[18], t[19]]) as u8;
-        record.dst.copy_from_slice(&t[20..36]);
-        record.dport = u16::from_be_bytes([t[36], t[37]]);
-        record.proto = t[38];
+        record.src.copy_from_slice(&t[src..src + 16]);
+        record.sport = u16::from_be_bytes([t[sport], t[sport + 1]]);
+        record.family = u16::from_ne_bytes([t[l3num], t[l3num + 1]]) as u8;
+        record.dst.copy_from_slice(&t[dst..dst + 16]);
+        record.dport = u16::from_be_bytes([t[dport], t[dport + 1]]);
+        record.proto = t[protonum];
     } else {
         record.family = read::at::<u16>(tuple, l.tuple_l3num)? as u8;
         record.proto = read::at(tuple, l.tuple_protonum)?;
