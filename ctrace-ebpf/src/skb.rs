@@ -2,9 +2,9 @@
 //! buffer's fields at the offsets the loader took from BTF, behind typed
 //! pointers, so that a hook says what it reads (`skb.nfct()`,
 //! `net.inum()`) rather than where (`read::at(skb, offset)`).
-use ctrace_common::{family, KfreeSkbLayout, PacketDrop};
+use ctrace_common::{family, ConntrackEvent, KfreeSkbLayout, PacketDrop};
 
-use crate::read;
+use crate::read::{self, Bytes};
 
 /// Filled in by the loader from the running kernel's BTF (the name is the
 /// loader's `kfree_skb::LAYOUT_GLOBAL`; the tracepoint tier needs it first).
@@ -143,7 +143,8 @@ impl<A: Access> Skb<A> {
     /// Fills family, protocol, addresses, ports and TCP flags from the
     /// packet's headers (the packet's bytes through the helper: their
     /// offset is the packet's own).
-    pub fn headers(self, l: &KfreeSkbLayout, record: &mut PacketDrop) -> Result<(), i64> {
+    #[inline(always)]
+    pub fn headers(self, l: &KfreeSkbLayout, record: &mut impl Packet) -> Result<(), i64> {
         let protocol = u16::from_be(A::at::<u16>(self.0, l.skb_protocol)?);
         let head: u64 = A::at(self.0, l.skb_head)?;
         let network_header: u16 = A::at(self.0, l.skb_network_header)?;
@@ -154,87 +155,145 @@ impl<A: Access> Skb<A> {
         // One read for both headers where the IP header has no options
         // (nearly always); a read that would cross into unmapped memory
         // (a header at the very end of a page) falls back to one each.
+        let mut bytes = Headers::new();
         match protocol {
             ETH_P_IP => {
-                if let Ok(bytes) = read::at::<[u8; 20 + L4_BYTES]>(l3, 0) {
-                    return match ipv4(record, &bytes[..20]) {
-                        Some(20) => {
-                            transport(record, &bytes[20..]);
+                if bytes.read(l3, IPV4_BYTES + L4_BYTES).is_ok() {
+                    return match ipv4(record, &bytes) {
+                        Some(IPV4_BYTES) => {
+                            transport(record, &bytes, IPV4_BYTES);
                             Ok(())
                         }
-                        Some(l4) => l4_at(record, l3 + l4),
+                        Some(l4) => l4_at(record, l3 + l4 as u64),
                         None => Ok(()),
                     };
                 }
-                let ip: [u8; 20] = read::at(l3, 0)?;
-                match ipv4(record, &ip) {
-                    Some(l4) => l4_at(record, l3 + l4),
+                bytes.read(l3, IPV4_BYTES)?;
+                match ipv4(record, &bytes) {
+                    Some(l4) => l4_at(record, l3 + l4 as u64),
                     None => Ok(()),
                 }
             }
             ETH_P_IPV6 => {
-                if let Ok(bytes) = read::at::<[u8; 40 + L4_BYTES]>(l3, 0) {
-                    ipv6(record, &bytes[..40]);
-                    transport(record, &bytes[40..]);
+                if bytes.read(l3, IPV6_BYTES + L4_BYTES).is_ok() {
+                    ipv6(record, &bytes);
+                    transport(record, &bytes, IPV6_BYTES);
                     return Ok(());
                 }
-                let ip: [u8; 40] = read::at(l3, 0)?;
-                ipv6(record, &ip);
-                l4_at(record, l3 + 40)
+                bytes.read(l3, IPV6_BYTES)?;
+                ipv6(record, &bytes);
+                l4_at(record, l3 + IPV6_BYTES as u64)
             }
             _ => Ok(()),
         }
     }
 }
 
+/// An IPv4 header without options, and an IPv6 header.
+const IPV4_BYTES: usize = 20;
+const IPV6_BYTES: usize = 40;
 /// The transport header bytes a record needs (TCP's flags are byte 13).
 const L4_BYTES: usize = 14;
+
+/// Room for the largest single read: an IPv6 header and the transport bytes.
+type Headers = Bytes<{ IPV6_BYTES + L4_BYTES }>;
+
+/// Stores an address given as words in packet order.
+#[inline(always)]
+pub fn set_address(address: &mut [u8; 16], words: [u32; 4]) {
+    // SAFETY: a record's addresses sit at 8-aligned offsets of an 8-aligned
+    // struct (`PacketDrop` and `ConntrackEvent` both hold u64 fields).
+    unsafe { core::ptr::write(address.as_mut_ptr() as *mut [u32; 4], words) }
+}
 
 /// Family, protocol and addresses from an IPv4 header; the transport
 /// header's offset, or None when this fragment has none.
 #[inline(always)]
-fn ipv4(record: &mut PacketDrop, ip: &[u8]) -> Option<u64> {
-    record.family = family::INET;
-    record.proto = ip[9];
-    record.src[..4].copy_from_slice(&ip[12..16]);
-    record.dst[..4].copy_from_slice(&ip[16..20]);
-    let fragment_offset = u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff;
+fn ipv4(record: &mut impl Packet, ip: &Headers) -> Option<usize> {
+    record.set_l3(family::INET, ip.u8(9), [ip.word(12), 0, 0, 0], [ip.word(16), 0, 0, 0]);
+    let fragment_offset = ip.be16(6) & 0x1fff;
     if fragment_offset != 0 {
         return None;
     }
-    Some(((ip[0] & 0x0f) as u64) * 4)
+    Some((ip.u8(0) & 0x0f) as usize * 4)
 }
 
 #[inline(always)]
-fn ipv6(record: &mut PacketDrop, ip: &[u8]) {
-    record.family = family::INET6;
-    record.proto = ip[6]; // next header; extension headers are not walked
-    record.src.copy_from_slice(&ip[8..24]);
-    record.dst.copy_from_slice(&ip[24..40]);
+fn ipv6(record: &mut impl Packet, ip: &Headers) {
+    record.set_l3(
+        family::INET6,
+        ip.u8(6), // next header; extension headers are not walked
+        [ip.word(8), ip.word(12), ip.word(16), ip.word(20)],
+        [ip.word(24), ip.word(28), ip.word(32), ip.word(36)],
+    );
 }
 
 /// Reads the transport header at `l4` for [`transport`].
 #[inline(always)]
-fn l4_at(record: &mut PacketDrop, l4: u64) -> Result<(), i64> {
-    let bytes: [u8; L4_BYTES] = read::at(l4, 0)?;
-    transport(record, &bytes);
+fn l4_at(record: &mut impl Packet, l4: u64) -> Result<(), i64> {
+    let mut bytes = Headers::new();
+    bytes.read(l4, L4_BYTES)?;
+    transport(record, &bytes, 0);
     Ok(())
 }
 
-/// Ports and TCP flags from the first [`L4_BYTES`] of the transport header.
+/// Ports and TCP flags from the [`L4_BYTES`] of the transport header at `at`.
 #[inline(always)]
-fn transport(record: &mut PacketDrop, l4: &[u8]) {
-    match record.proto {
+fn transport(record: &mut impl Packet, bytes: &Headers, at: usize) {
+    match record.proto() {
         IPPROTO_TCP => {
-            record.sport = u16::from_be_bytes([l4[0], l4[1]]);
-            record.dport = u16::from_be_bytes([l4[2], l4[3]]);
-            record.tcp_flags = l4[13];
+            record.set_ports(bytes.be16(at), bytes.be16(at + 2));
+            record.set_tcp_flags(bytes.u8(at + 13));
         }
-        IPPROTO_UDP | IPPROTO_SCTP | IPPROTO_UDPLITE => {
-            record.sport = u16::from_be_bytes([l4[0], l4[1]]);
-            record.dport = u16::from_be_bytes([l4[2], l4[3]]);
-        }
+        IPPROTO_UDP | IPPROTO_SCTP | IPPROTO_UDPLITE => record.set_ports(bytes.be16(at), bytes.be16(at + 2)),
         _ => {}
+    }
+}
+
+/// A record that carries what a packet's headers say.
+pub trait Packet {
+    /// Family, protocol, and the addresses as words in packet order.
+    fn set_l3(&mut self, family: u8, proto: u8, src: [u32; 4], dst: [u32; 4]);
+    fn proto(&self) -> u8;
+    fn set_ports(&mut self, sport: u16, dport: u16);
+    fn set_tcp_flags(&mut self, _flags: u8) {}
+}
+
+impl Packet for PacketDrop {
+    #[inline(always)]
+    fn set_l3(&mut self, family: u8, proto: u8, src: [u32; 4], dst: [u32; 4]) {
+        (self.family, self.proto) = (family, proto);
+        set_address(&mut self.src, src);
+        set_address(&mut self.dst, dst);
+    }
+    #[inline(always)]
+    fn proto(&self) -> u8 {
+        self.proto
+    }
+    #[inline(always)]
+    fn set_ports(&mut self, sport: u16, dport: u16) {
+        (self.sport, self.dport) = (sport, dport);
+    }
+    #[inline(always)]
+    fn set_tcp_flags(&mut self, flags: u8) {
+        self.tcp_flags = flags;
+    }
+}
+
+impl Packet for ConntrackEvent {
+    #[inline(always)]
+    fn set_l3(&mut self, family: u8, proto: u8, src: [u32; 4], dst: [u32; 4]) {
+        (self.family, self.proto) = (family, proto);
+        set_address(&mut self.src, src);
+        set_address(&mut self.dst, dst);
+    }
+    #[inline(always)]
+    fn proto(&self) -> u8 {
+        self.proto
+    }
+    #[inline(always)]
+    fn set_ports(&mut self, sport: u16, dport: u16) {
+        (self.sport, self.dport) = (sport, dport);
     }
 }
 

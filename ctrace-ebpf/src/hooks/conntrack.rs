@@ -22,9 +22,9 @@ use aya_ebpf::{
 use ctrace_common::{counter, ct_event, kind, ConntrackEvent, ConntrackLayout, PACKED_TUPLE, PACKED_TUPLE_BYTES};
 
 use crate::{
-    maps::{count, output, set_mark, ALLOC_FAILED_PENDING, INSERT_FAILED_PENDING, TABLE_FULL_PENDING},
-    read,
-    skb::{Net, Skb, NFCT_PTRMASK},
+    maps::{count, emit, set_mark, ALLOC_FAILED_PENDING, INSERT_FAILED_PENDING, TABLE_FULL_PENDING},
+    read::{self, Bytes},
+    skb::{set_address, Net, Skb, NFCT_PTRMASK},
     task,
 };
 
@@ -268,11 +268,14 @@ fn on_alloc_return(ret: u64) {
     }
     set_mark(&ALLOC_FAILED_PENDING, now());
     let l = layout();
-    let Ok(mut record) = event_record(&l, event, alloc.tuple, alloc.net, 0) else { return };
-    if event == ct_event::TABLE_FULL {
-        (record.table_count, record.table_max) = table_fill(&l, alloc.net).unwrap_or((0, 0));
-    }
-    output(record, counter::RINGBUF_FULL_CONNTRACK);
+    count(counter::CT_BASE + event as u32);
+    emit(counter::RINGBUF_FULL_CONNTRACK, 0, |record: &mut ConntrackEvent| {
+        fill_event(record, &l, event, alloc.tuple, alloc.net, 0)?;
+        if event == ct_event::TABLE_FULL {
+            (record.table_count, record.table_max) = table_fill(&l, alloc.net).unwrap_or((0, 0));
+        }
+        Ok(())
+    });
 }
 
 /// The namespace's entry count and `nf_conntrack_max`, read where the
@@ -321,7 +324,7 @@ fn on_delete(ct: u64, dying: Dying) -> Result<(), i64> {
     let evicting = in_early_drop && !expired(ct, &l)?;
     let event = if evicting { ct_event::EARLY_DROP } else { ct_event::DELETE };
     let net: u64 = read::at(ct, l.ct_net)?;
-    output(event_record(&l, event, ct + l.ct_tuple as u64, net, ct)?, counter::RINGBUF_FULL_CONNTRACK);
+    emit_event(&l, event, ct + l.ct_tuple as u64, net, ct);
     Ok(())
 }
 
@@ -382,35 +385,40 @@ fn on_confirm_return(ret: u64) -> Result<(), i64> {
         _ => return Ok(()),
     };
     let net: u64 = read::at(ct, l.ct_net)?;
-    output(event_record(&l, event, ct + l.ct_tuple as u64, net, ct)?, counter::RINGBUF_FULL_CONNTRACK);
+    emit_event(&l, event, ct + l.ct_tuple as u64, net, ct);
     Ok(())
 }
 
-/// Counts the event and fills its record from the tuple; `ct` (0 if none)
-/// gives the TCP state and zone and is the record's `entry`. Inlined: the
-/// record is returned by value.
+/// Fills an event's record from the tuple; `ct` (0 if none) gives the TCP
+/// state and zone and is the record's `entry`.
 #[inline(always)]
-fn event_record(l: &ConntrackLayout, event: u8, tuple: u64, net: u64, ct: u64) -> Result<ConntrackEvent, i64> {
-    count(counter::CT_BASE + event as u32);
-    let mut record = ConntrackEvent {
-        kind: kind::CONNTRACK,
-        event,
-        ts_ns: now(),
-        // SAFETY: no arguments.
-        cpu: unsafe { bpf_get_smp_processor_id() },
-        entry: ct,
-        ..ConntrackEvent::default()
-    };
+fn fill_event(
+    record: &mut ConntrackEvent,
+    l: &ConntrackLayout,
+    event: u8,
+    tuple: u64,
+    net: u64,
+    ct: u64,
+) -> Result<(), i64> {
+    record.kind = kind::CONNTRACK;
+    record.event = event;
+    record.ts_ns = now();
+    // SAFETY: no arguments.
+    record.cpu = unsafe { bpf_get_smp_processor_id() };
+    record.entry = ct;
     if l.tuple_packed != 0 {
         // One read where BTF says the fields lie as PACKED_TUPLE does.
         let [src, sport, l3num, dst, dport, protonum] = PACKED_TUPLE.map(|offset| offset as usize);
-        let t: [u8; PACKED_TUPLE_BYTES] = read::at(tuple, 0)?;
-        record.src.copy_from_slice(&t[src..src + 16]);
-        record.sport = u16::from_be_bytes([t[sport], t[sport + 1]]);
-        record.family = u16::from_ne_bytes([t[l3num], t[l3num + 1]]) as u8;
-        record.dst.copy_from_slice(&t[dst..dst + 16]);
-        record.dport = u16::from_be_bytes([t[dport], t[dport + 1]]);
-        record.proto = t[protonum];
+        // The addresses are copied a word at a time.
+        const { assert!(PACKED_TUPLE[0].is_multiple_of(4) && PACKED_TUPLE[3].is_multiple_of(4)) };
+        let mut t = Bytes::<PACKED_TUPLE_BYTES>::new();
+        t.read(tuple, PACKED_TUPLE_BYTES)?;
+        set_address(&mut record.src, [t.word(src), t.word(src + 4), t.word(src + 8), t.word(src + 12)]);
+        set_address(&mut record.dst, [t.word(dst), t.word(dst + 4), t.word(dst + 8), t.word(dst + 12)]);
+        record.sport = t.be16(sport);
+        record.dport = t.be16(dport);
+        record.family = t.get::<u16>(l3num) as u8;
+        record.proto = t.u8(protonum);
     } else {
         record.family = read::at::<u16>(tuple, l.tuple_l3num)? as u8;
         record.proto = read::at(tuple, l.tuple_protonum)?;
@@ -428,5 +436,12 @@ fn event_record(l: &ConntrackLayout, event: u8, tuple: u64, net: u64, ct: u64) -
             record.zone = read::at(ct, l.ct_zone).unwrap_or(0);
         }
     }
-    Ok(record)
+    Ok(())
+}
+
+/// Counts a conntrack event and writes its record (see [`fill_event`]).
+#[inline(always)]
+fn emit_event(l: &ConntrackLayout, event: u8, tuple: u64, net: u64, ct: u64) {
+    count(counter::CT_BASE + event as u32);
+    emit(counter::RINGBUF_FULL_CONNTRACK, 0, |record| fill_event(record, l, event, tuple, net, ct));
 }

@@ -17,10 +17,10 @@ use aya_ebpf::{
     maps::LruHashMap,
     programs::{FExitContext, ProbeContext, RetProbeContext},
 };
-use ctrace_common::{counter, ct_event, kind, ConntrackEvent, PacketDrop};
+use ctrace_common::{counter, ct_event, kind, ConntrackEvent};
 
 use crate::{
-    maps::{count, output, recent, set_mark, take_mark, ALLOC_FAILED_PENDING, ICMP_ERROR_PENDING, INVALID_PENDING},
+    maps::{count, emit, recent, set_mark, take_mark, ALLOC_FAILED_PENDING, ICMP_ERROR_PENDING, INVALID_PENDING},
     skb::{self, Net, Skb},
     task,
 };
@@ -142,23 +142,16 @@ fn on_return(skb: u64, verdict: u32) -> Result<(), i64> {
         set_mark(&INVALID_PENDING, skb.0);
     }
     let packet_layout = skb::layout();
-    let mut packet = PacketDrop::default();
-    let _ = skb.headers(&packet_layout, &mut packet);
-    let record = ConntrackEvent {
-        kind: kind::CONNTRACK,
-        event: ct_event::INVALID,
-        family: packet.family,
-        proto: packet.proto,
-        netns: skb.net(&packet_layout).and_then(Net::inum).unwrap_or(0),
+    emit(counter::RINGBUF_FULL_CONNTRACK, 0, |record: &mut ConntrackEvent| {
+        record.kind = kind::CONNTRACK;
+        record.event = ct_event::INVALID;
+        record.netns = skb.net(&packet_layout).and_then(Net::inum).unwrap_or(0);
         // SAFETY: plain helpers without arguments.
-        ts_ns: unsafe { bpf_ktime_get_ns() },
-        cpu: unsafe { bpf_get_smp_processor_id() },
-        sport: packet.sport,
-        dport: packet.dport,
-        src: packet.src,
-        dst: packet.dst,
-        ..ConntrackEvent::default()
-    };
-    output(record, counter::RINGBUF_FULL_CONNTRACK);
+        record.ts_ns = unsafe { bpf_ktime_get_ns() };
+        // SAFETY: as above.
+        record.cpu = unsafe { bpf_get_smp_processor_id() };
+        let _ = skb.headers(&packet_layout, record);
+        Ok(())
+    });
     Ok(())
 }

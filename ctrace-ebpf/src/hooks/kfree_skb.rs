@@ -14,7 +14,7 @@ use aya_ebpf::{
 use ctrace_common::{counter, drop_flags, kind, KfreeSkbLayout, PacketDrop};
 
 use crate::{
-    maps::{count, output_nth, recent, take_mark, INSERT_FAILED_PENDING, INVALID_PENDING, TABLE_FULL_PENDING},
+    maps::{count, emit, recent, take_mark, INSERT_FAILED_PENDING, INVALID_PENDING, TABLE_FULL_PENDING},
     read,
     skb::{self, Access, Direct, Net, Probe, Skb, NFCT_PTRMASK},
 };
@@ -77,20 +77,22 @@ fn on_netfilter_drop<A: Access>(layout: &KfreeSkbLayout, skb: Skb<A>, location: 
         }
     }
 
-    let mut record = PacketDrop {
-        kind: kind::NETFILTER_DROP,
-        flags,
-        location,
-        // SAFETY: plain helpers without arguments.
-        ts_ns: unsafe { bpf_ktime_get_ns() },
-        cpu: unsafe { bpf_get_smp_processor_id() },
-        netns: skb.net(layout).and_then(Net::inum).unwrap_or(0),
-        ..PacketDrop::default()
-    };
-    if skb.headers(layout, &mut record).is_err() {
-        record.flags |= drop_flags::NO_HEADER;
-    }
-
-    output_nth(record, counter::RINGBUF_FULL, nth);
+    // SAFETY: a plain helper without arguments.
+    let ts_ns = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: as above.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    let netns = skb.net(layout).and_then(Net::inum).unwrap_or(0);
+    emit(counter::RINGBUF_FULL, nth, |record: &mut PacketDrop| {
+        record.kind = kind::NETFILTER_DROP;
+        record.flags = flags;
+        record.location = location;
+        record.ts_ns = ts_ns;
+        record.cpu = cpu;
+        record.netns = netns;
+        if skb.headers(layout, record).is_err() {
+            record.flags |= drop_flags::NO_HEADER;
+        }
+        Ok(())
+    });
     Ok(())
 }
