@@ -259,21 +259,31 @@ pub trait Packet {
     fn set_tcp_flags(&mut self, _flags: u8) {}
 }
 
+/// The fields both records name alike.
+macro_rules! packet_fields {
+    () => {
+        #[inline(always)]
+        fn set_l3(&mut self, family: u8, proto: u8, src: [u32; 4], dst: [u32; 4]) {
+            (self.family, self.proto) = (family, proto);
+            set_address(&mut self.src, src);
+            set_address(&mut self.dst, dst);
+        }
+
+        #[inline(always)]
+        fn proto(&self) -> u8 {
+            self.proto
+        }
+
+        #[inline(always)]
+        fn set_ports(&mut self, sport: u16, dport: u16) {
+            (self.sport, self.dport) = (sport, dport);
+        }
+    };
+}
+
 impl Packet for PacketDrop {
-    #[inline(always)]
-    fn set_l3(&mut self, family: u8, proto: u8, src: [u32; 4], dst: [u32; 4]) {
-        (self.family, self.proto) = (family, proto);
-        set_address(&mut self.src, src);
-        set_address(&mut self.dst, dst);
-    }
-    #[inline(always)]
-    fn proto(&self) -> u8 {
-        self.proto
-    }
-    #[inline(always)]
-    fn set_ports(&mut self, sport: u16, dport: u16) {
-        (self.sport, self.dport) = (sport, dport);
-    }
+    packet_fields!();
+
     #[inline(always)]
     fn set_tcp_flags(&mut self, flags: u8) {
         self.tcp_flags = flags;
@@ -281,20 +291,7 @@ impl Packet for PacketDrop {
 }
 
 impl Packet for ConntrackEvent {
-    #[inline(always)]
-    fn set_l3(&mut self, family: u8, proto: u8, src: [u32; 4], dst: [u32; 4]) {
-        (self.family, self.proto) = (family, proto);
-        set_address(&mut self.src, src);
-        set_address(&mut self.dst, dst);
-    }
-    #[inline(always)]
-    fn proto(&self) -> u8 {
-        self.proto
-    }
-    #[inline(always)]
-    fn set_ports(&mut self, sport: u16, dport: u16) {
-        (self.sport, self.dport) = (sport, dport);
-    }
+    packet_fields!();
 }
 
 /// A `struct net *`, read with `A`.
