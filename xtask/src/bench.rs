@@ -338,6 +338,15 @@ fn storm_cpu(bin: &Path, earlier: Option<&Path>, secs: u64, figures: &mut Figure
         let m = measure(Some(&tool), &lab, secs, storm_traffic)?;
         lines.push(m.line("storm CPU", "table-full drops", "SYNs"));
         lines.push(format!("  per program: {}", m.per_program.join("; ")));
+        if perf_installed() {
+            let sampled = sampled(&tool, &lab, secs, storm_traffic)?;
+            lines.push(sampled.line("storm CPU"));
+            if key.is_some() {
+                let [ns, share] = sampled_keys("storm", key);
+                figures.set(ns, sampled.ns_per_drop());
+                figures.set(share, sampled.cpu_share());
+            }
+        }
         let keys = match key {
             Some("ctrace") => [
                 "storm.ctrace.kernel_ns_per_drop",
@@ -357,6 +366,14 @@ fn storm_cpu(bin: &Path, earlier: Option<&Path>, secs: u64, figures: &mut Figure
         figures.set(keys[1], m.cpu_share());
         figures.set(keys[2], m.drops as f64 / m.wall);
         figures.set(keys[3], m.machine_ns_per_drop());
+    }
+    if !perf_installed() {
+        lines.push(format!("storm CPU, sampled: not measured: {NO_PERF}"));
+        for tool in ["ctrace", "bpftrace"] {
+            for key in sampled_keys("storm", Some(tool)) {
+                figures.skip(key, NO_PERF);
+            }
+        }
     }
     Ok(lines)
 }
@@ -482,6 +499,134 @@ pub fn measure(
     Ok(Measured { name: tool.map_or(NO_TOOL, |t| t.name), drops, sent, wall, cpu, machine, run_ns, runs, per_program })
 }
 
+/// Frames through which the kernel enters a tracing program: a `tp_btf`
+/// program's dispatcher (`bpf_trace_run<N>`), a classic tracepoint's
+/// perf handler (`perf_trace_<event>`, which fills the event record before
+/// the program runs), and the kprobe and classic dispatch to BPF.
+const HOOK_FRAMES: &[&str] = &["bpf_trace_run", "perf_trace_", "trace_call_bpf"];
+
+/// The kernel's time in the tools' hooks over a stretch of traffic,
+/// sampled by `perf record -a` with bpf_stats off: the program, its helpers
+/// and the tracepoint's own machinery, which bpf_stats leaves out for a
+/// classic tracepoint (bpftrace's) and counts for a `tp_btf` one (ctrace's).
+pub struct Sampled {
+    pub name: &'static str,
+    /// Sampled kernel time in the hooks, and how many samples.
+    pub hook_s: f64,
+    pub samples: u64,
+    /// The tool's process CPU over the same stretch.
+    pub cpu: f64,
+    pub drops: u64,
+    pub wall: f64,
+}
+
+impl Sampled {
+    pub fn ns_per_drop(&self) -> f64 {
+        self.hook_s * 1e9 / self.drops.max(1) as f64
+    }
+
+    /// Process and hooks together, as a share of one core.
+    pub fn cpu_share(&self) -> f64 {
+        (self.cpu + self.hook_s) / self.wall
+    }
+
+    pub fn line(&self, what: &str) -> String {
+        format!(
+            "{what}, {}, sampled by perf (bpf_stats off): {} drops in {:.1} s; hooks {:.3} s ({} samples, {:.0} ns/drop); \
+             process {:.3} s; total {:.1}% of a core",
+            self.name,
+            self.drops,
+            self.wall,
+            self.hook_s,
+            self.samples,
+            self.ns_per_drop(),
+            self.cpu,
+            100.0 * self.cpu_share()
+        )
+    }
+}
+
+/// The keys of a sampled run's figures, for `ctrace` or `bpftrace`.
+pub fn sampled_keys(run: &str, tool: Option<&str>) -> [&'static str; 2] {
+    match (run, tool) {
+        ("storm", Some("ctrace")) => ["storm.ctrace.sampled_ns_per_drop", "storm.ctrace.sampled_cpu_share"],
+        ("storm", _) => ["storm.bpftrace.sampled_ns_per_drop", "storm.bpftrace.sampled_cpu_share"],
+        (_, Some("ctrace")) => ["flood.ctrace.sampled_ns_per_drop", "flood.ctrace.sampled_cpu_share"],
+        _ => ["flood.bpftrace.sampled_ns_per_drop", "flood.bpftrace.sampled_cpu_share"],
+    }
+}
+
+pub const NO_PERF: &str = "perf is not installed (apt-get install linux-perf)";
+
+pub fn perf_installed() -> bool {
+    Command::new("perf").arg("--version").output().is_ok_and(|o| o.status.success())
+}
+
+/// Runs `traffic` for `secs` under `perf record -a -g` and sums the sampled
+/// time whose call chain passes through a [`HOOK_FRAMES`] frame.
+pub fn sampled(
+    tool: &Tool,
+    lab: &Lab,
+    secs: u64,
+    mut traffic: impl FnMut() -> anyhow::Result<u64>,
+) -> anyhow::Result<Sampled> {
+    let _stats = Sysctl::set("kernel.bpf_stats_enabled", "0")?;
+    let dir = ctrace_tests::TempDir::new("bench-perf");
+    let data = dir.0.join("perf.data");
+    let mut perf = Command::new("perf")
+        .args(["record", "-a", "-g", "-F", "4999", "-o"])
+        .arg(&data)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("perf record")?;
+    // perf says nothing when it starts; its file appears once it has.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !data.exists() {
+        anyhow::ensure!(Instant::now() < deadline, "perf record did not start within 30 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let cpu_before = cpu_seconds(tool.child.id())?;
+    let drops_before = lab.server.conntrack_stat()?.drop;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(secs) {
+        traffic()?;
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let drops = lab.server.conntrack_stat()?.drop - drops_before;
+    let cpu = cpu_seconds(tool.child.id())? - cpu_before;
+    // SAFETY: signalling our own child; SIGINT makes perf write its file.
+    unsafe { libc::kill(perf.id() as i32, libc::SIGINT) };
+    let status = perf.wait()?;
+    // perf writes its file on SIGINT, then ends by the signal.
+    use std::os::unix::process::ExitStatusExt;
+    anyhow::ensure!(status.success() || status.signal() == Some(libc::SIGINT), "perf record failed ({status})");
+    let script = Command::new("perf").args(["script", "-F", "period,ip,sym", "-i"]).arg(&data).output()?;
+    anyhow::ensure!(script.status.success(), "perf script: {}", String::from_utf8_lossy(&script.stderr));
+    let (hook_ns, samples) = hook_time(&String::from_utf8_lossy(&script.stdout));
+    Ok(Sampled { name: tool.name, hook_s: hook_ns as f64 / 1e9, samples, cpu, drops, wall })
+}
+
+/// Sums the periods (ns of cpu-clock) of the samples in `perf script -F
+/// period,ip,sym` output whose chain has a [`HOOK_FRAMES`] frame; and how
+/// many there were.
+fn hook_time(script: &str) -> (u64, u64) {
+    let (mut ns, mut samples) = (0, 0);
+    for sample in script.split("\n\n") {
+        let mut lines = sample.lines().filter(|l| !l.trim().is_empty());
+        let Some(period) = lines.next().and_then(|l| l.trim().parse::<u64>().ok()) else { continue };
+        let in_hook = lines.any(|frame| {
+            let symbol = frame.split_whitespace().nth(1).unwrap_or("");
+            HOOK_FRAMES.iter().any(|f| symbol.starts_with(f))
+        });
+        if in_hook {
+            ns += period;
+            samples += 1;
+        }
+    }
+    (ns, samples)
+}
+
 /// Time from pressing `q` in the terminal UI to the process's exit, measured
 /// while a storm runs (the view must not be starved by events).
 fn quit_latency(bin: &Path, lab: &Lab, storm: &[Ipv4Addr], port: u16) -> anyhow::Result<String> {
@@ -521,4 +666,21 @@ fn quit_latency(bin: &Path, lab: &Lab, storm: &[Ipv4Addr], port: u16) -> anyhow:
     let _ = std::fs::remove_file(&pid_file);
     let elapsed = result?;
     Ok(format!("quit latency: q to exit of ctrace live during a storm: {:.0} ms", elapsed.as_secs_f64() * 1e3))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hook_time_counts_the_samples_whose_chain_enters_a_hook() {
+        let script = "    200040 \n\tffffffff8100 pv_native_safe_halt\n\tffffffff8101 do_idle\n\n    \
+                      200040 \n\tffffffff8102 bpf_ringbuf_submit\n\tffffffffa000 bpf_prog_1151170cddffabc8_kfree_skb\n\t\
+                      ffffffff8103 bpf_trace_run4\n\tffffffff8104 sk_skb_reason_drop\n\n    \
+                      100000 \n\tffffffff8105 htab_map_update_elem_in_place\n\tffffffff8106 trace_call_bpf\n\t\
+                      ffffffff8107 perf_trace_kfree_skb\n\n    \
+                      300000 \n\tffffffff8108 kfree_skbmem\n\tffffffff8104 sk_skb_reason_drop\n";
+        assert_eq!(hook_time(script), (300040, 2));
+        assert_eq!(hook_time(""), (0, 0));
+    }
 }

@@ -164,6 +164,22 @@ pub fn flood_cpu(bin: &Path, earlier: Option<&Path>, secs: u64, figures: &mut Fi
             }
             None => {}
         }
+        if bench::perf_installed() {
+            let sampled = bench::sampled(&tool, &lab, secs, flood)?;
+            lines.push(sampled.line("random-source flood CPU"));
+            if key.is_some() {
+                let [ns, share] = bench::sampled_keys("flood", key);
+                figures.set(ns, sampled.ns_per_drop());
+                figures.set(share, sampled.cpu_share());
+            }
+        }
+    }
+    if !bench::perf_installed() {
+        for tool in ["ctrace", "bpftrace"] {
+            for key in bench::sampled_keys("flood", Some(tool)) {
+                figures.skip(key, bench::NO_PERF);
+            }
+        }
     }
     Ok(lines)
 }
