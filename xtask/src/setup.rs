@@ -18,6 +18,8 @@ const PACKAGES: &[&str] = &[
     "bpftool",
     "tmux",
     "bpftrace",
+    // The bench's sampled hook time (perf record).
+    "linux-perf",
     "prometheus",
     // The fleet and workloads suites: podman (runc: crun refuses the
     // hybrid cgroup layout here; netavark for its networks), TLS
