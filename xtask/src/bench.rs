@@ -573,11 +573,14 @@ pub fn sampled(
     let _stats = Sysctl::set("kernel.bpf_stats_enabled", "0")?;
     let dir = ctrace_tests::TempDir::new("bench-perf");
     let data = dir.0.join("perf.data");
+    // To a file, not a pipe nobody reads while it runs (a full pipe would
+    // stall perf); shown if it fails.
+    let log = dir.0.join("perf.log");
     let mut perf = Command::new("perf")
         .args(["record", "-a", "-g", "-F", "4999", "-o"])
         .arg(&data)
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(std::fs::File::create(&log)?)
         .spawn()
         .context("perf record")?;
     // perf says nothing when it starts; its file appears once it has.
@@ -600,7 +603,11 @@ pub fn sampled(
     let status = perf.wait()?;
     // perf writes its file on SIGINT, then ends by the signal.
     use std::os::unix::process::ExitStatusExt;
-    anyhow::ensure!(status.success() || status.signal() == Some(libc::SIGINT), "perf record failed ({status})");
+    anyhow::ensure!(
+        status.success() || status.signal() == Some(libc::SIGINT),
+        "perf record failed ({status}): {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
     let script = Command::new("perf").args(["script", "-F", "period,ip,sym", "-i"]).arg(&data).output()?;
     anyhow::ensure!(script.status.success(), "perf script: {}", String::from_utf8_lossy(&script.stderr));
     let (hook_ns, samples) = hook_time(&String::from_utf8_lossy(&script.stdout));
