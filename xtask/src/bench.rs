@@ -369,11 +369,7 @@ fn storm_cpu(bin: &Path, earlier: Option<&Path>, secs: u64, figures: &mut Figure
     }
     if !perf_installed() {
         lines.push(format!("storm CPU, sampled: not measured: {NO_PERF}"));
-        for tool in ["ctrace", "bpftrace"] {
-            for key in sampled_keys("storm", Some(tool)) {
-                figures.skip(key, NO_PERF);
-            }
-        }
+        skip_sampled("storm", figures);
     }
     Ok(lines)
 }
@@ -556,7 +552,16 @@ pub fn sampled_keys(run: &str, tool: Option<&str>) -> [&'static str; 2] {
     }
 }
 
-pub const NO_PERF: &str = "perf is not installed (apt-get install linux-perf)";
+/// Says why a run's sampled figures are missing: perf is not installed.
+pub fn skip_sampled(run: &str, figures: &mut Figures) {
+    for tool in ["ctrace", "bpftrace"] {
+        for key in sampled_keys(run, Some(tool)) {
+            figures.skip(key, NO_PERF);
+        }
+    }
+}
+
+const NO_PERF: &str = "perf is not installed (apt-get install linux-perf)";
 
 pub fn perf_installed() -> bool {
     Command::new("perf").arg("--version").output().is_ok_and(|o| o.status.success())

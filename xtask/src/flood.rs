@@ -175,11 +175,7 @@ pub fn flood_cpu(bin: &Path, earlier: Option<&Path>, secs: u64, figures: &mut Fi
         }
     }
     if !bench::perf_installed() {
-        for tool in ["ctrace", "bpftrace"] {
-            for key in bench::sampled_keys("flood", Some(tool)) {
-                figures.skip(key, bench::NO_PERF);
-            }
-        }
+        bench::skip_sampled("flood", figures);
     }
     Ok(lines)
 }
