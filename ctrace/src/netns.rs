@@ -206,8 +206,8 @@ pub struct Namespaces {
     readers: FxHashMap<u32, StatReader>,
     last_scan: Option<Instant>,
     /// The last sample of each namespace's fill: when (a record's
-    /// CLOCK_MONOTONIC time) and whether it was full.
-    occupancy: FxHashMap<u32, (u64, bool)>,
+    /// CLOCK_MONOTONIC time) and whether it was full (None: unreadable).
+    occupancy: FxHashMap<u32, (u64, Option<bool>)>,
     peaks: FxHashMap<u32, Occupancy>,
     legacy: FxHashMap<u32, (Instant, Option<bool>)>,
 }
@@ -230,7 +230,9 @@ fn has_legacy_tables(ns_path: &Path) -> io::Result<bool> {
     })?
 }
 
-/// How long a sample that found the table full stands for its state.
+/// How long a sample that found the table full stands for its state, and
+/// one that could not read it (a namespace no process holds: looking again
+/// per drop would cost a clock read and map lookups per drop).
 const FULL_TTL_NS: u64 = 100_000_000;
 /// How long one that found room does. A conntrack drop while the last
 /// sample found room suggests the table has filled since: read again, at
@@ -329,18 +331,20 @@ impl Namespaces {
     /// clock is read per drop); None if it cannot be read.
     pub fn table_at_max(&mut self, inum: u32, ts_ns: u64) -> Option<bool> {
         if let Some(&(at, full)) = self.occupancy.get(&inum) {
-            if ts_ns.wrapping_sub(at) < if full { FULL_TTL_NS } else { ROOM_TTL_NS } {
-                return Some(full);
+            if ts_ns.wrapping_sub(at) < if full == Some(false) { ROOM_TTL_NS } else { FULL_TTL_NS } {
+                return full;
             }
         }
-        let sample = Occupancy { entries: self.stats(inum)?.entries, max: conntrack_max()? };
-        let full = sample.entries >= sample.max;
+        let sample = self.stats(inum).and_then(|s| Some(Occupancy { entries: s.entries, max: conntrack_max()? }));
+        let full = sample.map(|sample| sample.entries >= sample.max);
         self.occupancy.insert(inum, (ts_ns, full));
-        let peak = self.peaks.entry(inum).or_insert(sample);
-        if sample.entries > peak.entries {
-            *peak = sample;
+        if let Some(sample) = sample {
+            let peak = self.peaks.entry(inum).or_insert(sample);
+            if sample.entries > peak.entries {
+                *peak = sample;
+            }
         }
-        Some(full)
+        full
     }
 }
 
