@@ -38,9 +38,10 @@ fn submit_flags() -> u64 {
 /// from a zeroed start: a record built on the stack and then copied came
 /// out of LLVM as byte-by-byte moves through stack slots. The record is
 /// given up if `fill` fails, and counted in `lost` when the buffer is full.
-/// Only every [`WAKEUP_CHECK_EVERY`]th of this CPU's records (`nth`) looks
-/// at whether to wake the reader (the reader also drains on a timer, so a
-/// quiet tail is not left waiting).
+/// Only every [`WAKEUP_CHECK_EVERY`]th record looks at whether to wake the
+/// reader: `nth` is this CPU's count of the event the record is for, as
+/// [`count`] returns it (the reader also drains on a timer, so a quiet tail
+/// is not left waiting).
 #[inline(always)]
 pub fn emit<T: Record>(lost: u32, nth: u64, fill: impl FnOnce(&mut T) -> Result<(), i64>) {
     match EVENTS.reserve::<T>(0) {

@@ -268,8 +268,8 @@ fn on_alloc_return(ret: u64) {
     }
     set_mark(&ALLOC_FAILED_PENDING, now());
     let l = layout();
-    count(counter::CT_BASE + event as u32);
-    emit(counter::RINGBUF_FULL_CONNTRACK, 0, |record: &mut ConntrackEvent| {
+    let nth = count(counter::CT_BASE + event as u32);
+    emit(counter::RINGBUF_FULL_CONNTRACK, nth, |record: &mut ConntrackEvent| {
         fill_event(record, &l, event, alloc.tuple, alloc.net, 0)?;
         if event == ct_event::TABLE_FULL {
             (record.table_count, record.table_max) = table_fill(&l, alloc.net).unwrap_or((0, 0));
@@ -442,6 +442,6 @@ fn fill_event(
 /// Counts a conntrack event and writes its record (see [`fill_event`]).
 #[inline(always)]
 fn emit_event(l: &ConntrackLayout, event: u8, tuple: u64, net: u64, ct: u64) {
-    count(counter::CT_BASE + event as u32);
-    emit(counter::RINGBUF_FULL_CONNTRACK, 0, |record| fill_event(record, l, event, tuple, net, ct));
+    let nth = count(counter::CT_BASE + event as u32);
+    emit(counter::RINGBUF_FULL_CONNTRACK, nth, |record| fill_event(record, l, event, tuple, net, ct));
 }

@@ -136,13 +136,13 @@ fn on_return(skb: u64, verdict: u32) -> Result<(), i64> {
     if skb.nfct()? != 0 || icmp_error || (verdict == NF_DROP && alloc_failed) {
         return Ok(());
     }
-    count(counter::CT_BASE + ct_event::INVALID as u32);
+    let nth = count(counter::CT_BASE + ct_event::INVALID as u32);
     if verdict == NF_ACCEPT {
         // Conntrack let it through: if netfilter drops it now, a rule did.
         set_mark(&INVALID_PENDING, skb.0);
     }
     let packet_layout = skb::layout();
-    emit(counter::RINGBUF_FULL_CONNTRACK, 0, |record: &mut ConntrackEvent| {
+    emit(counter::RINGBUF_FULL_CONNTRACK, nth, |record: &mut ConntrackEvent| {
         record.kind = kind::CONNTRACK;
         record.event = ct_event::INVALID;
         record.netns = skb.net(&packet_layout).and_then(Net::inum).unwrap_or(0);
