@@ -291,7 +291,7 @@ fn boot_and_run(
                 eprintln!(
                     "xtask: the {} guest died while booting ({status}); console ends:\n{}",
                     kernel.label,
-                    last_lines(&console_text, 12)
+                    console_excerpt(&console_text, 12)
                 );
                 Ok(None)
             }
@@ -300,10 +300,16 @@ fn boot_and_run(
                 if let Some(mut e) = child.stderr.take() {
                     let _ = e.read_to_string(&mut qemu_err);
                 }
+                // The whole console outlives the guest's folder, for the oops.
+                let kept = crate::root().join(format!("target/guest-{}-console.log", kernel.label));
+                let kept = match std::fs::copy(&console, &kept) {
+                    Ok(_) => format!("whole console in {}", kept.display()),
+                    Err(e) => format!("console not kept: {e}"),
+                };
                 bail!(
-                    "the {} guest gave no exit code (qemu {status}: {qemu_err}); console ends:\n{}",
+                    "the {} guest gave no exit code (qemu {status}: {qemu_err}; {kept}); console:\n{}",
                     kernel.label,
-                    last_lines(&console_text, 30)
+                    console_excerpt(&console_text, 30)
                 )
             }
         }
@@ -312,10 +318,28 @@ fn boot_and_run(
     result
 }
 
-/// The last `n` lines of a guest's console, for an error.
-fn last_lines(text: &str, n: usize) -> String {
+/// The lines that open a kernel's report of its own failure.
+const OOPS_OPENERS: [&str; 6] =
+    ["------------[ cut here ]", "BUG:", "Oops:", "general protection fault", "kernel BUG at", "WARNING:"];
+
+/// What of a dead guest's console goes into the error: from the first
+/// oops or BUG line on (its reason and RIP come before the call trace, which
+/// alone says little), at most 80 lines, then always the last `n` lines.
+fn console_excerpt(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
+    let tail = lines.len().saturating_sub(n);
+    let from = lines.iter().position(|l| OOPS_OPENERS.iter().any(|o| l.contains(o))).unwrap_or(tail);
+    let to = lines.len().min(from + 80);
+    let mut excerpt = lines[from..to].join("\n");
+    if to < lines.len() {
+        let tail = tail.max(to);
+        if tail > to {
+            excerpt.push_str(&format!("\n[{} lines left out]", tail - to));
+        }
+        excerpt.push('\n');
+        excerpt.push_str(&lines[tail..].join("\n"));
+    }
+    excerpt
 }
 
 /// KVM only where the CPU offers virtualisation; /dev/kvm alone is not enough.
@@ -335,5 +359,22 @@ mod tests {
         assert_eq!(shell_quote("a b"), "'a b'");
         assert_eq!(shell_quote("it's"), r"'it'\''s'");
         assert_eq!(shell_quote(""), "''");
+    }
+
+    #[test]
+    fn a_crashed_guest_is_shown_from_its_oops() {
+        let boot: String = (0..50).map(|i| format!("boot line {i}\n")).collect();
+        let oops = "BUG: unable to handle page fault\nRIP: 0010:nf_ct_delete+0x5\nKernel panic - not syncing\n";
+        let excerpt = console_excerpt(&(boot.clone() + oops), 2);
+        assert!(excerpt.starts_with("BUG: unable"), "{excerpt}");
+        assert!(excerpt.ends_with("Kernel panic - not syncing"), "{excerpt}");
+        // No oops: the tail.
+        assert_eq!(console_excerpt(&boot, 2), "boot line 48\nboot line 49");
+        // A long trace is cut, and says so.
+        let long: String = (0..100).map(|i| format!("trace {i}\n")).collect();
+        let excerpt = console_excerpt(&format!("Oops: 0003\n{long}"), 2);
+        assert_eq!(excerpt.lines().count(), 83);
+        assert!(excerpt.starts_with("Oops: 0003\ntrace 0\n"), "{excerpt}");
+        assert!(excerpt.ends_with("trace 78\n[19 lines left out]\ntrace 98\ntrace 99"), "{excerpt}");
     }
 }
