@@ -20,6 +20,14 @@ pub struct Workload {
     pub sources: u64,
 }
 
+/// The `i`th source address: scattered over the whole IPv4 space, as a
+/// random-source flood's are (consecutive addresses would share their /24
+/// and /16 prefixes and flatter the prefix counters), and distinct for
+/// every `i` below 2^32 (an odd multiplier is a bijection on u32).
+fn source(i: u64) -> u32 {
+    (i as u32).wrapping_mul(0x9e37_79b1)
+}
+
 /// A SYN from the `i`th source, as the kfree_skb program would record it.
 fn record(i: u64, ts_ns: u64) -> [u8; PacketDrop::SIZE] {
     let mut raw = PacketDrop {
@@ -35,8 +43,7 @@ fn record(i: u64, ts_ns: u64) -> [u8; PacketDrop::SIZE] {
         tcp_flags: 0x02,
         ..Default::default()
     };
-    // Sources spread over 10.0.0.0/8 and beyond, one per index.
-    raw.src[..4].copy_from_slice(&(0x0a00_0000u32.wrapping_add(i as u32)).to_be_bytes());
+    raw.src[..4].copy_from_slice(&source(i).to_be_bytes());
     raw.dst[..4].copy_from_slice(&[198, 18, 1, 1]);
     encode(&raw)
 }
@@ -96,4 +103,18 @@ pub fn peak_rss_kib() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    #[test]
+    fn sources_are_distinct_and_scattered_over_prefixes() {
+        let sources: Vec<u32> = (0..65_536).map(super::source).collect();
+        assert_eq!(sources.iter().collect::<HashSet<_>>().len(), sources.len());
+        // A random-source flood's 64 Ki sources land in most /16s, not one.
+        let prefixes: HashSet<u32> = sources.iter().map(|a| a >> 16).collect();
+        assert!(prefixes.len() > 30_000, "{}", prefixes.len());
+    }
 }
