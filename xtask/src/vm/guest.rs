@@ -289,7 +289,7 @@ fn boot_and_run(
             }
             None if !console_text.contains("CTRACE-VM-START") => {
                 eprintln!(
-                    "xtask: the {} guest died while booting ({status}); console ends:\n{}",
+                    "xtask: the {} guest died while booting ({status}); console:\n{}",
                     kernel.label,
                     console_excerpt(&console_text, 12)
                 );
@@ -330,14 +330,14 @@ fn console_excerpt(text: &str, n: usize) -> String {
     let tail = lines.len().saturating_sub(n);
     let from = lines.iter().position(|l| OOPS_OPENERS.iter().any(|o| l.contains(o))).unwrap_or(tail);
     let to = lines.len().min(from + 80);
+    let rest = tail.max(to);
     let mut excerpt = lines[from..to].join("\n");
-    if to < lines.len() {
-        let tail = tail.max(to);
-        if tail > to {
-            excerpt.push_str(&format!("\n[{} lines left out]", tail - to));
-        }
+    if rest > to {
+        excerpt.push_str(&format!("\n[{} lines left out]", rest - to));
+    }
+    if rest < lines.len() {
         excerpt.push('\n');
-        excerpt.push_str(&lines[tail..].join("\n"));
+        excerpt.push_str(&lines[rest..].join("\n"));
     }
     excerpt
 }
