@@ -69,6 +69,8 @@ const HEADER_UNSET: u16 = u16::MAX;
 
 /// How a hook reaches the kernel's structures from the pointer it holds.
 pub trait Access: Copy {
+    /// Plain loads: several small reads cost less than one helper call.
+    const DIRECT: bool;
     fn at<T: Copy>(base: u64, offset: u32) -> Result<T, i64>;
 }
 
@@ -78,6 +80,8 @@ pub trait Access: Copy {
 pub struct Probe;
 
 impl Access for Probe {
+    const DIRECT: bool = false;
+
     #[inline(always)]
     fn at<T: Copy>(base: u64, offset: u32) -> Result<T, i64> {
         read::at(base, offset)
@@ -93,6 +97,8 @@ impl Access for Probe {
 pub struct Direct;
 
 impl Access for Direct {
+    const DIRECT: bool = true;
+
     #[inline(always)]
     fn at<T: Copy>(base: u64, offset: u32) -> Result<T, i64> {
         // SAFETY: see above; the verifier refuses the program otherwise.
@@ -297,13 +303,6 @@ impl Packet for ConntrackEvent {
 /// A `struct net *`, read with `A`.
 #[derive(Clone, Copy)]
 pub struct Net<A: Access = Probe>(pub u64, pub A);
-
-impl Net<Probe> {
-    /// A raw address (read from a conntrack entry).
-    pub fn probe(addr: u64) -> Self {
-        Net(addr, Probe)
-    }
-}
 
 impl<A: Access> Net<A> {
     /// `net->ns.inum`: the namespace's inode number, as /proc shows it.

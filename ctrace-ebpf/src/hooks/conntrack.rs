@@ -1,9 +1,10 @@
 //! Kprobe tier: conntrack's own allocation, eviction, confirmation and
 //! deletion paths, for kernels where nf_conntrack is a module.
 //!
-//! - `__nf_conntrack_alloc` entry saves the flow's tuple; `early_drop`'s
-//!   return says whether room was made; the allocation's return then tells a
-//!   full table (nothing evicted) from a memory failure. A full table also
+//! - `__nf_conntrack_alloc` entry saves the flow's tuple (the fentry tier
+//!   needs no entry program: its fexit sees the arguments); `early_drop`'s
+//!   return says whether room was made; the allocation's return, when it
+//!   failed, then tells a full table (nothing evicted) from a memory failure. A full table also
 //!   marks this CPU, so the packet's kfree_skb record carries the kernel's
 //!   own "table full".
 //! - `nf_ct_delete` (or its split part) inside `early_drop` is an eviction;
@@ -24,7 +25,7 @@ use ctrace_common::{counter, ct_event, kind, ConntrackEvent, ConntrackLayout, PA
 use crate::{
     maps::{count, emit, set_mark, ALLOC_FAILED_PENDING, INSERT_FAILED_PENDING, TABLE_FULL_PENDING},
     read::{self, Bytes},
-    skb::{set_address, Net, Skb, NFCT_PTRMASK},
+    skb::{set_address, Access, Direct, Net, Probe, Skb, NFCT_PTRMASK},
     task,
 };
 
@@ -59,8 +60,9 @@ static CONNTRACK_LAYOUT: ConntrackLayout = ConntrackLayout {
 ///
 /// A per-CPU slot, not a map keyed by task: the allocation runs from entry
 /// to return on one CPU, and nearly every one succeeds, so the common path
-/// costs a slot write at entry and a read at return, no hash insert and
-/// delete (which were most of these programs' time). Its limits are the
+/// costs a slot write at entry (kprobe tier only) and a comparison at
+/// return, no hash insert and delete (which were most of these programs'
+/// time). Its limits are the
 /// other per-CPU marks': a softirq that interrupts an allocation made in
 /// process context takes the slot (a map keyed by task had the same limit:
 /// the softirq runs as the task it interrupts); a task preempted inside the
@@ -131,7 +133,11 @@ pub fn ct_alloc(ctx: ProbeContext) -> u32 {
 
 #[kretprobe]
 pub fn ct_alloc_ret(ctx: RetProbeContext) -> u32 {
-    on_alloc_return(ctx.ret::<u64>());
+    if alloc_failed(ctx.ret::<u64>()) {
+        if let Some(alloc) = take_alloc() {
+            on_alloc_failed(alloc.net, alloc.tuple, alloc.early_drop);
+        }
+    }
     0
 }
 
@@ -150,7 +156,7 @@ pub fn ct_early_drop_ret(ctx: RetProbeContext) -> u32 {
 #[kprobe]
 pub fn ct_delete(ctx: ProbeContext) -> u32 {
     if let Some(ct) = ctx.arg::<u64>(0) {
-        let _ = on_delete(ct, Dying::Check);
+        let _ = on_delete(ct, Probe, Dying::Check);
     }
     0
 }
@@ -161,7 +167,7 @@ pub fn ct_delete(ctx: ProbeContext) -> u32 {
 #[kprobe]
 pub fn ct_delete_part(ctx: ProbeContext) -> u32 {
     if let Some(ct) = ctx.arg::<u64>(0) {
-        let _ = on_delete(ct, Dying::SetByCaller);
+        let _ = on_delete(ct, Probe, Dying::SetByCaller);
     }
     0
 }
@@ -169,30 +175,31 @@ pub fn ct_delete_part(ctx: ProbeContext) -> u32 {
 #[kprobe]
 pub fn ct_confirm(ctx: ProbeContext) -> u32 {
     if let Some(skb) = ctx.arg::<u64>(0) {
-        let _ = on_confirm_entry(skb);
+        let _ = on_confirm_entry(Skb::probe(skb));
     }
     0
 }
 
 #[kretprobe]
 pub fn ct_confirm_ret(ctx: RetProbeContext) -> u32 {
-    let _ = on_confirm_return(ctx.ret::<u64>() as u32 as u64);
+    let _ = on_confirm_return(ctx.ret::<u64>() as u32 as u64, Skb::probe);
     0
 }
 
 // The fentry tier, where conntrack is built into vmlinux: the same work.
 // fexit sees the arguments and then the return value; the loader checks each
-// function's parameter count in BTF, so the indices below hold.
-
-#[fentry(function = "__nf_conntrack_alloc")]
-pub fn ct_alloc_fentry(ctx: FEntryContext) -> i32 {
-    on_alloc_entry(ctx.arg(0), ctx.arg(2));
-    0
-}
+// function's parameter count in BTF, so the indices below hold. Arguments
+// the verifier knows by their BTF type (the entry being deleted, the packet
+// being confirmed) are read with plain loads; pointers that reach a program
+// as numbers (a map slot's, the entry found in `skb->_nfct`) still go
+// through the helper.
 
 #[fexit(function = "__nf_conntrack_alloc")]
 pub fn ct_alloc_fexit(ctx: FExitContext) -> i32 {
-    on_alloc_return(ctx.arg(6));
+    if alloc_failed(ctx.arg(6)) {
+        let early_drop = take_alloc().map_or(0, |alloc| alloc.early_drop);
+        on_alloc_failed(ctx.arg(0), ctx.arg(2), early_drop);
+    }
     0
 }
 
@@ -210,19 +217,19 @@ pub fn ct_early_drop_fexit(ctx: FExitContext) -> i32 {
 
 #[fentry(function = "nf_ct_delete")]
 pub fn ct_delete_fentry(ctx: FEntryContext) -> i32 {
-    let _ = on_delete(ctx.arg(0), Dying::Check);
+    let _ = on_delete(ctx.arg(0), Direct, Dying::Check);
     0
 }
 
 #[fentry(function = "__nf_conntrack_confirm")]
 pub fn ct_confirm_fentry(ctx: FEntryContext) -> i32 {
-    let _ = on_confirm_entry(ctx.arg(0));
+    let _ = on_confirm_entry(Skb(ctx.arg(0), Direct));
     0
 }
 
 #[fexit(function = "__nf_conntrack_confirm")]
 pub fn ct_confirm_fexit(ctx: FExitContext) -> i32 {
-    let _ = on_confirm_return(ctx.arg::<u64>(1) as u32 as u64);
+    let _ = on_confirm_return(ctx.arg::<u64>(1) as u32 as u64, |_| Skb(ctx.arg(0), Direct));
     0
 }
 
@@ -234,10 +241,18 @@ fn on_alloc_entry(net: u64, tuple: u64) {
     }
 }
 
+/// Takes the slot for this task when the allocation's entry did not (the
+/// fentry tier has no entry program: its fexit sees the arguments), keeping
+/// the entry's arguments when it did.
 fn on_early_drop_entry() {
-    if let Some(alloc) = own_alloc(task::key()) {
-        // SAFETY: this CPU's slot.
-        unsafe { (*alloc).in_early_drop = 1 };
+    let task = task::key();
+    let Some(slot) = ALLOC.get_ptr_mut(0) else { return };
+    // SAFETY: this CPU's slot.
+    unsafe {
+        if (*slot).task != task {
+            *slot = Alloc { task, net: 0, tuple: 0, early_drop: 0, in_early_drop: 0, _pad: [0; 6] };
+        }
+        (*slot).in_early_drop = 1;
     }
 }
 
@@ -251,18 +266,30 @@ fn on_early_drop_return(evicted: bool) {
     }
 }
 
-fn on_alloc_return(ret: u64) {
-    let Some(slot) = own_alloc(task::key()) else { return };
+/// An error pointer: the allocation failed. Checked first, so that the
+/// common path (allocated) costs a comparison. The slot is then left as it
+/// is: every allocation's entry, and every early_drop, rewrites it.
+#[inline(always)]
+fn alloc_failed(ret: u64) -> bool {
+    ret >= u64::MAX - MAX_ERRNO
+}
+
+/// This task's slot, taken: what early_drop said (0 when it was not
+/// called), and the arguments the allocation's entry saved.
+fn take_alloc() -> Option<Alloc> {
+    let slot = own_alloc(task::key())?;
     // SAFETY: this CPU's slot, copied out, then freed.
-    let alloc = unsafe {
+    unsafe {
         let alloc = *slot;
         (*slot).task = 0;
-        alloc
-    };
-    if ret < u64::MAX - MAX_ERRNO {
-        return; // a valid pointer: allocated
+        Some(alloc)
     }
-    let event = if alloc.early_drop == 2 { ct_event::TABLE_FULL } else { ct_event::ALLOC_FAILED };
+}
+
+/// A failed allocation: a full table where early_drop found nothing to
+/// evict, else a memory failure.
+fn on_alloc_failed(net: u64, tuple: u64, early_drop: u8) {
+    let event = if early_drop == 2 { ct_event::TABLE_FULL } else { ct_event::ALLOC_FAILED };
     if event == ct_event::TABLE_FULL {
         set_mark(&TABLE_FULL_PENDING, now());
     }
@@ -270,9 +297,9 @@ fn on_alloc_return(ret: u64) {
     let l = layout();
     let nth = count(counter::CT_BASE + event as u32);
     emit(counter::RINGBUF_FULL_CONNTRACK, nth, |record: &mut ConntrackEvent| {
-        fill_event(record, &l, event, alloc.tuple, alloc.net, 0)?;
+        fill_event(record, &l, event, tuple, net, 0, Probe)?;
         if event == ct_event::TABLE_FULL {
-            (record.table_count, record.table_max) = table_fill(&l, alloc.net).unwrap_or((0, 0));
+            (record.table_count, record.table_max) = table_fill(&l, net).unwrap_or((0, 0));
         }
         Ok(())
     });
@@ -308,10 +335,10 @@ enum Dying {
     SetByCaller,
 }
 
-fn on_delete(ct: u64, dying: Dying) -> Result<(), i64> {
+fn on_delete<A: Access>(ct: u64, access: A, dying: Dying) -> Result<(), i64> {
     let l = layout();
     if dying == Dying::Check {
-        let status: u64 = read::at(ct, l.ct_status)?;
+        let status: u64 = A::at(ct, l.ct_status)?;
         if status & l.ips_dying as u64 != 0 {
             return Ok(()); // already on its way out: this call deletes nothing
         }
@@ -321,31 +348,33 @@ fn on_delete(ct: u64, dying: Dying) -> Result<(), i64> {
     // evicted.
     // SAFETY: this CPU's slot, read.
     let in_early_drop = own_alloc(task::key()).is_some_and(|a| unsafe { (*a).in_early_drop } == 1);
-    let evicting = in_early_drop && !expired(ct, &l)?;
+    let evicting = in_early_drop && !expired::<A>(ct, &l)?;
     let event = if evicting { ct_event::EARLY_DROP } else { ct_event::DELETE };
-    let net: u64 = read::at(ct, l.ct_net)?;
-    emit_event(&l, event, ct + l.ct_tuple as u64, net, ct);
+    let net: u64 = A::at(ct, l.ct_net)?;
+    emit_event(&l, event, ct + l.ct_tuple as u64, net, ct, access);
     Ok(())
 }
 
 /// `nf_ct_is_expired`: the entry's timeout (jiffies, 32 bits) has passed.
-fn expired(ct: u64, l: &ConntrackLayout) -> Result<bool, i64> {
-    let timeout: u32 = read::at(ct, l.ct_timeout)?;
+fn expired<A: Access>(ct: u64, l: &ConntrackLayout) -> Result<bool, i64> {
+    let timeout: u32 = A::at(ct, l.ct_timeout)?;
     // SAFETY: no arguments.
     let now = unsafe { bpf_jiffies64() } as u32;
     Ok(timeout.wrapping_sub(now) as i32 <= 0)
 }
 
-fn on_confirm_entry(skb: u64) -> Result<(), i64> {
-    let nfct = Skb::probe(skb).nfct()?;
+fn on_confirm_entry<A: Access>(skb: Skb<A>) -> Result<(), i64> {
+    let nfct = skb.nfct()?;
     if let Some(slot) = CONFIRM.get_ptr_mut(0) {
         // SAFETY: this CPU's slot.
-        unsafe { *slot = Confirm { task: task::key(), skb, ct: nfct & NFCT_PTRMASK } };
+        unsafe { *slot = Confirm { task: task::key(), skb: skb.0, ct: nfct & NFCT_PTRMASK } };
     }
     Ok(())
 }
 
-fn on_confirm_return(ret: u64) -> Result<(), i64> {
+/// `packet` gives the packet being confirmed, from the address saved at
+/// entry (the fexit program has it as its typed argument).
+fn on_confirm_return<A: Access>(ret: u64, packet: impl FnOnce(u64) -> Skb<A>) -> Result<(), i64> {
     let Some(slot) = CONFIRM.get_ptr_mut(0) else { return Ok(()) };
     // SAFETY: this CPU's slot: copied out, and freed when it is this task's.
     let Confirm { task, skb, ct } = unsafe { *slot };
@@ -363,7 +392,7 @@ fn on_confirm_return(ret: u64) -> Result<(), i64> {
             // A clash resolved to the entry already in the table swaps the
             // packet's entry (the new one is freed); one resolved by keeping
             // the new entry for replies marks it IPS_NAT_CLASH.
-            let now_attached = Skb::probe(skb).nfct()? & NFCT_PTRMASK;
+            let now_attached = packet(skb).nfct()? & NFCT_PTRMASK;
             if now_attached != ct && now_attached != 0 {
                 (ct_event::CLASH_RESOLVED, now_attached)
             } else {
@@ -385,20 +414,21 @@ fn on_confirm_return(ret: u64) -> Result<(), i64> {
         _ => return Ok(()),
     };
     let net: u64 = read::at(ct, l.ct_net)?;
-    emit_event(&l, event, ct + l.ct_tuple as u64, net, ct);
+    emit_event(&l, event, ct + l.ct_tuple as u64, net, ct, Probe);
     Ok(())
 }
 
 /// Fills an event's record from the tuple; `ct` (0 if none) gives the TCP
-/// state and zone and is the record's `entry`.
+/// state and zone and is the record's `entry`. All three are read with `A`.
 #[inline(always)]
-fn fill_event(
+fn fill_event<A: Access>(
     record: &mut ConntrackEvent,
     l: &ConntrackLayout,
     event: u8,
     tuple: u64,
     net: u64,
     ct: u64,
+    access: A,
 ) -> Result<(), i64> {
     record.kind = kind::CONNTRACK;
     record.event = event;
@@ -406,8 +436,8 @@ fn fill_event(
     // SAFETY: no arguments.
     record.cpu = unsafe { bpf_get_smp_processor_id() };
     record.entry = ct;
-    if l.tuple_packed != 0 {
-        // One read where BTF says the fields lie as PACKED_TUPLE does.
+    if l.tuple_packed != 0 && !A::DIRECT {
+        // One helper call where BTF says the fields lie as PACKED_TUPLE does.
         let [src, sport, l3num, dst, dport, protonum] = PACKED_TUPLE.map(|offset| offset as usize);
         // The addresses are copied a word at a time.
         const { assert!(PACKED_TUPLE[0].is_multiple_of(4) && PACKED_TUPLE[3].is_multiple_of(4)) };
@@ -420,20 +450,20 @@ fn fill_event(
         record.family = t.get::<u16>(l3num) as u8;
         record.proto = t.u8(protonum);
     } else {
-        record.family = read::at::<u16>(tuple, l.tuple_l3num)? as u8;
-        record.proto = read::at(tuple, l.tuple_protonum)?;
-        record.src = read::at(tuple, l.tuple_src_addr)?;
-        record.dst = read::at(tuple, l.tuple_dst_addr)?;
-        record.sport = u16::from_be(read::at(tuple, l.tuple_src_port)?);
-        record.dport = u16::from_be(read::at(tuple, l.tuple_dst_port)?);
+        record.family = A::at::<u16>(tuple, l.tuple_l3num)? as u8;
+        record.proto = A::at(tuple, l.tuple_protonum)?;
+        set_address(&mut record.src, A::at(tuple, l.tuple_src_addr)?);
+        set_address(&mut record.dst, A::at(tuple, l.tuple_dst_addr)?);
+        record.sport = u16::from_be(A::at(tuple, l.tuple_src_port)?);
+        record.dport = u16::from_be(A::at(tuple, l.tuple_dst_port)?);
     }
     if net != 0 {
-        record.netns = Net::probe(net).inum().unwrap_or(0);
+        record.netns = Net(net, access).inum().unwrap_or(0);
     }
     if ct != 0 {
-        record.tcp_state = read::at(ct, l.ct_tcp_state).unwrap_or(0);
+        record.tcp_state = A::at(ct, l.ct_tcp_state).unwrap_or(0);
         if l.ct_zone != u32::MAX {
-            record.zone = read::at(ct, l.ct_zone).unwrap_or(0);
+            record.zone = A::at(ct, l.ct_zone).unwrap_or(0);
         }
     }
     Ok(())
@@ -441,7 +471,7 @@ fn fill_event(
 
 /// Counts a conntrack event and writes its record (see [`fill_event`]).
 #[inline(always)]
-fn emit_event(l: &ConntrackLayout, event: u8, tuple: u64, net: u64, ct: u64) {
+fn emit_event<A: Access>(l: &ConntrackLayout, event: u8, tuple: u64, net: u64, ct: u64, access: A) {
     let nth = count(counter::CT_BASE + event as u32);
-    emit(counter::RINGBUF_FULL_CONNTRACK, nth, |record| fill_event(record, l, event, tuple, net, ct));
+    emit(counter::RINGBUF_FULL_CONNTRACK, nth, |record| fill_event(record, l, event, tuple, net, ct, access));
 }

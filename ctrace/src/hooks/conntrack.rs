@@ -92,7 +92,7 @@ pub const FAMILIES: [Family; 4] = [
     Family {
         id: HookFamily::TableFull,
         hooks: &[
-            hook("ct_alloc", "ct_alloc_fentry", false, "__nf_conntrack_alloc", 6),
+            hook("ct_alloc", "", false, "__nf_conntrack_alloc", 6),
             hook("ct_alloc_ret", "ct_alloc_fexit", true, "__nf_conntrack_alloc", 6),
             hook("ct_early_drop", "ct_early_drop_fentry", false, "early_drop", 2),
             hook("ct_early_drop_ret", "ct_early_drop_fexit", true, "early_drop", 2),
