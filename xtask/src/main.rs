@@ -55,6 +55,10 @@ enum Task {
         /// Minutes before the guest is killed.
         #[arg(long, default_value = "20")]
         timeout_min: u64,
+        /// Run the guest's clock by the instructions it executes (qemu
+        /// -icount), as `bench --guests` does: repeatable costs, not speeds.
+        #[arg(long)]
+        count_instructions: bool,
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
@@ -152,7 +156,10 @@ fn main() -> ExitCode {
         Task::Install { prefix } => install(&prefix),
         Task::Image { tag } => fleet::image(&tag),
         Task::Kernels { write } => kernels::kernels(write),
-        Task::VmRun { kernel, timeout_min, command } => vm_run(kernel, timeout_min, &command),
+        Task::VmRun { kernel, timeout_min, count_instructions, command } => {
+            let clock = if count_instructions { vm::Clock::Instructions } else { vm::Clock::Host };
+            vm_run(kernel, timeout_min, clock, &command)
+        }
         Task::VmTest { kernel, repeat, suites } => {
             let mut tally = Tally::default();
             let result = vm_test(kernel, repeat, &suites, &mut tally);
@@ -428,7 +435,7 @@ fn vm_test(selection: VmSelection, repeat: u32, only: &[String], tally: &mut Tal
                 eprintln!("xtask: the {} guest runs the storm suites only ({suites:?}) in `all`", kernel.label);
             }
             let command = ["sh".into(), "-c".into(), script_for(suites)];
-            match vm::run_in_guest(&kernel, &command, &env, std::time::Duration::from_secs(30 * 60)) {
+            match vm::run_in_guest(&kernel, &command, &env, vm::Clock::Host, std::time::Duration::from_secs(30 * 60)) {
                 Ok(guest) => {
                     for part in guest.stdout.split(SUITE_MARK).skip(1) {
                         let (suite, output) = part.split_once('\n').unwrap_or((part, ""));
@@ -456,8 +463,8 @@ fn vm_test(selection: VmSelection, repeat: u32, only: &[String], tally: &mut Tal
     Ok(())
 }
 
-fn vm_run(kernel: vm::KernelChoice, timeout_min: u64, command: &[String]) -> anyhow::Result<()> {
+fn vm_run(kernel: vm::KernelChoice, timeout_min: u64, clock: vm::Clock, command: &[String]) -> anyhow::Result<()> {
     let kernel = vm::prepare(kernel)?;
-    let guest = vm::run_in_guest(&kernel, command, &[], std::time::Duration::from_secs(timeout_min * 60))?;
+    let guest = vm::run_in_guest(&kernel, command, &[], clock, std::time::Duration::from_secs(timeout_min * 60))?;
     std::process::exit(guest.code);
 }
