@@ -44,10 +44,10 @@ pub fn conn_rate(secs: u64, tier: &str) -> anyhow::Result<()> {
         }
     });
     let stalls = std::cell::Cell::new(0);
-    let run = |secs: u64| -> anyhow::Result<f64> {
-        let (rate, stalled) = lab.client.enter(|| connect_loop(Duration::from_secs(secs)))?;
-        stalls.set(stalls.get() + stalled);
-        Ok(rate)
+    let run = |secs: u64| -> anyhow::Result<Connects> {
+        let connects = lab.client.enter(|| connect_loop(Duration::from_secs(secs)))?;
+        stalls.set(stalls.get() + connects.stalls);
+        Ok(connects)
     };
     run(1)?; // warm-up
     let dir = TempDir::new("conn");
@@ -62,9 +62,8 @@ pub fn conn_rate(secs: u64, tier: &str) -> anyhow::Result<()> {
         let before: Vec<u64> = bench::bpf_programs()?.iter().map(|p| p.0).collect();
         let recording = Recording::start(&dir.0.join("r.json"), &args)?;
         let at_start = bench::bpf_programs()?;
-        let started = Instant::now();
-        let rate = run(secs)?;
-        let made = rate * started.elapsed().as_secs_f64();
+        let Connects { rate, made, .. } = run(secs)?;
+        let made = made as f64;
         let at_end = bench::bpf_programs()?;
         let record = recording.stop()?;
         anyhow::ensure!(record["tier"] == tier, "ctrace ran on {} instead of {tier}", record["tier"]);
@@ -90,7 +89,7 @@ pub fn conn_rate(secs: u64, tier: &str) -> anyhow::Result<()> {
     let (mut off, mut hooked, mut invalid) = (Vec::new(), Vec::new(), Vec::new());
     let (mut hooked_ns, mut invalid_ns) = (Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
-        off.push(run(secs)?);
+        off.push(run(secs)?.rate);
         let (rate, ns) = attached(&[], &mut hooked_programs, &mut hooked_made)?;
         hooked.push(rate);
         hooked_ns.push(ns);
@@ -126,10 +125,18 @@ fn median(values: &mut [f64]) -> f64 {
 /// (idle time skipped, the second's wait is all the run's time for it).
 const STALL: Duration = Duration::from_millis(200);
 
+/// One connect loop's count.
+struct Connects {
+    /// Connections per second of the time not spent in stalled connects.
+    rate: f64,
+    /// Connections made, the stalled ones too (the hooks ran for them).
+    made: u64,
+    stalls: u64,
+}
+
 /// Connects from `CLIENT` to the server and closes with a reset (no
-/// TIME_WAIT, so ports never run out), for `length`: connections per
-/// second of the time not spent in stalled connects, and how many stalled.
-fn connect_loop(length: Duration) -> anyhow::Result<(f64, u64)> {
+/// TIME_WAIT, so ports never run out), for `length`.
+fn connect_loop(length: Duration) -> anyhow::Result<Connects> {
     let server: socket2::SockAddr = SocketAddr::V4(SocketAddrV4::new(SERVER, PORT)).into();
     let local: socket2::SockAddr = SocketAddr::V4(SocketAddrV4::new(CLIENT, 0)).into();
     let started = Instant::now();
@@ -147,7 +154,8 @@ fn connect_loop(length: Duration) -> anyhow::Result<(f64, u64)> {
             made += 1;
         }
     }
-    Ok((made as f64 / (started.elapsed() - stalled).as_secs_f64(), stalls))
+    let rate = made as f64 / (started.elapsed() - stalled).as_secs_f64();
+    Ok(Connects { rate, made: made + stalls, stalls })
 }
 
 /// On the host: `conn-rate` in the kprobe and fentry guests, into `figures`.
