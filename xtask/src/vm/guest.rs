@@ -83,7 +83,12 @@ stty -F /dev/ttyS1 raw -echo
 stty -F /dev/ttyS2 raw -echo
 echo "CTRACE-VM-START" > /dev/ttyS0
 sh /ctrace-vm-cmd > /dev/ttyS1 2> /dev/ttyS2 < /dev/null
-echo "CTRACE-VM-EXIT=$?" > /dev/ttyS0
+code=$?
+echo "CTRACE-VM-EXIT=$code" > /dev/ttyS0
+# Also through the kernel log, which the panic that follows init's exit
+# flushes to the console: under qemu -icount the line above was lost now
+# and then (the tty's last bytes not yet sent when the guest ended).
+echo "<2>CTRACE-VM-EXIT=$code" > /dev/kmsg
 "#;
 
 fn shell_quote(word: &str) -> String {
