@@ -5,7 +5,7 @@
 //! instructions ([`vm::Clock::Instructions`]): its rates are costs in
 //! instructions and repeat to about a percent, where the wall clock spread
 //! 5-60 %. The built-in guest runs on the host's clock: under the
-//! instruction clock its rates spread 20-26 % all the same, and now and then
+//! instruction clock its rates spread 15-26 % all the same, and now and then
 //! it ended without the command's exit code.
 //!
 //! `cargo xtask bench --guests` boots the 6.12 guest (kprobe tier) and the
@@ -123,9 +123,9 @@ fn median(values: &mut [f64]) -> f64 {
 }
 
 /// A connect that took longer waited for a retransmission (a lost SYN is
-/// sent again after a second), not for the CPU: a few per run in the
-/// built-in guest, whose rates they halved under the instruction clock
-/// (idle time skipped, the second's wait is all the run's time for it).
+/// sent again after a second), not for the CPU: seen in the built-in
+/// guest, where under the instruction clock (idle time skipped) a second's
+/// wait halved a run's rate.
 const STALL: Duration = Duration::from_millis(200);
 
 /// One connect loop's count.

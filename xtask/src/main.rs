@@ -56,7 +56,8 @@ enum Task {
         #[arg(long, default_value = "20")]
         timeout_min: u64,
         /// Run the guest's clock by the instructions it executes (qemu
-        /// -icount), as `bench --guests` does: repeatable costs, not speeds.
+        /// -icount), as `bench --guests` does in the kprobe guest:
+        /// repeatable costs, not speeds.
         #[arg(long)]
         count_instructions: bool,
         #[arg(last = true, required = true)]

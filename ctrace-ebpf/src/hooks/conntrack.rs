@@ -4,9 +4,9 @@
 //! - `__nf_conntrack_alloc` entry saves the flow's tuple (the fentry tier
 //!   needs no entry program: its fexit sees the arguments); `early_drop`'s
 //!   return says whether room was made; the allocation's return, when it
-//!   failed, then tells a full table (nothing evicted) from a memory failure. A full table also
-//!   marks this CPU, so the packet's kfree_skb record carries the kernel's
-//!   own "table full".
+//!   failed, then tells a full table (nothing evicted) from a memory
+//!   failure. A full table also marks this CPU, so the packet's kfree_skb
+//!   record carries the kernel's own "table full".
 //! - `nf_ct_delete` (or its split part) inside `early_drop` is an eviction;
 //!   elsewhere a deletion.
 //! - `__nf_conntrack_confirm` returning NF_ACCEPT with the entry now
@@ -62,8 +62,7 @@ static CONNTRACK_LAYOUT: ConntrackLayout = ConntrackLayout {
 /// to return on one CPU, and nearly every one succeeds, so the common path
 /// costs a slot write at entry (kprobe tier only) and a comparison at
 /// return, no hash insert and delete (which were most of these programs'
-/// time). Its limits are the
-/// other per-CPU marks': a softirq that interrupts an allocation made in
+/// time). Its limits are the other per-CPU marks': a softirq that interrupts an allocation made in
 /// process context takes the slot (a map keyed by task had the same limit:
 /// the softirq runs as the task it interrupts); a task preempted inside the
 /// allocation (only on fully preemptible kernels) finds the slot taken, or
@@ -81,6 +80,14 @@ struct Alloc {
     /// Inside early_drop now: deletions are evictions.
     in_early_drop: u8,
     _pad: [u8; 6],
+}
+
+impl Alloc {
+    /// A fresh slot for `task`: early_drop not called yet.
+    #[inline(always)]
+    fn new(task: u64, net: u64, tuple: u64) -> Self {
+        Alloc { task, net, tuple, early_drop: 0, in_early_drop: 0, _pad: [0; 6] }
+    }
 }
 
 #[map]
@@ -235,9 +242,8 @@ pub fn ct_confirm_fexit(ctx: FExitContext) -> i32 {
 
 fn on_alloc_entry(net: u64, tuple: u64) {
     if let Some(slot) = ALLOC.get_ptr_mut(0) {
-        let alloc = Alloc { task: task::key(), net, tuple, early_drop: 0, in_early_drop: 0, _pad: [0; 6] };
         // SAFETY: this CPU's slot.
-        unsafe { *slot = alloc };
+        unsafe { *slot = Alloc::new(task::key(), net, tuple) };
     }
 }
 
@@ -250,7 +256,7 @@ fn on_early_drop_entry() {
     // SAFETY: this CPU's slot.
     unsafe {
         if (*slot).task != task {
-            *slot = Alloc { task, net: 0, tuple: 0, early_drop: 0, in_early_drop: 0, _pad: [0; 6] };
+            *slot = Alloc::new(task, 0, 0);
         }
         (*slot).in_early_drop = 1;
     }
