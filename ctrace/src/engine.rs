@@ -150,7 +150,7 @@ impl Engine {
     pub fn sample(&mut self) -> TickInput {
         let kernel = self.attached.totals().unwrap_or_default();
         let namespaces = self.namespaces();
-        let samples = namespaces.snapshot_all();
+        let samples = namespaces.snapshot_recent();
         TickInput {
             now_ns: monotonic_ns(),
             kernel,

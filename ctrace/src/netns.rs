@@ -240,6 +240,13 @@ const FULL_TTL_NS: u64 = 100_000_000;
 const ROOM_TTL_NS: u64 = 1_000_000;
 /// How often an unknown inode may trigger a rescan of /proc.
 const RESCAN_EVERY: Duration = Duration::from_millis(500);
+/// How long a list of the namespaces stands for periodic samples. Listing
+/// them looks at every process (a `stat` of each `/proc/PID/ns/net`): once
+/// a second it was most of an idle `ctrace live`'s CPU time, and it grows
+/// with the process count, thousands on a container host. A namespace
+/// that drops is looked up at once (see [`RESCAN_EVERY`]); a new, quiet
+/// one joins the samples within this.
+const LIST_FOR: Duration = Duration::from_secs(5);
 
 impl Default for Namespaces {
     fn default() -> Self {
@@ -299,6 +306,19 @@ impl Namespaces {
     /// Counters of every namespace on the system (rescanning first).
     pub fn snapshot_all(&mut self) -> HashMap<u32, ConntrackStats> {
         self.rescan();
+        self.snapshot_known()
+    }
+
+    /// Counters of every namespace, for a periodic sample: the list of
+    /// namespaces is taken again only when older than [`LIST_FOR`].
+    pub fn snapshot_recent(&mut self) -> HashMap<u32, ConntrackStats> {
+        if self.last_scan.is_none_or(|t| t.elapsed() >= LIST_FOR) {
+            self.rescan();
+        }
+        self.snapshot_known()
+    }
+
+    fn snapshot_known(&mut self) -> HashMap<u32, ConntrackStats> {
         let inums: Vec<u32> = self.known.keys().copied().collect();
         inums.into_iter().filter_map(|inum| Some((inum, self.stats(inum)?))).collect()
     }

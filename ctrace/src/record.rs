@@ -368,7 +368,7 @@ impl OccupancyLog {
     /// Samples every namespace; returns those there are.
     fn sample(&mut self, namespaces: &mut Namespaces) -> Vec<u32> {
         let max = netns::conntrack_max().unwrap_or(0);
-        let all = namespaces.snapshot_all();
+        let all = namespaces.snapshot_recent();
         let present = all.keys().copied().collect();
         for (inum, stats) in all {
             if stats.entries == 0 && !self.series.contains_key(&inum) {

@@ -77,7 +77,7 @@ pub async fn run(options: Options) -> anyhow::Result<u8> {
     loop {
         tokio::select! {
             _ = each_second.tick() => {
-                for (ns, stats) in engine.namespaces().snapshot_all() {
+                for (ns, stats) in engine.namespaces().snapshot_recent() {
                     let peak = peaks.entry(ns).or_default();
                     *peak = (*peak).max(stats.entries);
                 }
