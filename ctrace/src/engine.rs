@@ -19,8 +19,10 @@ use crate::{
 };
 
 /// The kernel wakes the reader only in batches (see ctrace-ebpf's maps.rs);
-/// whatever is below the wake-up threshold is collected this often.
-pub const DRAIN_EVERY: Duration = Duration::from_millis(50);
+/// whatever is below the wake-up threshold is collected this often, and
+/// before every snapshot, scrape and end. Each drain wakes the process:
+/// every 50 ms, that was half of an idle `ctrace live`'s CPU time.
+pub const DRAIN_EVERY: Duration = Duration::from_millis(200);
 
 /// What a front end counts. Called once per record, on the engine's thread.
 pub trait Sink {

@@ -168,6 +168,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                     Ok(None) | Err(std::sync::mpsc::TryRecvError::Disconnected) => false,
                     Err(std::sync::mpsc::TryRecvError::Empty) => true,
                 });
+                engine.drain(&mut state);
                 state.tick(engine.sample());
                 state.refresh_workloads();
                 let snap = snapshot(&state, &view, resolver.as_mut());

@@ -118,6 +118,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                 drain(&mut engine, &mut state);
             }
             _ = ticker.tick() => {
+                drain(&mut engine, &mut state);
                 state.tick(sample(&mut engine));
                 state.refresh_workloads();
                 for warning in state.workloads.take_warnings() {
