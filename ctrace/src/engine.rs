@@ -12,7 +12,7 @@ use crate::{
     aggregate::SourceKey,
     classify::Classifier,
     decode::{decode, Births, Record},
-    hooks::{kernel_btf, Attached, Events, HookChoice},
+    hooks::{kernel_btf, Attached, Events, HookChoice, Tier},
     live::state::{NetnsSample, TickInput},
     model::{ConnState, CtEvent, DropEvent},
     netns::{self, Namespaces},
@@ -20,9 +20,17 @@ use crate::{
 
 /// The kernel wakes the reader only in batches (see ctrace-ebpf's maps.rs);
 /// whatever is below the wake-up threshold is collected this often, and
-/// before every snapshot, scrape and end. Each drain wakes the process:
-/// every 50 ms, that was half of an idle `ctrace live`'s CPU time.
-pub const DRAIN_EVERY: Duration = Duration::from_millis(200);
+/// before every snapshot, scrape and end. Each drain wakes the process
+/// (every 50 ms, half of an idle `ctrace live`'s CPU time), so the hook
+/// tiers, where the kernel marks each drop's reason, drain every 200 ms;
+/// the tracepoint tier tells a full table by sampling it when it reads a
+/// drop, so its records must not wait long.
+pub fn drain_every(tier: Tier) -> Duration {
+    match tier {
+        Tier::Tracepoint => Duration::from_millis(50),
+        Tier::Kprobe | Tier::Fentry => Duration::from_millis(200),
+    }
+}
 
 /// What a front end counts. Called once per record, on the engine's thread.
 pub trait Sink {
@@ -112,7 +120,8 @@ impl Engine {
             .with_table_full_hooks(attached.table_full_hooked)
             .with_refusals(attached.insert_hooked, attached.engines_free_own_drops);
         let pipeline = Pipeline::new(classifier, attached.tcp_states.clone());
-        Ok(Engine { attached, pipeline, events: crate::hooks::poll_events(events)?, drain: drain_interval() })
+        let drain = drain_interval(drain_every(attached.tier));
+        Ok(Engine { attached, pipeline, events: crate::hooks::poll_events(events)?, drain })
     }
 
     /// Waits until records may be waiting: the kernel woke us, or a drain
@@ -168,8 +177,8 @@ impl Engine {
     }
 }
 
-fn drain_interval() -> Interval {
-    let mut drain = tokio::time::interval(DRAIN_EVERY);
+fn drain_interval(every: Duration) -> Interval {
+    let mut drain = tokio::time::interval(every);
     drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     drain
 }
