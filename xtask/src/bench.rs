@@ -13,6 +13,8 @@
 //!    file size, lost events, totals; then the same flood with `ctrace
 //!    live` alone and with the bpftrace script alone, for their CPU
 //!    (flood.rs).
+//! 5. The fixed cost: `ctrace live` and `ctrace serve` attached with no
+//!    traffic, next to the bpftrace script.
 use std::{
     net::Ipv4Addr,
     path::Path,
@@ -80,6 +82,7 @@ pub fn bench(
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
         report.push(attached_memory(&bin, &mut figures)?);
+        report.extend(idle_cpu(&bin, earlier, &mut figures)?);
         if storm_secs > 0 {
             report.extend(storm_cpu(&bin, earlier, storm_secs, &mut figures)?);
         }
@@ -168,6 +171,56 @@ fn synthetic(bin: &Path, events: u64, sources: u64) -> anyhow::Result<String> {
     }
     let line = stderr.lines().find(|l| l.starts_with("synthetic:")).context("no summary line")?;
     Ok(line.trim_start_matches("synthetic: ").to_string())
+}
+
+/// How long each tool sits attached and idle for its fixed cost.
+const IDLE_SECS: u64 = 20;
+
+/// The fixed cost of leaving a tool attached when nothing is dropped: its
+/// process's CPU over [`IDLE_SECS`] with no traffic (kernel programs do not
+/// run then). A fleet's `serve` pays this all day; so does a `live` left
+/// open. Read from the process's CPU-time clock, in ns: a few ms a second
+/// is below the resolution of the ticks `cpu_seconds` reads.
+fn idle_cpu(bin: &Path, earlier: Option<&Path>, figures: &mut Figures) -> anyhow::Result<Vec<String>> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let mut serve = Command::new(bin);
+    serve.args(["serve", "--listen", &format!("127.0.0.1:{port}")]);
+    let mut tools: Vec<(&'static str, Option<&'static str>, Command)> = compared_tools(bin, earlier);
+    tools.insert(1, ("ctrace serve", Some("serve"), serve));
+    let _tracefs = Tracefs::ensure();
+    let mut lines = Vec::new();
+    for (name, key, mut cmd) in tools {
+        let tool = start(name, &mut cmd)?;
+        // Past start-up: the first workload scan and the freeing after it.
+        std::thread::sleep(Duration::from_secs(2));
+        let (cpu0, wall0) = (process_cpu_ns(tool.child.id())?, Instant::now());
+        std::thread::sleep(Duration::from_secs(IDLE_SECS));
+        let share = (process_cpu_ns(tool.child.id())? - cpu0) as f64 / wall0.elapsed().as_nanos() as f64;
+        drop(tool);
+        lines.push(format!("idle, attached, {IDLE_SECS} s, no traffic: {name}: {:.2} % of a core", 100.0 * share));
+        match key {
+            Some("ctrace") => figures.set("idle.ctrace.cpu_share", share),
+            Some("serve") => figures.set("idle.serve.cpu_share", share),
+            Some("bpftrace") => figures.set("idle.bpftrace.cpu_share", share),
+            _ => {}
+        }
+    }
+    if !bpftrace_installed() {
+        figures.skip("idle.bpftrace.cpu_share", "bpftrace is not installed");
+    }
+    Ok(lines)
+}
+
+/// CPU time a process has used so far, all its threads (ended ones too), ns.
+fn process_cpu_ns(pid: u32) -> anyhow::Result<u64> {
+    let mut clock: libc::clockid_t = 0;
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid out-pointers; the clock is the process's CPU-time clock.
+    let ok = unsafe {
+        libc::clock_getcpuclockid(pid as libc::pid_t, &mut clock) == 0 && libc::clock_gettime(clock, &mut ts) == 0
+    };
+    anyhow::ensure!(ok, "no CPU-time clock for process {pid}: {}", std::io::Error::last_os_error());
+    Ok(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
 }
 
 /// CPU seconds (user + system) a process has used so far.

@@ -32,6 +32,9 @@ pub const KEYS: &[&str] = &[
     "flood.bpftrace.sampled_cpu_share",
     "rss.attached_peak_kib",
     "rss.attached_steady_kib",
+    "idle.ctrace.cpu_share",
+    "idle.serve.cpu_share",
+    "idle.bpftrace.cpu_share",
     "synthetic.events_per_s",
     "connections.off.per_s",
     "connections.kprobe.per_s",
@@ -85,6 +88,8 @@ pub fn markdown(json: &serde_json::Value) -> String {
     for key in KEYS {
         let value = match json["figures"][key].as_f64() {
             Some(v) if key.ends_with("ns_per_drop") || key.ends_with("ns_per_conn") => format!("{v:.0} ns"),
+            // A fixed cost is a fraction of a percent: two decimals.
+            Some(v) if key.ends_with("cpu_share") && v < 0.01 => format!("{:.2} % of a core", 100.0 * v),
             Some(v) if key.ends_with("cpu_share") => format!("{:.1} % of a core", 100.0 * v),
             Some(v) if key.ends_with("_kib") => format!("{:.1} MiB", v / 1024.0),
             Some(v) if key.ends_with("per_s") => format!("{:.0} /s", v),
