@@ -25,7 +25,7 @@ use crate::{
 /// tiers, where the kernel marks each drop's reason, drain every 200 ms;
 /// the tracepoint tier tells a full table by sampling it when it reads a
 /// drop, so its records must not wait long.
-pub fn drain_every(tier: Tier) -> Duration {
+fn drain_every(tier: Tier) -> Duration {
     match tier {
         Tier::Tracepoint => Duration::from_millis(50),
         Tier::Kprobe | Tier::Fentry => Duration::from_millis(200),

@@ -223,7 +223,6 @@ fn process_cpu_ns(pid: u32) -> anyhow::Result<u64> {
     Ok(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
 }
 
-/// CPU seconds (user + system) a process has used so far.
 /// CPU time the whole machine spent busy, all CPUs together: user, system,
 /// irq and softirq time (not idle, iowait or steal), in seconds. This is
 /// where a tool's cost shows in full: a classic tracepoint fills its event
@@ -240,6 +239,9 @@ fn machine_busy_seconds() -> anyhow::Result<f64> {
     Ok(busy / hz)
 }
 
+/// CPU seconds (user + system) a process has used so far, in clock ticks'
+/// resolution (10 ms): enough for a storm's seconds of work, not for an
+/// idle process (see [`process_cpu_ns`]).
 fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command name (which may contain spaces).

@@ -62,12 +62,13 @@ static CONNTRACK_LAYOUT: ConntrackLayout = ConntrackLayout {
 /// to return on one CPU, and nearly every one succeeds, so the common path
 /// costs a slot write at entry (kprobe tier only) and a comparison at
 /// return, no hash insert and delete (which were most of these programs'
-/// time). Its limits are the other per-CPU marks': a softirq that interrupts an allocation made in
-/// process context takes the slot (a map keyed by task had the same limit:
-/// the softirq runs as the task it interrupts); a task preempted inside the
-/// allocation (only on fully preemptible kernels) finds the slot taken, or
-/// resumes on another CPU, and its failure then goes unreported, as does
-/// any failure whose slot is not its own.
+/// time). Its limits are the other per-CPU marks': a softirq that
+/// interrupts an allocation made in process context takes the slot (a map
+/// keyed by task had the same limit: the softirq runs as the task it
+/// interrupts); a task preempted inside the allocation (only on fully
+/// preemptible kernels) finds the slot taken, or resumes on another CPU,
+/// and its failure then goes unreported, as does any failure whose slot is
+/// not its own.
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct Alloc {
