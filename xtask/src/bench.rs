@@ -179,8 +179,8 @@ const IDLE_SECS: u64 = 20;
 /// The fixed cost of leaving a tool attached when nothing is dropped: its
 /// process's CPU over [`IDLE_SECS`] with no traffic (kernel programs do not
 /// run then). A fleet's `serve` pays this all day; so does a `live` left
-/// open. Read from the process's CPU-time clock, in ns: a few ms a second
-/// is below the resolution of the ticks `cpu_seconds` reads.
+/// open. Read from the process's CPU-time clock, in ns, as every process
+/// figure of the bench is.
 fn idle_cpu(bin: &Path, earlier: Option<&Path>, figures: &mut Figures) -> anyhow::Result<Vec<String>> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let mut serve = Command::new(bin);
@@ -239,18 +239,11 @@ fn machine_busy_seconds() -> anyhow::Result<f64> {
     Ok(busy / hz)
 }
 
-/// CPU seconds (user + system) a process has used so far, in clock ticks'
-/// resolution (10 ms): enough for a storm's seconds of work, not for an
-/// idle process (see [`process_cpu_ns`]).
+/// CPU seconds a process has used so far, from its CPU-time clock (ns
+/// resolution; /proc's tick counts are 10 ms coarse, a tenth of a storm's
+/// process time).
 fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name (which may contain spaces).
-    let rest = stat.rsplit_once(')').context("stat format")?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Ok(ticks / hz)
+    Ok(process_cpu_ns(pid)? as f64 / 1e9)
 }
 
 /// Loaded programs: (id, run_time_ns, run_cnt, name), from bpftool.
