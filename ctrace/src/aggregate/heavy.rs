@@ -17,6 +17,11 @@
 //! The index holds slot numbers only, found by the key's hash (kept in
 //! its counter): in a flood every event evicts a key, and a small index
 //! stays in cache where one holding the keys did not.
+//!
+//! The previous event's slot is remembered: a storm repeats its key many
+//! times in a row (one source's SYN retries, its one destination, its
+//! prefixes), and comparing one key costs less than hashing it and probing
+//! the index.
 use std::hash::{BuildHasher, Hash};
 
 use hashbrown::HashTable;
@@ -82,6 +87,8 @@ pub struct SpaceSaving<K> {
     free_buckets: Vec<u32>,
     /// Bucket with the smallest count.
     min: u32,
+    /// The slot the previous event was counted in (NIL before any).
+    last: u32,
     total: u64,
     evictions: u64,
 }
@@ -97,6 +104,7 @@ impl<K: Hash + Eq + Clone> SpaceSaving<K> {
             buckets: Vec::new(),
             free_buckets: Vec::new(),
             min: NIL,
+            last: NIL,
             total: 0,
             evictions: 0,
         }
@@ -168,8 +176,18 @@ impl<K: Hash + Eq + Clone> SpaceSaving<K> {
     /// any, that slot held before (callers keeping per-slot data move it).
     pub fn add(&mut self, key: &K, ts_ns: u64) -> Added<K> {
         self.total += 1;
+        // The same key as the previous event: no hash, no probe. (The slot
+        // may hold another key by now; the comparison tells.)
+        if let Some(counter) = self.counters.get_mut(self.last as usize) {
+            if counter.key == *key {
+                counter.last_seen_ns = ts_ns;
+                self.increment(self.last);
+                return Added { slot: self.last as usize, replaced: None };
+            }
+        }
         let hash = FxBuildHasher.hash_one(key);
         if let Some(slot) = self.find(key, hash) {
+            self.last = slot;
             self.counters[slot as usize].last_seen_ns = ts_ns;
             self.increment(slot);
             return Added { slot: slot as usize, replaced: None };
@@ -188,6 +206,7 @@ impl<K: Hash + Eq + Clone> SpaceSaving<K> {
             self.links.push(Link { bucket: NIL, prev: NIL, next: NIL });
             self.index_slot(slot, hash);
             self.insert_new(slot);
+            self.last = slot;
             return Added { slot: slot as usize, replaced: None };
         }
         // Replace a key with the smallest count.
@@ -208,6 +227,7 @@ impl<K: Hash + Eq + Clone> SpaceSaving<K> {
         self.index_slot(slot, hash);
         self.evictions += 1;
         self.increment(slot);
+        self.last = slot;
         Added { slot: slot as usize, replaced: Some((old, own)) }
     }
 
@@ -432,6 +452,38 @@ mod tests {
             }
         }
         assert!(s.len() <= capacity);
+    }
+
+    #[test]
+    fn runs_of_one_key_count_as_single_events_do() {
+        // Runs (the remembered slot) mixed with evictions that hand the
+        // remembered slot to another key: the same counts as one event at
+        // a time, whatever the order.
+        let mut runs = SpaceSaving::new(3);
+        let mut singles = SpaceSaving::new(3);
+        let stream: Vec<u64> = [(1, 5), (2, 1), (3, 1), (4, 1), (1, 3), (5, 1), (5, 4), (1, 1), (6, 2), (1, 2)]
+            .iter()
+            .flat_map(|&(k, n)| std::iter::repeat_n(k, n))
+            .collect();
+        for (t, k) in stream.iter().enumerate() {
+            let added = runs.add(k, t as u64);
+            assert_eq!(runs.slot(added.slot).key, *k);
+            check(&runs);
+        }
+        // The reference: each event after an unrelated key, so nothing is
+        // remembered from one event to the next.
+        for (t, k) in stream.iter().enumerate() {
+            singles.last = NIL;
+            singles.add(k, t as u64);
+        }
+        let counts = |s: &SpaceSaving<u64>| {
+            let mut c: Vec<_> = s.iter().map(|c| (c.key, c.count, c.error, c.last_seen_ns)).collect();
+            c.sort();
+            c
+        };
+        assert_eq!(counts(&runs), counts(&singles));
+        assert_eq!(runs.evictions(), singles.evictions());
+        assert_eq!(runs.get(&1).unwrap().last_seen_ns, stream.len() as u64 - 1);
     }
 
     #[test]
