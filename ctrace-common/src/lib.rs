@@ -204,6 +204,31 @@ pub const PACKED_TUPLE: [u32; 6] = [0, 16, 18, 20, 36, 38];
 /// Bytes that cover every field of [`PACKED_TUPLE`].
 pub const PACKED_TUPLE_BYTES: usize = 40;
 
+/// The ring buffer that carries every record.
+pub mod ring {
+    /// Its size unless `--ring-size` says otherwise.
+    pub const DEFAULT_BYTES: u32 = 4 << 20;
+    /// The global, in the kernel object, that holds the wake-up threshold:
+    /// the programs wake the reader once this many bytes wait.
+    pub const WAKEUP_GLOBAL: &str = "RING_WAKEUP_BYTES";
+    /// The threshold never goes below this: a ring smaller than it is read
+    /// only by the reader's timer.
+    pub const MIN_WAKEUP_BYTES: u64 = 64 << 10;
+
+    /// The wake-up threshold for a ring of `ring_bytes`: an eighth of it.
+    /// Each wake-up costs the reader a sleep and a switch back (tens of
+    /// microseconds on a VM); an eighth leaves seven eighths of room for the
+    /// reader to answer, and the reader drains on a short timer anyway.
+    pub const fn wakeup_bytes(ring_bytes: u32) -> u64 {
+        let eighth = ring_bytes as u64 / 8;
+        if eighth > MIN_WAKEUP_BYTES {
+            eighth
+        } else {
+            MIN_WAKEUP_BYTES
+        }
+    }
+}
+
 /// Indices into the per-CPU `COUNTERS` array. Summed over CPUs these are exact,
 /// even when the ring buffer overflows and records are lost.
 pub mod counter {
@@ -282,5 +307,16 @@ mod tests {
         assert_eq!(core::mem::size_of::<KfreeSkbLayout>(), 12 * 4 + 2 * 8);
         assert_eq!(ConntrackEvent::SIZE, 1 + 1 + 1 + 1 + 4 + 8 + 8 + 4 + 2 + 1 + 1 + 2 + 2 + 4 + 16 + 16 + 4 + 4);
         assert_eq!(core::mem::size_of::<ConntrackLayout>(), 20 * 4 + 2 * 8);
+    }
+
+    #[test]
+    fn the_reader_is_woken_at_an_eighth_of_the_ring_never_under_64_kib() {
+        assert_eq!(ring::wakeup_bytes(ring::DEFAULT_BYTES), 512 << 10);
+        assert_eq!(ring::wakeup_bytes(64 << 20), 8 << 20);
+        assert_eq!(ring::wakeup_bytes(512 << 10), 64 << 10);
+        // --ring-size 16 (the flood test's): above the whole ring, so only
+        // the reader's timer reads it.
+        assert_eq!(ring::wakeup_bytes(16 << 10), 64 << 10);
+        assert_eq!(ring::wakeup_bytes(4 << 10), ring::MIN_WAKEUP_BYTES);
     }
 }

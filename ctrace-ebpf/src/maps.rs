@@ -5,18 +5,20 @@ use aya_ebpf::{
     macros::map,
     maps::{PerCpuArray, RingBuf},
 };
-use ctrace_common::counter;
+use ctrace_common::{counter, ring};
 
 /// One record per event. The loader may resize it; 4 MiB holds about 50,000
 /// drop records, several seconds of a heavy storm if user space stalls.
 #[map]
-pub static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(ring::DEFAULT_BYTES, 0);
 
-/// Wake the reader once this much is waiting. Waking it per record costs an
+/// Wake the reader once this much is waiting (set by the loader from the
+/// ring's size: `ring::wakeup_bytes`). Waking it per record costs an
 /// irq_work (a self-IPI, a VM exit under virtualisation) on every event and
 /// made the program 50 times slower in a storm; user space also drains the
 /// buffer on a short timer, so nothing waits long below the threshold.
-const WAKEUP_BYTES: u64 = 64 << 10;
+#[unsafe(no_mangle)]
+static RING_WAKEUP_BYTES: u64 = ring::wakeup_bytes(ring::DEFAULT_BYTES);
 
 /// How often (in one CPU's records) a storm's records ask how much is
 /// waiting: the question reads the reader's position, a cache line the
@@ -27,7 +29,9 @@ const WAKEUP_CHECK_EVERY: u64 = 16;
 /// Flags for submitting a record: wake the reader only in batches.
 #[inline(always)]
 fn submit_flags() -> u64 {
-    if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKEUP_BYTES {
+    // SAFETY: a read-only global; read_volatile keeps the compiler from
+    // folding the default into the code.
+    if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= unsafe { core::ptr::read_volatile(&RING_WAKEUP_BYTES) } {
         BPF_RB_FORCE_WAKEUP as u64
     } else {
         BPF_RB_NO_WAKEUP as u64

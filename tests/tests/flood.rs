@@ -224,9 +224,9 @@ fn live_names_a_random_source_flood_and_its_destination() {
 }
 
 /// A ring buffer far too small for a flood (16 KiB: about 200 records, and
-/// below the 64 KiB wake-up threshold, so only the 50 ms drain reads it):
-/// records are lost, every one is counted, and the totals still add up to
-/// the kernel's.
+/// below the smallest wake-up threshold, 64 KiB, so only the 50 ms drain
+/// reads it): records are lost, every one is counted, and the totals still
+/// add up to the kernel's.
 #[test]
 fn a_ring_too_small_for_a_flood_counts_every_lost_record() {
     require_root();

@@ -17,7 +17,7 @@ use aya::{
     programs::BtfTracePoint,
     Ebpf, EbpfLoader,
 };
-use ctrace_common::{counter, ct_event};
+use ctrace_common::{counter, ct_event, ring};
 
 use self::programs::{attach_family, explain_load_error, explain_program_error, recursion_misses};
 use crate::{
@@ -294,10 +294,13 @@ impl Attached {
         if let Some(kib) = wanted.ring_kib {
             loader.map_max_entries("EVENTS", kib * 1024);
         }
+        let ring_bytes = wanted.ring_kib.map_or(ring::DEFAULT_BYTES, |kib| kib * 1024);
+        let wakeup_bytes = ring::wakeup_bytes(ring_bytes);
         let mut ebpf = loader
             .btf(Some(&aya_btf))
             .override_global(kfree_skb::LAYOUT_GLOBAL, &layout, true)
             .override_global(conntrack::LAYOUT_GLOBAL, &ct_layout, true)
+            .override_global(ring::WAKEUP_GLOBAL, &wakeup_bytes, true)
             .load(OBJECT)
             .map_err(explain_load_error)?;
 
