@@ -201,18 +201,21 @@ pub struct Symbols {
     sites: Vec<(Range<u64>, FreedBy)>,
     hidden: bool,
     cache: FxHashMap<u64, FreedBy>,
+    /// The previous drop's location and answer: a storm's drops come from
+    /// one place, over and over.
+    last: (u64, FreedBy),
 }
 
 impl Symbols {
     pub fn new(kallsyms: &Kallsyms) -> Self {
         let sites =
             kallsyms.function_ranges(|name| Some(FreedBy::from_symbol(name)).filter(|k| *k != FreedBy::Unknown));
-        Symbols { sites, hidden: kallsyms.addresses_hidden(), cache: FxHashMap::default() }
+        Symbols { sites, hidden: kallsyms.addresses_hidden(), cache: FxHashMap::default(), last: (0, FreedBy::Unknown) }
     }
 
     /// No symbols: every location is Unknown (synthetic feeds, tests).
     pub fn unresolved() -> Self {
-        Symbols { sites: Vec::new(), hidden: true, cache: FxHashMap::default() }
+        Symbols { sites: Vec::new(), hidden: true, cache: FxHashMap::default(), last: (0, FreedBy::Unknown) }
     }
 
     /// No location can be resolved (kallsyms unreadable or hidden): the
@@ -223,7 +226,11 @@ impl Symbols {
 
     /// Who freed a packet dropped at `addr`.
     pub fn freed_by(&mut self, addr: u64) -> FreedBy {
+        if self.last.0 == addr && addr != 0 {
+            return self.last.1;
+        }
         if let Some(known) = self.cache.get(&addr) {
+            self.last = (addr, *known);
             return *known;
         }
         let i = self.sites.partition_point(|(range, _)| range.start <= addr);
@@ -232,6 +239,7 @@ impl Symbols {
             _ => FreedBy::Unknown,
         };
         self.cache.insert(addr, freed_by);
+        self.last = (addr, freed_by);
         freed_by
     }
 }
@@ -318,6 +326,12 @@ mod tests {
         assert_eq!(syms.freed_by(0xffffffff81f653d0 + 0x10), FreedBy::RuleEngine);
         assert_eq!(syms.freed_by(0x1000), FreedBy::Unknown);
         assert_eq!(syms.freed_by(0xffffffff81f66000 + 0x10), FreedBy::Unknown, "past the last kept function");
+        // Asked again, in runs and alternating (the remembered last answer,
+        // then the cache): the same answers.
+        for addr in [0xffffffff81f653d0 + 0x10, 0xffffffff81f653d0 + 0x10, 0xffffffff81f2af50 + 0x7d, 0, 0] {
+            let mut fresh = Symbols { cache: FxHashMap::default(), last: (0, FreedBy::Unknown), ..syms.clone() };
+            assert_eq!(syms.freed_by(addr), fresh.freed_by(addr), "{addr:#x}");
+        }
         assert_eq!(FreedBy::from_symbol("ipt_do_table"), FreedBy::RuleEngine);
         assert_eq!(FreedBy::from_symbol("ip_rcv"), FreedBy::Unknown);
     }

@@ -193,9 +193,31 @@ impl StatReader {
     }
 }
 
+const CONNTRACK_MAX: &str = "/proc/sys/net/netfilter/nf_conntrack_max";
+
 /// `nf_conntrack_max`: one value for all namespaces.
 pub fn conntrack_max() -> Option<u64> {
-    fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_max").ok().and_then(|s| s.trim().parse().ok())
+    fs::read_to_string(CONNTRACK_MAX).ok().and_then(|s| s.trim().parse().ok())
+}
+
+/// `nf_conntrack_max` read again and again through one open file (a
+/// sysctl file reads its current value at offset 0): the tracepoint tier
+/// samples it with each table sample, ten times a second in a storm, and
+/// opening the path each time was most of that.
+#[derive(Default)]
+struct MaxReader {
+    file: Option<File>,
+}
+
+impl MaxReader {
+    fn read(&mut self) -> Option<u64> {
+        if self.file.is_none() {
+            self.file = File::open(CONNTRACK_MAX).ok();
+        }
+        let mut buf = [0u8; 32];
+        let n = std::os::unix::fs::FileExt::read_at(self.file.as_ref()?, &mut buf, 0).ok()?;
+        std::str::from_utf8(&buf[..n]).ok()?.trim().parse().ok()
+    }
 }
 
 /// The namespaces ctrace has seen, their stat files, and recent samples of
@@ -210,6 +232,7 @@ pub struct Namespaces {
     occupancy: FxHashMap<u32, (u64, Option<bool>)>,
     peaks: FxHashMap<u32, Occupancy>,
     legacy: FxHashMap<u32, (Instant, Option<bool>)>,
+    max: MaxReader,
 }
 
 /// How long a look at a namespace's legacy x_tables stands.
@@ -263,6 +286,7 @@ impl Namespaces {
             occupancy: FxHashMap::default(),
             peaks: FxHashMap::default(),
             legacy: FxHashMap::default(),
+            max: MaxReader::default(),
         }
     }
 
@@ -355,7 +379,7 @@ impl Namespaces {
                 return full;
             }
         }
-        let sample = self.stats(inum).and_then(|s| Some(Occupancy { entries: s.entries, max: conntrack_max()? }));
+        let sample = self.stats(inum).and_then(|s| Some(Occupancy { entries: s.entries, max: self.max.read()? }));
         let full = sample.map(|sample| sample.entries >= sample.max);
         self.occupancy.insert(inum, (ts_ns, full));
         if let Some(sample) = sample {
@@ -377,6 +401,15 @@ entries  clashres found new invalid ignore delete chainlength insert insert_fail
 00000040  00000001 00000000 00000000 00000002 00000000 00000000 00000000 00000000 00000000 0000000a 00000000 00000000  00000000 00000000 00000000 00000000
 00000040  00000000 00000000 00000000 00000001 00000000 00000000 00000004 00000000 00000003 00000005 00000002 00000000  00000000 00000000 00000000 00000000
 ";
+
+    #[test]
+    fn the_open_max_file_reads_what_a_fresh_open_does() {
+        // Both None where conntrack is not loaded; read twice, since the
+        // second read is the one that reuses the file.
+        let mut max = MaxReader::default();
+        assert_eq!(max.read(), conntrack_max());
+        assert_eq!(max.read(), conntrack_max());
+    }
 
     #[test]
     fn selects_a_namespace_by_name_or_inode() {
