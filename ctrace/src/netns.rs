@@ -202,8 +202,8 @@ pub fn conntrack_max() -> Option<u64> {
 
 /// `nf_conntrack_max` read again and again through one open file (a
 /// sysctl file reads its current value at offset 0): the tracepoint tier
-/// samples it with each table sample, ten times a second in a storm, and
-/// opening the path each time was most of that.
+/// reads it with each table sample, ten times a second in a storm, and
+/// each read opened the path again (a path walk, an open and a close).
 #[derive(Default)]
 struct MaxReader {
     file: Option<File>,
