@@ -239,9 +239,7 @@ fn machine_busy_seconds() -> anyhow::Result<f64> {
     Ok(busy / hz)
 }
 
-/// CPU seconds a process has used so far, from its CPU-time clock (ns
-/// resolution; /proc's tick counts are 10 ms coarse, a tenth of a storm's
-/// process time).
+/// CPU seconds a process has used so far ([`process_cpu_ns`] in seconds).
 fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     Ok(process_cpu_ns(pid)? as f64 / 1e9)
 }
