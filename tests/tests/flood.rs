@@ -221,6 +221,14 @@ fn live_names_a_random_source_flood_and_its_destination() {
     check_flood_summary(flood, kernel_drops, distinct(Spoofed::Anywhere, SYNS, 7));
     assert_eq!(flood["prefixes"], serde_json::json!([]), "random sources share no prefix: {flood}");
     assert_eq!(snapshot["kernel"]["lost_events"], 0, "{snapshot}");
+    // Past the 16,384 rows a new source takes one on its second drop: every
+    // drop is in a row shown, in the rows not shown, or declined, and with
+    // more distinct sources than rows some were.
+    let count = |v: &serde_json::Value| v.as_u64().unwrap_or_else(|| panic!("a count: {v}"));
+    let shown: u64 = snapshot["top"].as_array().unwrap().iter().map(|r| count(&r["total"])).sum();
+    let (others, declined) = (count(&snapshot["others"]), count(&snapshot["declined"]));
+    assert_eq!(shown + others + declined, count(&snapshot["total_drops"]), "{snapshot}");
+    assert!(declined > 0, "{} distinct sources, no drop declined a row", distinct(Spoofed::Anywhere, SYNS, 7));
 }
 
 /// A ring buffer far too small for a flood (16 KiB: about 200 records, and

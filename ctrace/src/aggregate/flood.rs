@@ -173,13 +173,13 @@ impl PrefixCounts {
             IpAddr::V4(a) => {
                 let bits = u32::from(a);
                 self.v4_8[(bits >> 24) as usize] += 1;
-                self.v4_16.add(&(bits & 0xffff_0000), ts_ns);
-                self.v4_24.add(&(bits & 0xffff_ff00), ts_ns);
+                self.v4_16.offer(&(bits & 0xffff_0000), ts_ns);
+                self.v4_24.offer(&(bits & 0xffff_ff00), ts_ns);
             }
             IpAddr::V6(a) => {
                 let bits = u128::from(a);
                 for (table, len) in self.v6.iter_mut().zip(V6_LENS) {
-                    table.add(&(bits & (u128::MAX << (128 - len))), ts_ns);
+                    table.offer(&(bits & (u128::MAX << (128 - len))), ts_ns);
                 }
             }
         }

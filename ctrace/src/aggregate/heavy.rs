@@ -22,6 +22,24 @@
 //! times in a row (one source's SYN retries, its one destination, its
 //! prefixes), and comparing one key costs less than hashing it and probing
 //! the index.
+//!
+//! [`SpaceSaving::offer`] puts a doorkeeper in front of evictions (the
+//! admission filter of TinyLFU, Einziger, Friedman and Manes, 2017): once
+//! every slot is taken, a key not tracked replaces one only on its second
+//! sighting within a filter epoch; its first only sets a bit. A spoofed
+//! flood's one-off sources then cost a hash, a probe and a bit each, not an
+//! eviction (several cache misses into a table of megabytes), and they no
+//! longer push out keys that repeat. The events counted are then a plain
+//! Space-Saving run over the stream less its declined sightings, so the
+//! guarantees above hold with N' = N - [`SpaceSaving::declined`] for N and
+//! each key's sightings less its declined ones, `d`, for its true count:
+//! - the tracked counts sum to N', and a tracked key's true count is within
+//!   `[count - error, count + d]`;
+//! - `d` is at most one per epoch in which the key was not tracked when
+//!   first seen (a bit already set by another key's hash admits at once);
+//! - every key with more than `N' / capacity` sightings counted is tracked.
+//!
+//! While slots are free nothing is declined: counts stay exact.
 use std::hash::{BuildHasher, Hash};
 
 use hashbrown::HashTable;
@@ -91,6 +109,48 @@ pub struct SpaceSaving<K> {
     last: u32,
     total: u64,
     evictions: u64,
+    /// Keys seen once since the epoch began, for [`Self::offer`].
+    doorkeeper: Doorkeeper,
+    declined: u64,
+}
+
+/// One bit per hashed key, the bits 64 times the slots; cleared after a
+/// sixteenth of them were set, so that at most one in sixteen keys seen
+/// for the first time is let in by another key's bit. Sized on first use:
+/// tables that never fill, or are only [`SpaceSaving::add`]ed to, keep none.
+#[derive(Default)]
+struct Doorkeeper {
+    bits: Vec<u64>,
+    /// log2 of the bit count.
+    order: u32,
+    /// Bits set since the last clear.
+    set: usize,
+}
+
+impl Doorkeeper {
+    fn new(capacity: usize) -> Self {
+        let order = (capacity * 64).next_power_of_two().trailing_zeros().max(6);
+        Doorkeeper { bits: vec![0; 1 << (order - 6)], order, set: 0 }
+    }
+
+    /// Records a sighting of the key with `hash`; says whether one was
+    /// recorded before (this epoch).
+    #[inline]
+    fn seen_before(&mut self, hash: u64) -> bool {
+        // FxHash mixes into the high bits.
+        let bit = (hash >> (64 - self.order)) as usize;
+        let (word, mask) = (&mut self.bits[bit / 64], 1u64 << (bit % 64));
+        if *word & mask != 0 {
+            return true;
+        }
+        *word |= mask;
+        self.set += 1;
+        if self.set << 4 >= 1 << self.order {
+            self.bits.fill(0);
+            self.set = 0;
+        }
+        false
+    }
 }
 
 impl<K: Hash + Eq + Clone> SpaceSaving<K> {
@@ -107,6 +167,8 @@ impl<K: Hash + Eq + Clone> SpaceSaving<K> {
             last: NIL,
             total: 0,
             evictions: 0,
+            doorkeeper: Doorkeeper::default(),
+            declined: 0,
         }
     }
 
@@ -119,9 +181,16 @@ impl<K: Hash + Eq + Clone> SpaceSaving<K> {
         self.total
     }
 
-    /// Keys replaced so far; zero means every count is exact.
+    /// Keys replaced so far; zero (with nothing [`Self::declined`]) means
+    /// every count is exact.
     pub fn evictions(&self) -> u64 {
         self.evictions
+    }
+
+    /// Events [`Self::offer`] counted in no slot: first sightings of keys
+    /// not tracked while every slot was taken.
+    pub fn declined(&self) -> u64 {
+        self.declined
     }
 
     /// The largest possible overcount of any tracked key.
@@ -175,6 +244,20 @@ impl<K: Hash + Eq + Clone> SpaceSaving<K> {
     /// Counts one event of `key`; says in which slot, and which key, if
     /// any, that slot held before (callers keeping per-slot data move it).
     pub fn add(&mut self, key: &K, ts_ns: u64) -> Added<K> {
+        self.count(key, ts_ns, false).expect("add admits every key")
+    }
+
+    /// Counts one event of `key` as [`Self::add`] does, except that with
+    /// every slot taken a key not tracked takes one only when seen before
+    /// in this filter epoch (see the module's comment). Says whether the
+    /// event is in a slot.
+    #[inline]
+    pub fn offer(&mut self, key: &K, ts_ns: u64) -> bool {
+        self.count(key, ts_ns, true).is_some()
+    }
+
+    #[inline]
+    fn count(&mut self, key: &K, ts_ns: u64, doorkeeper: bool) -> Option<Added<K>> {
         self.total += 1;
         // The same key as the previous event: no hash, no probe. (The slot
         // may hold another key by now; the comparison tells.)
@@ -182,7 +265,7 @@ impl<K: Hash + Eq + Clone> SpaceSaving<K> {
             if counter.key == *key {
                 counter.last_seen_ns = ts_ns;
                 self.increment(self.last);
-                return Added { slot: self.last as usize, replaced: None };
+                return Some(Added { slot: self.last as usize, replaced: None });
             }
         }
         let hash = FxBuildHasher.hash_one(key);
@@ -190,7 +273,7 @@ impl<K: Hash + Eq + Clone> SpaceSaving<K> {
             self.last = slot;
             self.counters[slot as usize].last_seen_ns = ts_ns;
             self.increment(slot);
-            return Added { slot: slot as usize, replaced: None };
+            return Some(Added { slot: slot as usize, replaced: None });
         }
         if self.counters.len() < self.capacity {
             let slot = self.counters.len() as u32;
@@ -207,7 +290,16 @@ impl<K: Hash + Eq + Clone> SpaceSaving<K> {
             self.index_slot(slot, hash);
             self.insert_new(slot);
             self.last = slot;
-            return Added { slot: slot as usize, replaced: None };
+            return Some(Added { slot: slot as usize, replaced: None });
+        }
+        if doorkeeper {
+            if self.doorkeeper.bits.is_empty() {
+                self.doorkeeper = Doorkeeper::new(self.capacity);
+            }
+            if !self.doorkeeper.seen_before(hash) {
+                self.declined += 1;
+                return None;
+            }
         }
         // Replace a key with the smallest count.
         let min = self.buckets[self.min as usize].count;
@@ -228,7 +320,7 @@ impl<K: Hash + Eq + Clone> SpaceSaving<K> {
         self.evictions += 1;
         self.increment(slot);
         self.last = slot;
-        Added { slot: slot as usize, replaced: Some((old, own)) }
+        Some(Added { slot: slot as usize, replaced: Some((old, own)) })
     }
 
     /// The counter in `slot` (slots are [`Self::iter`]'s positions).
@@ -370,7 +462,7 @@ mod tests {
         }
         assert_eq!(seen, s.counters.len());
         assert_eq!(s.index.len(), s.counters.len());
-        assert_eq!(s.counters.iter().map(|c| c.count).sum::<u64>(), s.total);
+        assert_eq!(s.counters.iter().map(|c| c.count).sum::<u64>(), s.total - s.declined);
     }
 
     #[test]
@@ -484,6 +576,104 @@ mod tests {
         assert_eq!(counts(&runs), counts(&singles));
         assert_eq!(runs.evictions(), singles.evictions());
         assert_eq!(runs.get(&1).unwrap().last_seen_ns, stream.len() as u64 - 1);
+    }
+
+    #[test]
+    fn offer_declines_nothing_while_slots_are_free() {
+        let (mut offered, mut added) = (SpaceSaving::new(8), SpaceSaving::new(8));
+        for (t, k) in [1, 2, 1, 3, 4, 5, 6, 7, 8, 8, 1].iter().enumerate() {
+            assert!(offered.offer(k, t as u64));
+            added.add(k, t as u64);
+        }
+        check(&offered);
+        assert_eq!(offered.declined(), 0);
+        for c in added.iter() {
+            let o = offered.get(&c.key).unwrap();
+            assert_eq!((o.count, o.error), (c.count, c.error));
+        }
+    }
+
+    #[test]
+    fn offer_lets_a_new_key_in_on_its_second_sighting() {
+        let mut s = SpaceSaving::new(2);
+        assert!(s.offer(&1u64, 0) && s.offer(&2, 1) && s.offer(&1, 2));
+        // Full: 3's first sighting is counted in the total, not in a slot.
+        assert!(!s.offer(&3, 3));
+        assert_eq!((s.declined(), s.evictions(), s.total()), (1, 0, 4));
+        assert!(s.get(&3).is_none());
+        check(&s);
+        // Its second replaces the smallest count (2's), inheriting it as error.
+        assert!(s.offer(&3, 4));
+        let three = s.get(&3).unwrap();
+        assert_eq!((three.count, three.error), (2, 1));
+        assert!(s.get(&2).is_none());
+        assert_eq!(s.evictions(), 1);
+        check(&s);
+        // Tracked keys count at once.
+        assert!(s.offer(&1, 5));
+        assert_eq!(s.get(&1).unwrap().count, 3);
+    }
+
+    #[test]
+    fn offer_keeps_repeating_keys_among_one_off_keys() {
+        // A spoofed flood (every other event a key never seen again) mixed
+        // with a few sources that repeat: the guarantees hold over the
+        // events counted, the repeating keys stay tracked, and the one-off
+        // keys mostly cost no eviction.
+        let capacity = 64;
+        let mut s = SpaceSaving::new(capacity);
+        let mut truth: HashMap<u64, u64> = HashMap::new();
+        let mut declined: HashMap<u64, u64> = HashMap::new();
+        let mut x = 777u64;
+        for t in 0..50_000u64 {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let key = match (x >> 33) % 16 {
+                0..=2 => 1 + (x >> 40) % 4,
+                3..=7 => 100 + (x >> 40) % 40,
+                _ => 1 << 32 | t,
+            };
+            *truth.entry(key).or_default() += 1;
+            if !s.offer(&key, t) {
+                *declined.entry(key).or_default() += 1;
+            }
+            if t % 997 == 0 {
+                check(&s);
+            }
+        }
+        check(&s);
+        let counted = s.total() - s.declined();
+        assert_eq!(s.declined(), declined.values().sum::<u64>());
+        assert!(s.error_bound() <= counted / capacity as u64);
+        for c in s.iter() {
+            let real = truth[&c.key] - declined.get(&c.key).copied().unwrap_or(0);
+            assert!(c.count >= real && c.count - c.error <= real, "{:?}: {c:?} vs {real}", c.key);
+        }
+        for (key, real) in &truth {
+            let real = real - declined.get(key).copied().unwrap_or(0);
+            if real > counted / capacity as u64 {
+                assert!(s.get(key).is_some(), "heavy key {key} lost");
+            }
+        }
+        for key in 1..5 {
+            assert!(declined.get(&key).copied().unwrap_or(0) <= 1, "a heavy key declined more than once");
+        }
+        // One in sixteen one-off keys at most gets in on another's bit.
+        let one_off = truth.keys().filter(|k| **k >> 32 == 1).count() as u64;
+        assert!(s.evictions() < one_off / 8, "{} evictions for {one_off} one-off keys", s.evictions());
+    }
+
+    #[test]
+    fn the_doorkeeper_forgets_after_its_epoch() {
+        let mut d = Doorkeeper::new(1);
+        // 64 bits; cleared once 4 are set.
+        assert_eq!((d.order, d.bits.len()), (6, 1));
+        let hash = |bit: u64| bit << 58;
+        assert!(!d.seen_before(hash(1)));
+        assert!(d.seen_before(hash(1)));
+        assert!(!d.seen_before(hash(2)) && !d.seen_before(hash(3)));
+        // The fourth bit ends the epoch: 1 is new again.
+        assert!(!d.seen_before(hash(4)));
+        assert!(!d.seen_before(hash(1)));
     }
 
     #[test]

@@ -142,11 +142,12 @@ pub fn render(header: &Header, snap: &Snapshot, query: &Query) -> String {
     if snap.others > 0 {
         let _ = writeln!(out, "  others: {} drops in rows not shown", snap.others);
     }
-    if snap.evictions > 0 {
+    if snap.evictions > 0 || snap.declined > 0 {
         let _ = writeln!(
             out,
-            "  approximate: more than {} sources seen; counts may be over by up to {}",
-            snap.capacity, snap.error_bound
+            "  approximate: more than {} sources seen; counts may be over by up to {}; \
+             {} drops of sources seen once are in no row",
+            snap.capacity, snap.error_bound, snap.declined
         );
     }
     let _ = writeln!(out, "\nWHO FILLS THE TABLE");

@@ -108,6 +108,10 @@ pub struct Snapshot {
     /// non-zero, counts may overcount by up to `error_bound`.
     pub evictions: u64,
     pub error_bound: u64,
+    /// Drops in the total but in no row: first sightings of sources not
+    /// tracked while every row was taken (a spoofed flood's one-off
+    /// sources); a row may be short by one such drop of its own.
+    pub declined: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]

@@ -192,7 +192,8 @@ impl LiveState {
     /// Counts one drop going to `dst`. This is the per-event path: keep it lean.
     #[inline]
     pub fn count_drop(&mut self, key: &SourceKey, dst: IpAddr, ts_ns: u64) {
-        self.heavy.add(key, ts_ns);
+        // A random-source flood's one-off sources would each evict a row.
+        self.heavy.offer(key, ts_ns);
         self.flood.add(key.src, Destination::of(key, dst), ts_ns);
         self.decoded[key.reason.index()] += 1;
         *self.by_netns.entry((key.netns, key.reason)).or_default() += 1;
@@ -524,6 +525,7 @@ impl LiveState {
             capacity: self.heavy.capacity(),
             evictions: self.heavy.evictions(),
             error_bound: self.heavy.error_bound(),
+            declined: self.heavy.declined(),
         }
     }
 

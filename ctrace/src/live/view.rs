@@ -264,9 +264,12 @@ fn draw_top(frame: &mut Frame, area: Rect, snap: &Snapshot, query: &Query) {
             snap.matching_rows
         )),
     ];
-    if snap.evictions > 0 {
+    if snap.evictions > 0 || snap.declined > 0 {
         head.push(Span::styled(
-            format!("  approximate: > {} sources, counts ±{}", snap.capacity, snap.error_bound),
+            format!(
+                "  approximate: > {} sources, counts ±{}, {} one-off drops in no row",
+                snap.capacity, snap.error_bound, snap.declined
+            ),
             Style::new().fg(Color::Yellow),
         ));
     }
