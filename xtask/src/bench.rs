@@ -376,16 +376,19 @@ fn storm_cpu(bin: &Path, earlier: Option<&Path>, secs: u64, figures: &mut Figure
     }
     lines.push(quit_latency(bin, &lab, &storm, PORT)?);
     let storm_traffic = || Ok(storm.iter().map(|src| lab.syn_burst(*src, PORT, 200)).sum());
-    let baseline = measure(None, &lab, secs, storm_traffic)?;
+    let probe = measure(None, &lab, PROBE_SECS, None, storm_traffic)?;
+    let pace = pace_of(&probe);
+    lines.push(pace_line("storm", &probe, pace));
+    let baseline = measure(None, &lab, secs, pace, storm_traffic)?;
     lines.push(baseline.line("storm CPU", "table-full drops", "SYNs"));
     figures.set("storm.off.machine_ns_per_drop", baseline.machine_ns_per_drop());
     for (name, key, mut cmd) in tools {
         let tool = start(name, &mut cmd)?;
-        let m = measure(Some(&tool), &lab, secs, storm_traffic)?;
+        let m = measure(Some(&tool), &lab, secs, pace, storm_traffic)?;
         lines.push(m.line("storm CPU", "table-full drops", "SYNs"));
         lines.push(format!("  per program: {}", m.per_program.join("; ")));
         if perf_installed() {
-            let sampled = sampled(&tool, &lab, secs, storm_traffic)?;
+            let sampled = sampled(&tool, &lab, secs, pace, storm_traffic)?;
             lines.push(sampled.line("storm CPU"));
             if key.is_some() {
                 let [ns, share] = sampled_keys("storm", key);
@@ -420,8 +423,18 @@ fn storm_cpu(bin: &Path, earlier: Option<&Path>, secs: u64, figures: &mut Figure
     Ok(lines)
 }
 
-/// The tools whose cost is compared: `ctrace live --plain` (figures under
-/// `ctrace`) and the bpftrace script (under `bpftrace`), if installed.
+/// Seconds of unpaced traffic with no tool, to find the pace.
+pub const PROBE_SECS: u64 = 3;
+
+/// Says what the traffic was paced at, and what the probe reached.
+pub fn pace_line(what: &str, probe: &Measured, pace: Pace) -> String {
+    format!(
+        "{what} paced at {:.0} packets/s for every run below: two thirds of the {:.0}/s reached with no tool",
+        pace.unwrap_or(0.0),
+        probe.sent as f64 / probe.wall
+    )
+}
+
 /// The tools compared, each with the key its figures go under (None:
 /// printed only): ctrace, an earlier ctrace build if given, bpftrace.
 pub fn compared_tools(bin: &Path, earlier: Option<&Path>) -> Vec<(&'static str, Option<&'static str>, Command)> {
@@ -501,13 +514,41 @@ impl Measured {
     }
 }
 
+/// The rate traffic is sent at, packets per second (None: as fast as the
+/// machine goes).
+///
+/// A share of a core is per wall second, so tools compare only at one drop
+/// rate: unpaced, the traffic generator shares the two CPUs with the tool,
+/// and each tool's run reached another rate (in one run, 63,534 drops/s
+/// with ctrace and 57,259 with bpftrace). Paced below what the machine
+/// reaches with any tool attached, every tool sees the same storm.
+pub type Pace = Option<f64>;
+
+/// The pace for the tools' runs: two thirds of the rate `probe` (a run
+/// with no tool) reached, leaving room for the slowest tool to keep it.
+pub fn pace_of(probe: &Measured) -> Pace {
+    Some(probe.sent as f64 / probe.wall * 2.0 / 3.0)
+}
+
+/// Sleeps until the `sent` packets sent since `started` are due at `pace`.
+fn keep_pace(pace: Pace, started: Instant, sent: u64) {
+    if let Some(rate) = pace {
+        let due = Duration::from_secs_f64(sent as f64 / rate);
+        if let Some(early) = due.checked_sub(started.elapsed()) {
+            std::thread::sleep(early);
+        }
+    }
+}
+
 /// Runs `traffic` (each call sends a batch, returning how many packets)
-/// for `secs` with `tool` attached (None: no tool, the baseline), and
-/// measures it; drops are the server namespace's `drop` counter.
+/// for `secs` at `pace` with `tool` attached (None: no tool, the
+/// baseline), and measures it; drops are the server namespace's `drop`
+/// counter.
 pub fn measure(
     tool: Option<&Tool>,
     lab: &Lab,
     secs: u64,
+    pace: Pace,
     mut traffic: impl FnMut() -> anyhow::Result<u64>,
 ) -> anyhow::Result<Measured> {
     let progs_before = bpf_programs()?;
@@ -518,6 +559,7 @@ pub fn measure(
     let started = Instant::now();
     let mut sent = 0;
     while started.elapsed() < Duration::from_secs(secs) {
+        keep_pace(pace, started, sent);
         sent += traffic()?;
     }
     let wall = started.elapsed().as_secs_f64();
@@ -613,12 +655,13 @@ pub fn perf_installed() -> bool {
     Command::new("perf").arg("--version").output().is_ok_and(|o| o.status.success())
 }
 
-/// Runs `traffic` for `secs` under `perf record -a -g` and sums the sampled
-/// time whose call chain passes through a [`HOOK_FRAMES`] frame.
+/// Runs `traffic` for `secs` at `pace` under `perf record -a -g` and sums
+/// the sampled time whose call chain passes through a [`HOOK_FRAMES`] frame.
 pub fn sampled(
     tool: &Tool,
     lab: &Lab,
     secs: u64,
+    pace: Pace,
     mut traffic: impl FnMut() -> anyhow::Result<u64>,
 ) -> anyhow::Result<Sampled> {
     let _stats = Sysctl::set("kernel.bpf_stats_enabled", "0")?;
@@ -643,8 +686,10 @@ pub fn sampled(
     let cpu_before = cpu_seconds(tool.child.id())?;
     let drops_before = lab.server.conntrack_stat()?.drop;
     let started = Instant::now();
+    let mut sent = 0;
     while started.elapsed() < Duration::from_secs(secs) {
-        traffic()?;
+        keep_pace(pace, started, sent);
+        sent += traffic()?;
     }
     let wall = started.elapsed().as_secs_f64();
     let drops = lab.server.conntrack_stat()?.drop - drops_before;

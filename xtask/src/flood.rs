@@ -140,17 +140,21 @@ pub fn flood_cpu(bin: &Path, earlier: Option<&Path>, secs: u64, figures: &mut Fi
         figures.skip("flood.bpftrace.machine_ns_per_drop", "bpftrace is not installed");
     }
     let seed = std::cell::Cell::new(1);
+    // Batches short enough that the pace sends in 30-40 ms bursts.
     let flood = || {
-        let (n, next) = lab.syn_flood_random_sources(PORT, 20_000, Spoofed::Anywhere, seed.get())?;
+        let (n, next) = lab.syn_flood_random_sources(PORT, 4_000, Spoofed::Anywhere, seed.get())?;
         seed.set(next);
         Ok(u64::from(n))
     };
-    let baseline = bench::measure(None, &lab, secs, flood)?;
+    let probe = bench::measure(None, &lab, bench::PROBE_SECS, None, flood)?;
+    let pace = bench::pace_of(&probe);
+    lines.push(bench::pace_line("random-source flood", &probe, pace));
+    let baseline = bench::measure(None, &lab, secs, pace, flood)?;
     lines.push(baseline.line("random-source flood CPU", "table-full drops", "SYNs"));
     figures.set("flood.off.machine_ns_per_drop", baseline.machine_ns_per_drop());
     for (name, key, mut cmd) in bench::compared_tools(bin, earlier) {
         let tool = bench::start(name, &mut cmd)?;
-        let m = bench::measure(Some(&tool), &lab, secs, flood)?;
+        let m = bench::measure(Some(&tool), &lab, secs, pace, flood)?;
         lines.push(m.line("random-source flood CPU", "table-full drops", "SYNs"));
         lines.push(format!("  per program: {}", m.per_program.join("; ")));
         match key {
@@ -165,7 +169,7 @@ pub fn flood_cpu(bin: &Path, earlier: Option<&Path>, secs: u64, figures: &mut Fi
             None => {}
         }
         if bench::perf_installed() {
-            let sampled = bench::sampled(&tool, &lab, secs, flood)?;
+            let sampled = bench::sampled(&tool, &lab, secs, pace, flood)?;
             lines.push(sampled.line("random-source flood CPU"));
             if key.is_some() {
                 let [ns, share] = bench::sampled_keys("flood", key);
