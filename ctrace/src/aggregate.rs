@@ -3,6 +3,7 @@
 pub mod flood;
 pub mod heavy;
 pub mod occupancy;
+pub mod tally;
 pub mod window;
 
 use std::{collections::HashMap, net::IpAddr};

@@ -11,6 +11,7 @@ use crate::{
         flood::{Destination, FloodStats, FloodSummary},
         heavy::SpaceSaving,
         occupancy::{too_few_buckets, TimeToFull, Trend},
+        tally::Tally,
         window::{per_second, Delta, Series},
         SourceKey,
     },
@@ -148,7 +149,7 @@ pub struct LiveState {
     /// Distinct sources, destinations, source prefixes.
     flood: FloodStats,
     /// Exact drops per namespace and reason (namespaces are few).
-    by_netns: FxHashMap<(u32, Reason), u64>,
+    by_netns: Tally<(u32, Reason)>,
     /// Decoded drops by reason ([`Reason::index`]).
     decoded: [u64; Reason::ALL.len()],
     decoded_deltas: [Delta; Reason::ALL.len()],
@@ -175,7 +176,7 @@ impl LiveState {
             flood: FloodStats::default(),
             fills: Fills::default(),
             census: Default::default(),
-            by_netns: FxHashMap::default(),
+            by_netns: Tally::default(),
             decoded: [0; Reason::ALL.len()],
             decoded_deltas: [Delta::default(); Reason::ALL.len()],
             lost_delta: Delta::default(),
@@ -196,7 +197,7 @@ impl LiveState {
         self.heavy.offer(key, ts_ns);
         self.flood.add(key.src, Destination::of(key, dst), ts_ns);
         self.decoded[key.reason.index()] += 1;
-        *self.by_netns.entry((key.netns, key.reason)).or_default() += 1;
+        self.by_netns.add((key.netns, key.reason));
     }
 
     /// Replaces a namespace's table census.
@@ -252,7 +253,7 @@ impl LiveState {
         let mut drops: Vec<_> = self
             .by_netns
             .iter()
-            .map(|(&(netns, reason), &drops)| ReasonCount {
+            .map(|(&(netns, reason), drops)| ReasonCount {
                 netns,
                 name: self.netns_name(netns).map(str::to_string),
                 workload: self.workloads.of_netns(netns).map(Workload::label),
