@@ -8,7 +8,7 @@
 use std::{
     collections::HashMap,
     fs::{self, File},
-    io::{self, Read, Seek},
+    io,
     os::{fd::AsRawFd, unix::fs::MetadataExt},
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -138,6 +138,12 @@ pub fn select(found: &HashMap<u32, Netns>, selector: &str) -> Option<u32> {
 /// An open `/proc/net/stat/nf_conntrack` of one namespace.
 pub struct StatReader {
     file: File,
+    /// The namespace's `nf_conntrack_count` (None where it would not open):
+    /// the entry count alone, for the tracepoint tier's table samples,
+    /// without formatting the stat file's line per CPU.
+    count: Option<File>,
+    /// The stat file's text, kept between reads.
+    text: Vec<u8>,
 }
 
 /// Opens `/proc/net/<name>` of the namespace at `ns_path`, from a thread
@@ -180,20 +186,53 @@ pub fn run_in<T: Send>(ns_path: &Path, f: impl FnOnce() -> T + Send) -> io::Resu
 }
 
 impl StatReader {
-    /// Opens the stat file of the namespace at `ns_path`.
+    /// Opens the stat file of the namespace at `ns_path`, and its entry
+    /// count (a sysctl file opened inside a namespace reads that one's).
     pub fn open(ns_path: &Path) -> io::Result<Self> {
-        Ok(StatReader { file: open_in(ns_path, "stat/nf_conntrack")? })
+        let (file, count) = run_in(ns_path, || {
+            (File::open("/proc/thread-self/net/stat/nf_conntrack"), File::open(CONNTRACK_COUNT).ok())
+        })?;
+        Ok(StatReader { file: file?, count, text: Vec::new() })
     }
 
+    /// The counters, summed over CPUs: the file read from offset 0, in as
+    /// few reads as its size allows.
     pub fn read(&mut self) -> io::Result<ConntrackStats> {
-        let mut text = String::new();
-        self.file.rewind()?;
-        self.file.read_to_string(&mut text)?;
-        ConntrackStats::parse(&text).map_err(io::Error::other)
+        self.text.clear();
+        let mut at = 0;
+        loop {
+            if self.text.len() == at {
+                self.text.resize(at.max(2048) * 2, 0);
+            }
+            let n = std::os::unix::fs::FileExt::read_at(&self.file, &mut self.text[at..], at as u64)?;
+            if n == 0 {
+                break;
+            }
+            at += n;
+        }
+        self.text.truncate(at);
+        let text = std::str::from_utf8(&self.text).map_err(io::Error::other)?;
+        ConntrackStats::parse(text).map_err(io::Error::other)
+    }
+
+    /// The entries in the namespace's table now.
+    pub fn entries(&mut self) -> io::Result<u64> {
+        match self.count.as_ref().and_then(read_number) {
+            Some(entries) => Ok(entries),
+            None => Ok(self.read()?.entries),
+        }
     }
 }
 
 const CONNTRACK_MAX: &str = "/proc/sys/net/netfilter/nf_conntrack_max";
+const CONNTRACK_COUNT: &str = "/proc/sys/net/netfilter/nf_conntrack_count";
+
+/// The number a sysctl file holds, read at offset 0 (its current value).
+fn read_number(file: &File) -> Option<u64> {
+    let mut buf = [0u8; 32];
+    let n = std::os::unix::fs::FileExt::read_at(file, &mut buf, 0).ok()?;
+    std::str::from_utf8(&buf[..n]).ok()?.trim().parse().ok()
+}
 
 /// `nf_conntrack_max`: one value for all namespaces.
 pub fn conntrack_max() -> Option<u64> {
@@ -214,9 +253,7 @@ impl MaxReader {
         if self.file.is_none() {
             self.file = File::open(CONNTRACK_MAX).ok();
         }
-        let mut buf = [0u8; 32];
-        let n = std::os::unix::fs::FileExt::read_at(self.file.as_ref()?, &mut buf, 0).ok()?;
-        std::str::from_utf8(&buf[..n]).ok()?.trim().parse().ok()
+        read_number(self.file.as_ref()?)
     }
 }
 
@@ -317,6 +354,11 @@ impl Namespaces {
 
     /// Current counters of one namespace, if it can be found.
     pub fn stats(&mut self, inum: u32) -> Option<ConntrackStats> {
+        self.reader(inum)?.read().ok()
+    }
+
+    /// The namespace's stat reader, opened on first use.
+    fn reader(&mut self, inum: u32) -> Option<&mut StatReader> {
         if !self.known.contains_key(&inum) && self.last_scan.is_none_or(|t| t.elapsed() >= RESCAN_EVERY) {
             self.rescan();
         }
@@ -324,7 +366,7 @@ impl Namespaces {
             let reader = StatReader::open(&self.known.get(&inum)?.path).ok()?;
             self.readers.insert(inum, reader);
         }
-        self.readers.get_mut(&inum)?.read().ok()
+        self.readers.get_mut(&inum)
     }
 
     /// Counters of every namespace on the system (rescanning first).
@@ -379,7 +421,8 @@ impl Namespaces {
                 return full;
             }
         }
-        let sample = self.stats(inum).and_then(|s| Some(Occupancy { entries: s.entries, max: self.max.read()? }));
+        let entries = self.reader(inum).and_then(|r| r.entries().ok());
+        let sample = entries.and_then(|entries| Some(Occupancy { entries, max: self.max.read()? }));
         let full = sample.map(|sample| sample.entries >= sample.max);
         self.occupancy.insert(inum, (ts_ns, full));
         if let Some(sample) = sample {
@@ -409,6 +452,25 @@ entries  clashres found new invalid ignore delete chainlength insert insert_fail
         let mut max = MaxReader::default();
         assert_eq!(max.read(), conntrack_max());
         assert_eq!(max.read(), conntrack_max());
+    }
+
+    #[test]
+    fn the_count_file_reads_the_stat_files_entries() {
+        // This process's own namespace, entered as any other; skipped
+        // (there is nothing to read) where conntrack is not loaded.
+        let Ok(mut reader) = StatReader::open(Path::new("/proc/self/ns/net")) else {
+            assert_eq!(conntrack_max(), None, "conntrack is loaded, yet the stat file did not open");
+            return;
+        };
+        assert!(reader.count.is_some(), "nf_conntrack_count did not open");
+        // Entries may come and go between reads: one of a few tries
+        // sees the same count before, from the count file, and after.
+        let same = (0..20).any(|_| {
+            let before = reader.read().unwrap().entries;
+            let count = reader.entries().unwrap();
+            before == count && reader.read().unwrap().entries == count
+        });
+        assert!(same, "nf_conntrack_count never agreed with the stat file");
     }
 
     #[test]
