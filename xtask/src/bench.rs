@@ -382,21 +382,9 @@ fn storm_cpu(bin: &Path, earlier: Option<&Path>, secs: u64, figures: &mut Figure
     let baseline = measure(None, &lab, secs, pace, storm_traffic)?;
     lines.push(baseline.line("storm CPU", "table-full drops", "SYNs"));
     figures.set("storm.off.machine_ns_per_drop", baseline.machine_ns_per_drop());
-    for (name, key, mut cmd) in tools {
-        let tool = start(name, &mut cmd)?;
-        let m = measure(Some(&tool), &lab, secs, pace, storm_traffic)?;
-        lines.push(m.line("storm CPU", "table-full drops", "SYNs"));
-        lines.push(format!("  per program: {}", m.per_program.join("; ")));
-        if perf_installed() {
-            let sampled = sampled(&tool, &lab, secs, pace, storm_traffic)?;
-            lines.push(sampled.line("storm CPU"));
-            if key.is_some() {
-                let [ns, share] = sampled_keys("storm", key);
-                figures.set(ns, sampled.ns_per_drop());
-                figures.set(share, sampled.cpu_share());
-            }
-        }
-        let keys = match key {
+    let run = Run { what: "storm", dropped: "table-full drops", sent: "SYNs", secs, pace };
+    for rounds in in_rounds(&mut tools, &lab, &run, storm_traffic, figures, &mut lines)? {
+        let keys = match rounds.key {
             Some("ctrace") => [
                 "storm.ctrace.kernel_ns_per_drop",
                 "storm.ctrace.cpu_share",
@@ -411,16 +399,89 @@ fn storm_cpu(bin: &Path, earlier: Option<&Path>, secs: u64, figures: &mut Figure
             ],
             None => continue,
         };
-        figures.set(keys[0], m.kernel_ns_per_drop());
-        figures.set(keys[1], m.cpu_share());
-        figures.set(keys[2], m.drops as f64 / m.wall);
-        figures.set(keys[3], m.machine_ns_per_drop());
+        figures.set(keys[0], rounds.median(Measured::kernel_ns_per_drop));
+        figures.set(keys[1], rounds.median(Measured::cpu_share));
+        figures.set(keys[2], rounds.median(|m| m.drops as f64 / m.wall));
+        figures.set(keys[3], rounds.median(Measured::machine_ns_per_drop));
     }
     if !perf_installed() {
         lines.push(format!("storm CPU, sampled: not measured: {NO_PERF}"));
         skip_sampled("storm", figures);
     }
     Ok(lines)
+}
+
+/// Rounds of every tool's run, in turn (A B C, A B C, ...). This VM's
+/// speed drifts within minutes by more than the tools differ (bpftrace's
+/// program read 448 and 586 ns per drop in two runs an hour apart, and
+/// ctrace's, unchanged, 265 and 301 in one): each figure is the median of
+/// a tool's rounds, and no tool has all its rounds in one stretch.
+pub const ROUNDS: usize = 3;
+
+/// One stretch of traffic as the tools are compared on it.
+pub struct Run {
+    /// "storm" or "flood": the lines' and the sampled figures' name.
+    pub what: &'static str,
+    pub dropped: &'static str,
+    pub sent: &'static str,
+    pub secs: u64,
+    pub pace: Pace,
+}
+
+/// A tool's runs, one a round.
+pub struct Rounds {
+    pub key: Option<&'static str>,
+    pub runs: Vec<Measured>,
+}
+
+impl Rounds {
+    /// The median of `figure` over the rounds.
+    pub fn median(&self, figure: impl Fn(&Measured) -> f64) -> f64 {
+        let mut values: Vec<f64> = self.runs.iter().map(figure).collect();
+        values.sort_by(f64::total_cmp);
+        values[values.len() / 2]
+    }
+}
+
+/// Runs each tool on `run`'s traffic for [`ROUNDS`] rounds, started
+/// afresh each time; the first round also samples it with perf (the
+/// sampled figures are set here). Prints every run.
+pub fn in_rounds(
+    tools: &mut [(&'static str, Option<&'static str>, Command)],
+    lab: &Lab,
+    run: &Run,
+    traffic: impl FnMut() -> anyhow::Result<u64> + Copy,
+    figures: &mut Figures,
+    lines: &mut Vec<String>,
+) -> anyhow::Result<Vec<Rounds>> {
+    let what = format!("{} CPU", if run.what == "storm" { "storm" } else { "random-source flood" });
+    let mut all: Vec<Rounds> = tools.iter().map(|(_, key, _)| Rounds { key: *key, runs: Vec::new() }).collect();
+    for round in 1..=ROUNDS {
+        for ((name, key, cmd), rounds) in tools.iter_mut().zip(&mut all) {
+            let tool = start(name, cmd)?;
+            let m = measure(Some(&tool), lab, run.secs, run.pace, traffic)?;
+            lines.push(format!("round {round}/{ROUNDS}: {}", m.line(&what, run.dropped, run.sent)));
+            lines.push(format!("  per program: {}", m.per_program.join("; ")));
+            if round == 1 && perf_installed() {
+                let sampled = sampled(&tool, lab, run.secs, run.pace, traffic)?;
+                lines.push(sampled.line(&what));
+                if key.is_some() {
+                    let [ns, share] = sampled_keys(run.what, *key);
+                    figures.set(ns, sampled.ns_per_drop());
+                    figures.set(share, sampled.cpu_share());
+                }
+            }
+            rounds.runs.push(m);
+        }
+    }
+    for ((name, _, _), rounds) in tools.iter().zip(&all) {
+        lines.push(format!(
+            "{what}, {name}, median of {ROUNDS} rounds: {:.0} ns/drop in its programs, {:.2}% of a core in all",
+            rounds.median(Measured::kernel_ns_per_drop),
+            100.0 * rounds.median(Measured::cpu_share)
+        ));
+    }
+    Ok(all)
 }
 
 /// Seconds of unpaced traffic with no tool, to find the pace.
@@ -530,13 +591,16 @@ pub fn pace_of(probe: &Measured) -> Pace {
     Some(probe.sent as f64 / probe.wall * 2.0 / 3.0)
 }
 
+/// How long to wait before the next batch: until the `sent` packets sent
+/// in `elapsed` are due at `pace`.
+fn early_by(pace: Pace, elapsed: Duration, sent: u64) -> Option<Duration> {
+    Duration::from_secs_f64(sent as f64 / pace?).checked_sub(elapsed).filter(|d| !d.is_zero())
+}
+
 /// Sleeps until the `sent` packets sent since `started` are due at `pace`.
 fn keep_pace(pace: Pace, started: Instant, sent: u64) {
-    if let Some(rate) = pace {
-        let due = Duration::from_secs_f64(sent as f64 / rate);
-        if let Some(early) = due.checked_sub(started.elapsed()) {
-            std::thread::sleep(early);
-        }
+    if let Some(early) = early_by(pace, started.elapsed(), sent) {
+        std::thread::sleep(early);
     }
 }
 
@@ -774,6 +838,30 @@ fn quit_latency(bin: &Path, lab: &Lab, storm: &[Ipv4Addr], port: u16) -> anyhow:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_figure_is_the_median_of_its_rounds_and_batches_wait_until_due() {
+        let run = |cpu: f64| Measured {
+            name: NO_TOOL,
+            drops: 1000,
+            sent: 1000,
+            wall: 1.0,
+            cpu,
+            machine: 0.0,
+            run_ns: 0,
+            runs: 0,
+            per_program: Vec::new(),
+        };
+        let rounds = Rounds { key: None, runs: vec![run(0.03), run(0.01), run(0.02)] };
+        assert_eq!(rounds.median(Measured::cpu_share), 0.02);
+        assert_eq!(pace_of(&run(0.0)), Some(1000.0 * 2.0 / 3.0));
+        // 1,000 packets at 10,000/s are due 100 ms after the start.
+        let ms = Duration::from_millis;
+        assert_eq!(early_by(Some(10_000.0), ms(40), 1000), Some(ms(60)));
+        assert_eq!(early_by(Some(10_000.0), ms(100), 1000), None);
+        assert_eq!(early_by(Some(10_000.0), ms(150), 1000), None);
+        assert_eq!(early_by(None, ms(0), 1000), None);
+    }
 
     #[test]
     fn hook_time_counts_the_samples_whose_chain_enters_a_hook() {

@@ -152,31 +152,16 @@ pub fn flood_cpu(bin: &Path, earlier: Option<&Path>, secs: u64, figures: &mut Fi
     let baseline = bench::measure(None, &lab, secs, pace, flood)?;
     lines.push(baseline.line("random-source flood CPU", "table-full drops", "SYNs"));
     figures.set("flood.off.machine_ns_per_drop", baseline.machine_ns_per_drop());
-    for (name, key, mut cmd) in bench::compared_tools(bin, earlier) {
-        let tool = bench::start(name, &mut cmd)?;
-        let m = bench::measure(Some(&tool), &lab, secs, pace, flood)?;
-        lines.push(m.line("random-source flood CPU", "table-full drops", "SYNs"));
-        lines.push(format!("  per program: {}", m.per_program.join("; ")));
-        match key {
-            Some("ctrace") => {
-                figures.set("flood.ctrace.cpu_share", m.cpu_share());
-                figures.set("flood.ctrace.machine_ns_per_drop", m.machine_ns_per_drop());
-            }
-            Some(_) => {
-                figures.set("flood.bpftrace.cpu_share", m.cpu_share());
-                figures.set("flood.bpftrace.machine_ns_per_drop", m.machine_ns_per_drop());
-            }
-            None => {}
-        }
-        if bench::perf_installed() {
-            let sampled = bench::sampled(&tool, &lab, secs, pace, flood)?;
-            lines.push(sampled.line("random-source flood CPU"));
-            if key.is_some() {
-                let [ns, share] = bench::sampled_keys("flood", key);
-                figures.set(ns, sampled.ns_per_drop());
-                figures.set(share, sampled.cpu_share());
-            }
-        }
+    let run = bench::Run { what: "flood", dropped: "table-full drops", sent: "SYNs", secs, pace };
+    let mut tools = bench::compared_tools(bin, earlier);
+    for rounds in bench::in_rounds(&mut tools, &lab, &run, flood, figures, &mut lines)? {
+        let [share, machine] = match rounds.key {
+            Some("ctrace") => ["flood.ctrace.cpu_share", "flood.ctrace.machine_ns_per_drop"],
+            Some(_) => ["flood.bpftrace.cpu_share", "flood.bpftrace.machine_ns_per_drop"],
+            None => continue,
+        };
+        figures.set(share, rounds.median(bench::Measured::cpu_share));
+        figures.set(machine, rounds.median(bench::Measured::machine_ns_per_drop));
     }
     if !bench::perf_installed() {
         bench::skip_sampled("flood", figures);
