@@ -214,6 +214,11 @@ pub mod ring {
     /// The threshold never goes below this: a ring smaller than it is read
     /// only by the reader's timer.
     pub const MIN_WAKEUP_BYTES: u64 = 64 << 10;
+    /// A one-entry array the reader sets to 1 before it stops draining on
+    /// its timer (nothing came for a while); the next record sets it back
+    /// to 0 and wakes the reader at once. An idle reader then sleeps
+    /// instead of waking to find the ring empty.
+    pub const READER_ASLEEP_MAP: &str = "READER_ASLEEP";
 
     /// The wake-up threshold for a ring of `ring_bytes`: an eighth of it.
     /// Each wake-up costs the reader a sleep and a switch back (tens of
@@ -243,8 +248,11 @@ pub mod counter {
     /// Conntrack event records lost to a full ring buffer, apart from drop
     /// records so that decoded drops plus lost drops make the exact total.
     pub const RINGBUF_FULL_CONNTRACK: u32 = CT_BASE + 9;
+    /// Records that found the reader asleep and woke it
+    /// (`ring::READER_ASLEEP_MAP`).
+    pub const READER_WOKEN: u32 = CT_BASE + 10;
     /// Number of counters.
-    pub const COUNT: u32 = CT_BASE + 10;
+    pub const COUNT: u32 = CT_BASE + 11;
 }
 
 /// Kernel layout the `kfree_skb` program needs, read from the running kernel's

@@ -3,7 +3,7 @@ use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::bpf_ktime_get_ns,
     macros::map,
-    maps::{PerCpuArray, RingBuf},
+    maps::{Array, PerCpuArray, RingBuf},
 };
 use ctrace_common::{counter, ring};
 
@@ -19,6 +19,30 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(ring::DEFAULT_BYTES, 0);
 /// buffer on a short timer, so nothing waits long below the threshold.
 #[unsafe(no_mangle)]
 static RING_WAKEUP_BYTES: u64 = ring::wakeup_bytes(ring::DEFAULT_BYTES);
+
+/// The reader is asleep until a record wakes it (`ring::READER_ASLEEP_MAP`).
+/// Shared, not per-CPU: the reader writes it; between its writes every
+/// CPU reads its own cached copy.
+#[map]
+pub static READER_ASLEEP: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Takes the reader's "asleep" flag: whether this record must wake it.
+/// Two CPUs may both see it set and both wake the reader: one wake-up too
+/// many, never one too few.
+#[inline(always)]
+fn take_reader_asleep() -> bool {
+    match READER_ASLEEP.get_ptr_mut(0) {
+        // SAFETY: the map's one value, a u32.
+        Some(flag) => unsafe {
+            if *flag == 0 {
+                return false;
+            }
+            *flag = 0;
+            true
+        },
+        None => false,
+    }
+}
 
 /// How often (in one CPU's records) a storm's records ask how much is
 /// waiting: the question reads the reader's position, a cache line the
@@ -61,7 +85,14 @@ pub fn emit<T: Record>(lost: u32, nth: u64, fill: impl FnOnce(&mut T) -> Result<
                 entry.discard(BPF_RB_NO_WAKEUP as u64);
                 return;
             }
-            let flags = if nth.is_multiple_of(WAKEUP_CHECK_EVERY) { submit_flags() } else { BPF_RB_NO_WAKEUP as u64 };
+            let flags = if take_reader_asleep() {
+                count(counter::READER_WOKEN);
+                BPF_RB_FORCE_WAKEUP as u64
+            } else if nth.is_multiple_of(WAKEUP_CHECK_EVERY) {
+                submit_flags()
+            } else {
+                BPF_RB_NO_WAKEUP as u64
+            };
             entry.submit(flags);
         }
         None => {

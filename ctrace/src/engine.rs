@@ -23,11 +23,12 @@ use crate::{
 
 /// The kernel wakes the reader only in batches (see ctrace-ebpf's maps.rs);
 /// whatever is below the wake-up threshold is collected this often, and
-/// before every snapshot, scrape and end. Each drain wakes the process
-/// (every 50 ms, half of an idle `ctrace live`'s CPU time), so the hook
-/// tiers, where the kernel marks each drop's reason, drain every 200 ms;
-/// the tracepoint tier tells a full table by sampling it when it reads a
-/// drop, so its records must not wait long.
+/// before every snapshot, scrape and end, while records come (an idle
+/// reader sleeps: [`Engine::drain`]). Each drain wakes the process (a
+/// third of `live`'s CPU in a storm on this VM), so the hook tiers, where
+/// the kernel marks each drop's reason, drain every 200 ms; the tracepoint
+/// tier tells a full table by sampling it when it reads a drop, so its
+/// records must not wait long.
 fn drain_every(tier: Tier) -> Duration {
     match tier {
         Tier::Tracepoint => Duration::from_millis(50),
@@ -108,7 +109,20 @@ pub struct Engine {
     pub pipeline: Pipeline,
     events: AsyncFd<Events>,
     drain: DrainTimer,
+    /// The drain period while records come.
+    period: Duration,
+    /// Drains in a row that found the ring empty.
+    quiet_drains: u32,
+    /// Waiting for a record to wake us (see [`Engine::drain`]).
+    asleep: bool,
 }
+
+/// Empty drains in a row after which the reader sleeps until a record
+/// wakes it: 250 ms of nothing on the tracepoint tier, 1 s on the hooks.
+const QUIET_DRAINS: u32 = 5;
+/// The drain period while asleep: a net under the programs' wake-up, in
+/// case one is missed (the flag could not be set, say).
+const ASLEEP_PERIOD: Duration = Duration::from_secs(1);
 
 impl Engine {
     /// Reads the kernel's BTF and symbols, loads and attaches the programs.
@@ -123,8 +137,10 @@ impl Engine {
             .with_table_full_hooks(attached.table_full_hooked)
             .with_refusals(attached.insert_hooked, attached.engines_free_own_drops);
         let pipeline = Pipeline::new(classifier, attached.tcp_states.clone());
-        let drain = DrainTimer::new(drain_every(attached.tier))?;
-        Ok(Engine { attached, pipeline, events: crate::hooks::poll_events(events)?, drain })
+        let period = drain_every(attached.tier);
+        let drain = DrainTimer::new(period)?;
+        let events = crate::hooks::poll_events(events)?;
+        Ok(Engine { attached, pipeline, events, drain, period, quiet_drains: 0, asleep: false })
     }
 
     /// Waits until records may be waiting: the kernel woke us, or a drain
@@ -142,11 +158,45 @@ impl Engine {
     }
 
     /// Hands every record waiting in the ring buffer to `sink`.
+    ///
+    /// After [`QUIET_DRAINS`] empty drains in a row the reader goes to
+    /// sleep: it sets the programs' "asleep" flag, drains once more (a
+    /// record that came before the flag was set woke nobody), and if that
+    /// found nothing slows its timer to [`ASLEEP_PERIOD`]. The next record
+    /// clears the flag and wakes it, and the timer goes back to the drain
+    /// period. An idle reader so wakes about once a second, not twenty
+    /// times, and the first record after a quiet spell is read at once.
     pub fn drain(&mut self, sink: &mut impl Sink) {
+        if self.read_ring(sink) > 0 {
+            self.quiet_drains = 0;
+            if self.asleep {
+                self.asleep = false;
+                if let Err(e) = self.drain.set(self.period) {
+                    eprintln!("ctrace: cannot reset the drain timer: {e}");
+                }
+            }
+            return;
+        }
+        self.quiet_drains = self.quiet_drains.saturating_add(1);
+        if self.asleep || self.quiet_drains < QUIET_DRAINS || self.attached.set_reader_asleep().is_err() {
+            return;
+        }
+        // Records that raced the flag stay on the timer; the flag then
+        // costs one wake-up too many.
+        if self.read_ring(sink) == 0 && self.drain.set(ASLEEP_PERIOD).is_ok() {
+            self.asleep = true;
+        }
+    }
+
+    /// Feeds every waiting record to `sink`; says how many there were.
+    fn read_ring(&mut self, sink: &mut impl Sink) -> usize {
         let ring = self.events.get_mut();
+        let mut read = 0;
         while let Some(item) = ring.next() {
             self.pipeline.feed(&item, sink);
+            read += 1;
         }
+        read
     }
 
     /// Detaches the programs, then hands over what is still in the ring:
@@ -194,15 +244,22 @@ impl DrainTimer {
         anyhow::ensure!(fd >= 0, "timerfd_create: {}", std::io::Error::last_os_error());
         // SAFETY: a new descriptor that nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: the AsyncFd owns the descriptor: it stays open and the
+        // same until dropped.
+        let timer = DrainTimer(unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }?);
+        timer.set(every)?;
+        Ok(timer)
+    }
+
+    /// Fires every `every` from now on.
+    fn set(&self, every: Duration) -> std::io::Result<()> {
         let period = libc::timespec { tv_sec: every.as_secs() as _, tv_nsec: every.subsec_nanos() as _ };
         let spec = libc::itimerspec { it_interval: period, it_value: period };
         // SAFETY: a valid timerfd and itimerspec; the old value is not asked for.
-        if unsafe { libc::timerfd_settime(fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) } != 0 {
-            anyhow::bail!("timerfd_settime: {}", std::io::Error::last_os_error());
+        if unsafe { libc::timerfd_settime(self.0.as_raw_fd(), 0, &spec, std::ptr::null_mut()) } != 0 {
+            return Err(std::io::Error::last_os_error());
         }
-        // SAFETY: the AsyncFd owns the descriptor: it stays open and the
-        // same until dropped.
-        Ok(DrainTimer(unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }?))
+        Ok(())
     }
 
     /// Waits for the next period; periods missed meanwhile are skipped.

@@ -179,6 +179,17 @@ fn live_names_a_random_source_flood_and_its_destination() {
     });
     // The first snapshot: attached, baselines read.
     snapshots.recv_timeout(HANG).expect("a first snapshot from ctrace live");
+    // Idle, live stops draining on its timer and sleeps until a record
+    // wakes it (the programs do, on the next record): the flood must.
+    let started = std::time::Instant::now();
+    let woken_before = loop {
+        let snapshot = snapshots
+            .recv_timeout(HANG.saturating_sub(started.elapsed()))
+            .expect("ctrace live, idle, never went to sleep");
+        if snapshot["kernel"]["reader_sleeps"].as_u64() >= Some(1) {
+            break snapshot["kernel"]["reader_woken"].as_u64().expect("reader_woken");
+        }
+    };
     let (mut serve, port) = ctrace_tests::serve().expect("ctrace serve");
 
     let flooded = flood_full_table(&lab, Spoofed::Anywhere, 7);
@@ -221,6 +232,11 @@ fn live_names_a_random_source_flood_and_its_destination() {
     check_flood_summary(flood, kernel_drops, distinct(Spoofed::Anywhere, SYNS, 7));
     assert_eq!(flood["prefixes"], serde_json::json!([]), "random sources share no prefix: {flood}");
     assert_eq!(snapshot["kernel"]["lost_events"], 0, "{snapshot}");
+    assert!(
+        snapshot["kernel"]["reader_woken"].as_u64() > Some(woken_before),
+        "no record woke the sleeping reader: {}",
+        snapshot["kernel"]
+    );
     // Past the 16,384 rows a new source takes one on its second drop: every
     // drop is in a row shown, in the rows not shown, or declined, and with
     // more distinct sources than rows some were.

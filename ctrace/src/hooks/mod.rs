@@ -13,7 +13,7 @@ use std::{fmt, os::fd::AsFd as _, path::Path};
 
 use anyhow::{bail, Context as _};
 use aya::{
-    maps::{MapData, PerCpuArray, RingBuf},
+    maps::{Array, MapData, PerCpuArray, RingBuf},
     programs::BtfTracePoint,
     Ebpf, EbpfLoader,
 };
@@ -133,6 +133,12 @@ pub struct KernelTotals {
     /// misses for a program ctrace attached (kprobes before Linux 6.7).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub program_misses: Option<u64>,
+    /// Times the reader, idle, went to sleep until a record woke it, and
+    /// records that woke it (see `Engine::drain`).
+    #[serde(default)]
+    pub reader_sleeps: u64,
+    #[serde(default)]
+    pub reader_woken: u64,
 }
 
 /// The ring buffer of event records.
@@ -169,6 +175,9 @@ pub struct Attached {
     kprobe_misses_counted: bool,
     misses_at_detach: Option<Option<u64>>,
     counters: PerCpuArray<MapData, u64>,
+    /// `ring::READER_ASLEEP_MAP`, and how often it was set.
+    reader_asleep: Array<MapData, u32>,
+    reader_sleeps: u64,
     ebpf: Option<Ebpf>,
 }
 
@@ -360,6 +369,8 @@ impl Attached {
 
         let events = RingBuf::try_from(ebpf.take_map("EVENTS").context("no EVENTS map")?)?;
         let counters = PerCpuArray::try_from(ebpf.take_map("COUNTERS").context("no COUNTERS map")?)?;
+        let asleep = ebpf.take_map(ring::READER_ASLEEP_MAP).context("no READER_ASLEEP map")?;
+        let reader_asleep = Array::try_from(asleep)?;
         let attached = Attached {
             drop_test,
             tier,
@@ -372,6 +383,8 @@ impl Attached {
             kprobe_misses_counted,
             misses_at_detach: None,
             counters,
+            reader_asleep,
+            reader_sleeps: 0,
             ebpf: Some(ebpf),
         };
         Ok((attached, events))
@@ -395,6 +408,13 @@ impl Attached {
         })
     }
 
+    /// Tells the programs that the reader sleeps until a record wakes it.
+    pub fn set_reader_asleep(&mut self) -> anyhow::Result<()> {
+        self.reader_asleep.set(0, 1, 0).context("setting READER_ASLEEP")?;
+        self.reader_sleeps += 1;
+        Ok(())
+    }
+
     /// Detaches the programs; the maps stay readable so the ring buffer can
     /// be drained and the counters read after the last event.
     pub fn detach(&mut self) {
@@ -413,6 +433,8 @@ impl Attached {
             lost_events: sum(counter::RINGBUF_FULL)?,
             lost_conntrack_events: sum(counter::RINGBUF_FULL_CONNTRACK)?,
             program_misses: self.program_misses(),
+            reader_sleeps: self.reader_sleeps,
+            reader_woken: sum(counter::READER_WOKEN)?,
         })
     }
 

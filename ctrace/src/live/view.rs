@@ -458,6 +458,7 @@ mod tests {
                 lost_events: 0,
                 lost_conntrack_events: 0,
                 program_misses: Some(0),
+                ..KernelTotals::default()
             },
         });
         (header, state)
