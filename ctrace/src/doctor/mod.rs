@@ -77,7 +77,11 @@ pub async fn run(options: Options) -> anyhow::Result<u8> {
     loop {
         tokio::select! {
             _ = each_second.tick() => {
-                for (ns, stats) in engine.namespaces().snapshot_recent() {
+                // Listed afresh each second (live and serve list every 5 s):
+                // a namespace made during the window is sampled within a
+                // second, before its table can fill and drain unseen (on
+                // the hook tiers no drop makes ctrace look it up).
+                for (ns, stats) in engine.namespaces().snapshot_all() {
                     let peak = peaks.entry(ns).or_default();
                     *peak = (*peak).max(stats.entries);
                 }
